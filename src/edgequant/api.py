@@ -1,0 +1,205 @@
+"""The public pipeline: load → prepare → plan → calibrate → assign → insert Q/DQ → evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from edgequant.analysis.metrics import FidelityAccumulator
+from edgequant.calibration.collect import batched, collect_ranges
+from edgequant.config.schema import ResolvedConfig, load_config
+from edgequant.data.inputs import InputSettings, InputSpec, model_inputs
+from edgequant.data.open import open_calibration
+from edgequant.data.sources import CalibrationSource
+from edgequant.errors import ConfigError, ModelLoadError, TensorNameError, closest_names
+from edgequant.ir.model import ensure_opset, load_model, opset_of, save_model
+from edgequant.passes.pipeline import PassResult, prepare_model
+from edgequant.planning.options import Method, QuantOptions
+from edgequant.planning.plan import QuantPlan, build_plan
+from edgequant.quant.assign import activation_params
+from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import QuantParams
+from edgequant.runtime.session import make_session
+from edgequant.transform.qdq import insert_qdq
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    name: str
+    cosine: float
+    sqnr_db: float
+
+
+@dataclass
+class Summary:
+    quantized_ops: dict[str, int]
+    float_ops: dict[str, int]
+    subgraph_float_ops: int
+    calibration_samples: int
+    eval_samples: int
+    eval_on_calibration: bool
+    calibration_seconds: float
+    total_seconds: float
+    opset: tuple[int, int]
+    passes: list[PassResult]
+    fidelity: list[OutputFidelity] = field(default_factory=list)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((f.cosine for f in self.fidelity), default=float("nan"))
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` returns: the model, its plan, ranges, parameters and a summary."""
+
+    model: ModelProto
+    float_model: ModelProto
+    plan: QuantPlan
+    ranges: dict[str, tuple[float, float]]
+    params: dict[str, QuantParams]
+    summary: Summary
+    options: QuantOptions
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the quantized model atomically."""
+        return save_model(self.model, path)
+
+
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(QuantOptions)}
+
+
+def make_options(base: QuantOptions | None = None, **overrides) -> QuantOptions:
+    """QuantOptions from keyword overrides; strings are parsed (``method="entropy"``)."""
+    unknown = [k for k in overrides if k not in _OPTION_FIELDS]
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; did you mean {closest_names(unknown[0], _OPTION_FIELDS)}?")
+    parsed = {}
+    for key, value in overrides.items():
+        if value is None and key != "num_samples":
+            continue
+        if key == "method" and isinstance(value, str):
+            value = Method.parse(value)
+        elif key in ("activation_dtype", "weight_dtype") and isinstance(value, str):
+            value = QuantDType.parse(value)
+        parsed[key] = value
+    return dataclasses.replace(base or QuantOptions(), **parsed)
+
+
+def _match_settings(specs: list[InputSpec], cfg: ResolvedConfig | None,
+                    settings: list[InputSettings] | None) -> tuple[list[InputSpec], list[InputSettings] | None]:
+    if settings is not None or cfg is None or not cfg.settings:
+        return specs, settings
+    if len(cfg.settings) != len(specs):
+        raise ConfigError(
+            f"calibration input_parametres size ({len(cfg.settings)}) should equal the model's "
+            f"inputs size ({len(specs)}: {', '.join(s.name for s in specs)})")
+    names = [s.name for s in specs]
+    out_specs = list(specs)
+    for i, (name, st) in enumerate(zip(cfg.input_names, cfg.settings)):
+        if name is not None and name != specs[i].name:
+            if name not in names:
+                raise TensorNameError(f"config input_name {name!r} is not an input of the model; did you mean {closest_names(name, names)}?")
+            raise ConfigError(f"config input_name {name!r} is input #{names.index(name)} of the model, listed as #{i}; list inputs in the model's order ({', '.join(names)})")
+        out_specs[i] = specs[i].with_shape(st.shape)
+    return out_specs, list(cfg.settings)
+
+
+def _split_counts(total: int, options: QuantOptions) -> tuple[int, int]:
+    """How many samples calibrate and how many are held out for the fidelity check."""
+    n_eval = min(options.eval_samples, total // 5) if total >= 5 else 0
+    n_calib = total - n_eval
+    if options.num_samples is not None:
+        n_calib = min(n_calib, options.num_samples)
+    return n_calib, n_eval
+
+
+def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
+             config: str | os.PathLike | dict | None = None, options: QuantOptions | None = None,
+             input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
+             **overrides) -> QuantizeResult:
+    """Quantize a float ONNX model with calibration data; see ``QuantOptions`` for overrides.
+
+    ``calibration``: a path (folder of .npz/.npy/images/raw, list file, single file), one path
+    per input, or an iterable of arrays (single-input models) or dicts keyed by input name.
+    """
+    start = time.perf_counter()
+    cfg = load_config(config) if config is not None else None
+    base = options or (cfg.options if cfg else None)
+    opts = make_options(base, **overrides)
+    if model is None:
+        if cfg is None or cfg.model_path is None:
+            raise ConfigError("no model given: pass MODEL or set model_parameters.onnx_model in the config")
+        model = cfg.model_path
+    original = load_model(model)
+    specs, settings = _match_settings(model_inputs(original), cfg, input_settings)
+    from_opset = opset_of(original)
+    try:
+        onnx.checker.check_model(original, full_check=False)
+    except Exception as exc:
+        if original.ByteSize() < 2_000_000_000:
+            raise ModelLoadError(f"the model is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
+    prepared = ensure_opset(original, opts.required_opset)
+    passes = prepare_model(prepared, simplify=opts.simplify)
+    plan = build_plan(prepared, opts)
+    source = open_calibration(calibration, specs, settings, opts.batch_size)
+    total = len(source)
+    n_calib, n_eval = _split_counts(total, opts)
+    if n_calib == 0:
+        raise ConfigError("calibration yields 0 samples")
+    t0 = time.perf_counter()
+    observers = collect_ranges(prepared, plan.roots, source, opts, n_calib, progress)
+    calib_seconds = time.perf_counter() - t0
+    params = activation_params(plan, observers)
+    ranges = {a.root: observers[a.root].range(a.dtype, a.symmetric) for a in plan.activations.values()}
+    qmodel = insert_qdq(prepared, plan, params)
+    qmodel.producer_name, qmodel.producer_version = "edgequant", _version()
+    fidelity, eval_on_calib = _evaluate(prepared, qmodel, source, opts, n_calib, n_eval, progress)
+    summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
+                      n_calib, n_eval or min(n_calib, opts.eval_samples), eval_on_calib,
+                      calib_seconds, time.perf_counter() - start, (from_opset, opset_of(qmodel)),
+                      passes, fidelity)
+    return QuantizeResult(qmodel, prepared, plan, ranges, params, summary, opts)
+
+
+def _version() -> str:
+    from edgequant import __version__
+
+    return __version__
+
+
+def _evaluate(float_model: ModelProto, qmodel: ModelProto, source: CalibrationSource,
+              opts: QuantOptions, n_calib: int, n_eval: int,
+              progress: Progress | None) -> tuple[list[OutputFidelity], bool]:
+    """Compare float and quantized outputs on held-out samples (calibration ones if none)."""
+    eval_on_calib = n_eval == 0
+    start, count = (0, min(n_calib, opts.eval_samples)) if eval_on_calib else (n_calib, n_eval)
+    if count == 0:
+        return [], eval_on_calib
+    fsess = make_session(float_model, device=opts.device)
+    qsess = make_session(qmodel, device=opts.device)
+    names = [o.name for o in fsess.get_outputs()]
+    acc = {n: FidelityAccumulator() for n in names}
+    can_batch = all(not s.batch_fixed for s in source.specs)
+    samples = itertools.islice(source.samples(), start, start + count)
+    done = 0
+    for feed, n in batched(samples, opts.batch_size if can_batch else 1, can_batch):
+        for name, ref, test in zip(names, fsess.run(names, feed), qsess.run(names, feed)):
+            acc[name].update(np.asarray(ref), np.asarray(test))
+        done += n
+        if progress:
+            progress("evaluating", done, count)
+    return [OutputFidelity(n, a.cosine, a.sqnr_db) for n, a in acc.items() if a.count], eval_on_calib

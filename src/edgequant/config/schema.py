@@ -1,0 +1,217 @@
+"""The config file schema (XQuant layout, accepted as-is) and its resolution to options.
+
+Keys whose feature is not available yet are rejected with a message saying so, never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from edgequant.data.inputs import InputSettings
+from edgequant.errors import ConfigError, NotYetSupportedError, closest_names
+from edgequant.planning.options import Method, QuantOptions
+from edgequant.quant.dtypes import QuantDType
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelParameters(_Strict):
+    onnx_model: str = ""
+    output_prefix: str = ""
+    working_dir: str = ""
+    skip_onnxsim: bool = False
+
+
+class InputParameters(_Strict):
+    input_name: str | None = None
+    input_shape: list[int | str] | None = None
+    dtype: str | None = None
+    file_type: str | None = None
+    color_format: str = "rgb"
+    mean_value: list[float] | None = None
+    std_value: list[float] | None = None
+    preprocess_file: str | None = None
+    data_list_path: str | None = None
+    layout: str | None = Field(None, description="edgequant: NCHW or NHWC (default: guessed from the shape)")
+
+
+class CalibrationParameters(_Strict):
+    calibration_step: int = Field(100, ge=1)
+    calibration_device: str = "auto"
+    calibration_type: str = "default"
+    input_parametres: list[InputParameters] | None = Field(
+        None, validation_alias=AliasChoices("input_parametres", "input_parameters"))
+    batch_size: int = Field(8, ge=1, description="edgequant: samples per inference batch")
+
+
+class QuantizationParameters(_Strict):
+    analysis_enable: bool = False
+    precision_level: int = 0
+    finetune_level: int = 0
+    max_percentile: float = 0.9999
+    custom_setting: list[dict[str, Any]] | None = None
+    truncate_var_names: list[str] | None = None
+    activation_dtype: str = Field("uint8", description="edgequant: int8, uint8, int16, uint16")
+    weight_dtype: str = Field("int8", description="edgequant: int8, uint8")
+    per_channel: bool = Field(True, description="edgequant: per-channel weights")
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+
+
+class ConfigFile(_Strict):
+    model_parameters: ModelParameters = ModelParameters()
+    calibration_parameters: CalibrationParameters = CalibrationParameters()
+    quantization_parameters: QuantizationParameters = QuantizationParameters()
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A config file turned into what the pipeline needs."""
+
+    model_path: Path | None
+    output_path: Path | None
+    options: QuantOptions
+    input_names: tuple[str | None, ...]
+    settings: tuple[InputSettings, ...]
+    input_dtypes: tuple[str | None, ...]
+
+
+def json_schema() -> dict:
+    return ConfigFile.model_json_schema(by_alias=False)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "model_parameters": ModelParameters,
+    "calibration_parameters": CalibrationParameters,
+    "quantization_parameters": QuantizationParameters,
+    "input_parametres": InputParameters,
+    "input_parameters": InputParameters,
+}
+
+
+def _key_error(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parents = [str(p) for p in err["loc"][:-1] if not isinstance(p, int)]
+        model = _SECTIONS.get(parents[-1], ConfigFile) if parents else ConfigFile
+        hint = closest_names(str(err["loc"][-1]), list(model.model_fields))
+        return f"config key {loc!r} is not recognised; did you mean {hint}?"
+    return f"config key {loc!r}: {err['msg']}"
+
+
+def read_config_file(source: str | os.PathLike | dict) -> tuple[ConfigFile, Path]:
+    if isinstance(source, dict):
+        data, base = source, Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None
+        base = path.resolve().parent
+    if not isinstance(data, dict):
+        raise ConfigError("the config file must hold a mapping with model_parameters, calibration_parameters, quantization_parameters")
+    try:
+        return ConfigFile.model_validate(data), base
+    except ValidationError as exc:
+        raise ConfigError(_key_error(exc.errors()[0])) from None
+
+
+def _reject_later_features(q: QuantizationParameters) -> None:
+    if q.analysis_enable:
+        raise NotYetSupportedError(
+            "quantization_parameters.analysis_enable: per-layer analysis reports are not available "
+            "in this version yet; set it to false")
+    if q.precision_level != 0:
+        raise NotYetSupportedError(
+            f"quantization_parameters.precision_level {q.precision_level}: mixed precision is not "
+            "available in this version yet; use 0 (or activation_dtype int16 for 16-bit activations)")
+    if q.finetune_level != 0:
+        raise NotYetSupportedError(
+            f"quantization_parameters.finetune_level {q.finetune_level}: fine-tuning (bias "
+            "correction, AdaRound) is not available in this version yet; set it to 0")
+    if q.custom_setting:
+        raise NotYetSupportedError(
+            "quantization_parameters.custom_setting: per-subgraph settings are not available in "
+            "this version yet; remove the entries")
+    if q.truncate_var_names:
+        raise NotYetSupportedError(
+            "quantization_parameters.truncate_var_names: keeping post-processing in float is not "
+            "available in this version yet; remove the entries")
+
+
+def _resolve_path(text: str, base: Path) -> Path:
+    p = Path(text)
+    if p.is_absolute() or p.exists():
+        return p
+    return base / p
+
+
+def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
+    """Read, validate and resolve a config file (JSON or YAML, XQuant layout)."""
+    cfg, base = read_config_file(source)
+    m, c, q = cfg.model_parameters, cfg.calibration_parameters, cfg.quantization_parameters
+    _reject_later_features(q)
+    model_path = _resolve_path(m.onnx_model, base) if m.onnx_model else None
+    output = None
+    if model_path is not None:
+        folder = _resolve_path(m.working_dir, base) if m.working_dir else model_path.parent
+        prefix = m.output_prefix or model_path.stem
+        output = folder / (prefix if prefix.endswith(".onnx") else prefix + ".q.onnx")
+    pct = q.max_percentile * 100.0 if q.max_percentile <= 1.0 else q.max_percentile
+    options = QuantOptions(
+        method=Method.parse(c.calibration_type),
+        percentile=pct,
+        activation_dtype=QuantDType.parse(q.activation_dtype),
+        weight_dtype=QuantDType.parse(q.weight_dtype),
+        activation_symmetric=q.activation_symmetric,
+        weight_symmetric=q.weight_symmetric,
+        per_channel=q.per_channel,
+        batch_size=c.batch_size,
+        num_samples=c.calibration_step,
+        simplify=not m.skip_onnxsim,
+        device=c.calibration_device,
+    )
+    inputs = c.input_parametres or []
+    settings = tuple(_settings(p, base) for p in inputs)
+    return ResolvedConfig(model_path, output, options, tuple(p.input_name for p in inputs),
+                          settings, tuple(p.dtype for p in inputs))
+
+
+PRESETS = {
+    "IMAGENET": ((103.94, 116.78, 123.68), (57.0, 57.0, 57.0), "bgr"),
+    "PT_IMAGENET": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "rgb"),
+}
+
+
+def _settings(p: InputParameters, base: Path) -> InputSettings:
+    st = InputSettings(
+        file_type=p.file_type,
+        color_format=p.color_format,
+        mean=tuple(p.mean_value) if p.mean_value else None,
+        std=tuple(p.std_value) if p.std_value else None,
+        layout=p.layout,
+        shape=tuple(1 if isinstance(d, str) else int(d) for d in p.input_shape) if p.input_shape else None,
+        data_path=str(_resolve_path(p.data_list_path, base)) if p.data_list_path else None,
+    )
+    pre = p.preprocess_file or None
+    if pre and pre.upper() in PRESETS:
+        mean, std, color = PRESETS[pre.upper()]
+        return replace(st, mean=st.mean or mean, std=st.std or std, color_format=color)
+    if pre:
+        path, sep, fn = pre.rpartition(":")
+        pre = f"{_resolve_path(path, base)}:{fn}" if sep else pre
+    return replace(st, preprocess=pre)

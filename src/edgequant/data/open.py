@@ -1,0 +1,129 @@
+"""Turn what the user gave (paths, list files, arrays) into a CalibrationSource."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from edgequant.data.images import IMAGE_SUFFIXES
+from edgequant.data.inputs import InputSettings, InputSpec
+from edgequant.data.sources import FILE_TYPES, ArraySource, CalibrationSource, FileListSource, NpzSource
+from edgequant.errors import CalibrationDataError, ConfigError
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+ALL_SUFFIXES = tuple(s for exts in FILE_TYPES.values() for s in exts)
+
+
+def _patterns(file_type: str | None) -> tuple[str, ...]:
+    return FILE_TYPES[file_type] if file_type else ALL_SUFFIXES
+
+
+def _read_list(path: Path) -> list[Path]:
+    base = path.parent
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    files = [Path(ln) if os.path.isabs(ln) else base / ln for ln in lines if ln and not ln.startswith("#")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CalibrationDataError(f"{path}: {len(missing)} listed file(s) not found, first: {missing[0]}")
+    return files
+
+
+def _list_dir(path: Path, file_type: str | None) -> list[Path]:
+    exts = _patterns(file_type)
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in exts)
+
+
+def _files_for(path: Path, spec: InputSpec, st: InputSettings) -> list[Path]:
+    if not path.exists():
+        raise CalibrationDataError(f"calibration path not found: {path}")
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        files = _read_list(path)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = _list_dir(path, None if st.preprocess else st.file_type)
+    if not files:
+        pats = ", ".join("*" + e for e in _patterns(st.file_type))
+        raise CalibrationDataError(
+            f"calibration input {spec.name!r} finds 0 items: looked in {path} for {pats}"
+        )
+    return files
+
+
+def _check_type(st: InputSettings) -> None:
+    if st.file_type is not None and st.file_type not in FILE_TYPES:
+        raise ConfigError(
+            f"file_type {st.file_type!r} not implemented; valid: {', '.join(FILE_TYPES)}"
+        )
+
+
+def open_calibration(calib, specs: list[InputSpec], settings: list[InputSettings] | None = None,
+                     batch: int = 8) -> CalibrationSource:
+    """Build a source from a path, one path per input, a list file, arrays or dicts."""
+    settings = settings or [InputSettings() for _ in specs]
+    if len(settings) != len(specs):
+        raise ConfigError(
+            f"calibration input_parametres size ({len(settings)}) should equal the model's "
+            f"inputs size ({len(specs)}: {', '.join(s.name for s in specs)})"
+        )
+    for st in settings:
+        _check_type(st)
+    if isinstance(calib, CalibrationSource):
+        return calib
+    paths = _as_paths(calib, settings)
+    if paths is None:
+        return ArraySource(calib, specs)
+    if len(paths) == 1 and len(specs) > 1:
+        npz = _npz_files(paths[0])
+        if npz is not None:
+            return NpzSource(npz, specs)
+        sub = [paths[0] / s.name for s in specs]
+        if all(p.is_dir() for p in sub):
+            paths = sub
+        else:
+            raise CalibrationDataError(
+                f"the model has {len(specs)} inputs ({', '.join(s.name for s in specs)}): give .npz "
+                f"files keyed by input name, one --calib per input, or sub-folders named after the inputs in {paths[0]}"
+            )
+    if len(paths) != len(specs):
+        raise CalibrationDataError(
+            f"{len(paths)} calibration sources for {len(specs)} model inputs; give one per input, in order"
+        )
+    if len(specs) == 1 and not settings[0].preprocess:
+        npz = _npz_files(paths[0])
+        if npz is not None and settings[0].file_type in (None, "npz"):
+            return NpzSource(npz, specs)
+    lists = [_files_for(p, s, st) for p, s, st in zip(paths, specs, settings)]
+    return FileListSource(lists, specs, settings, batch)
+
+
+def _as_paths(calib, settings: list[InputSettings]) -> list[Path] | None:
+    given = [st.data_path for st in settings]
+    if calib is None:
+        if not all(given):
+            raise CalibrationDataError(
+                "no calibration data: give --calib PATH (or data_list_path for every input in the config)"
+            )
+        return [Path(p) for p in given]
+    if isinstance(calib, (str, os.PathLike)):
+        return [Path(calib)]
+    if isinstance(calib, (list, tuple)) and calib and all(isinstance(c, (str, os.PathLike)) for c in calib):
+        return [Path(c) for c in calib]
+    if not isinstance(calib, Iterable):
+        raise CalibrationDataError(
+            f"calibration must be a path, a list of paths, or an iterable of arrays/dicts, got {type(calib).__name__}"
+        )
+    return None
+
+
+def _npz_files(path: Path) -> list[Path] | None:
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".npz")
+        return files or None
+    return None
+
+
+__all__ = ["IMAGE_SUFFIXES", "open_calibration"]

@@ -1,0 +1,213 @@
+"""Calibration sources. A source knows its sample count and yields one sample at a time.
+
+A sample is ``{input name: array with batch dim 1}``. Files holding a batch are split. Nothing
+is kept after it has been yielded, so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.data.images import IMAGE_SUFFIXES, load_image
+from edgequant.data.inputs import InputSettings, InputSpec, conform
+from edgequant.errors import CalibrationDataError, ConfigError
+
+FILE_TYPES = {"img": IMAGE_SUFFIXES, "npy": (".npy",), "npz": (".npz",), "raw": (".raw", ".bin")}
+Sample = dict[str, np.ndarray]
+
+
+def _split(name: str, arr: np.ndarray) -> Iterator[np.ndarray]:
+    for i in range(arr.shape[0]):
+        yield arr[i : i + 1]
+
+
+class CalibrationSource:
+    """Base: ``len()`` samples (None when unknown) and an iterator of samples."""
+
+    specs: list[InputSpec]
+
+    def __len__(self) -> int:  # pragma: no cover - overridden
+        raise TypeError
+
+    def samples(self) -> Iterator[Sample]:  # pragma: no cover - overridden
+        raise NotImplementedError("CalibrationSource subclasses define samples()")
+
+
+class ArraySource(CalibrationSource):
+    """In-memory samples: arrays (single-input models) or dicts keyed by input name."""
+
+    def __init__(self, items: Iterable, specs: list[InputSpec]):
+        self.items = items if isinstance(items, Sequence) else list(items)
+        self.specs = specs
+
+    def __len__(self) -> int:
+        return sum(self._count(item) for item in self.items)
+
+    def _count(self, item) -> int:
+        first = item[self.specs[0].name] if isinstance(item, Mapping) else item
+        arr = np.asarray(first)
+        return arr.shape[0] if self.specs[0].shape and arr.ndim == len(self.specs[0].shape) else 1
+
+    def samples(self) -> Iterator[Sample]:
+        for k, item in enumerate(self.items):
+            yield from _samples_from(item, self.specs, f"calibration item {k}")
+
+
+def _samples_from(item, specs: list[InputSpec], origin: str) -> Iterator[Sample]:
+    if isinstance(item, Mapping):
+        missing = [s.name for s in specs if s.name not in item]
+        if missing:
+            raise CalibrationDataError(
+                f"{origin}: no data for input(s) {', '.join(missing)} (keys: {', '.join(map(str, item))})"
+            )
+        arrays = {s.name: conform(item[s.name], s, origin) for s in specs}
+    else:
+        if len(specs) != 1:
+            raise CalibrationDataError(
+                f"{origin}: the model has {len(specs)} inputs; give dicts or .npz files keyed by "
+                f"input name ({', '.join(s.name for s in specs)})"
+            )
+        arrays = {specs[0].name: conform(item, specs[0], origin)}
+    counts = {a.shape[0] for a in arrays.values()}
+    if len(counts) != 1:
+        raise CalibrationDataError(f"{origin}: inputs hold different batch sizes {sorted(counts)}")
+    n = counts.pop()
+    for i in range(n):
+        yield {k: v[i : i + 1] for k, v in arrays.items()}
+
+
+class NpzSource(CalibrationSource):
+    """``.npz`` files, keys = input names (a single-input model also accepts any one key)."""
+
+    def __init__(self, files: list[Path], specs: list[InputSpec]):
+        self.files, self.specs = files, specs
+
+    def __len__(self) -> int:
+        total = 0
+        for f in self.files:
+            with np.load(f) as z:
+                key = self.specs[0].name if self.specs[0].name in z.files else z.files[0]
+                shape = z[key].shape
+            total += shape[0] if len(shape) == len(self.specs[0].shape) else 1
+        return total
+
+    def samples(self) -> Iterator[Sample]:
+        for f in self.files:
+            try:
+                with np.load(f) as z:
+                    data = {k: z[k] for k in z.files}
+            except Exception as exc:
+                raise CalibrationDataError(f"{f}: not a readable .npz file ({exc})") from None
+            if len(self.specs) == 1 and self.specs[0].name not in data and len(data) == 1:
+                data = {self.specs[0].name: next(iter(data.values()))}
+            yield from _samples_from(data, self.specs, str(f))
+
+
+class FileListSource(CalibrationSource):
+    """One list of files per input (matched by order): npy, raw or images, or a user function."""
+
+    def __init__(self, lists: list[list[Path]], specs: list[InputSpec],
+                 settings: list[InputSettings], batch: int = 8):
+        counts = [len(x) for x in lists]
+        if len(set(counts)) > 1:
+            detail = ", ".join(f"{s.name}: {n}" for s, n in zip(specs, counts))
+            raise CalibrationDataError(f"calibration inputs have different file counts ({detail}); they must agree")
+        self.lists, self.specs, self.settings, self.batch = lists, specs, settings, batch
+        self.readers = [_reader_for(lst, s, st) for lst, s, st in zip(lists, specs, settings)]
+
+    def __len__(self) -> int:
+        return len(self.lists[0]) if self.lists else 0
+
+    def samples(self) -> Iterator[Sample]:
+        n = len(self)
+        for start in range(0, n, self.batch):
+            chunk = {}
+            for files, spec, read in zip(self.lists, self.specs, self.readers):
+                chunk[spec.name] = list(read(files[start : start + self.batch]))
+            for k in range(len(chunk[self.specs[0].name])):
+                yield {name: arrs[k] for name, arrs in chunk.items()}
+
+
+Reader = Callable[[list[Path]], Iterator[np.ndarray]]
+
+
+def _reader_for(files: list[Path], spec: InputSpec, st: InputSettings) -> Reader:
+    if st.preprocess:
+        fn = load_function(st.preprocess)
+
+        def read_fn(batch: list[Path]) -> Iterator[np.ndarray]:
+            origin = f"{st.preprocess} on {batch[0]}"
+            try:
+                out = fn([str(p) for p in batch], st.as_dict(spec))
+            except Exception as exc:
+                raise CalibrationDataError(f"preprocess function {st.preprocess} failed: {exc}") from None
+            yield from _split(spec.name, conform(out, spec, origin))
+
+        return read_fn
+    kind = st.file_type or _detect_kind(files)
+
+    def read(batch: list[Path]) -> Iterator[np.ndarray]:
+        for p in batch:
+            if kind == "npy":
+                try:
+                    arr = np.load(p, allow_pickle=False)
+                except Exception as exc:
+                    raise CalibrationDataError(f"{p}: not a readable .npy file ({exc})") from None
+            elif kind == "raw":
+                arr = _read_raw(p, spec, st)
+            else:
+                arr = load_image(str(p), spec, st)
+            yield from _split(spec.name, conform(arr, spec, str(p)))
+
+    return read
+
+
+def _read_raw(path: Path, spec: InputSpec, st: InputSettings) -> np.ndarray:
+    shape = st.shape or spec.shape
+    if any(d is None for d in shape[1:]):
+        raise ConfigError(
+            f"raw files for input {spec.name!r} need a fixed shape; set input_shape in the config"
+        )
+    per_sample = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    data = np.fromfile(path, dtype=spec.dtype)
+    if data.size == 0 or data.size % per_sample:
+        raise CalibrationDataError(
+            f"{path}: {data.size} {spec.dtype} values do not make whole samples of shape "
+            f"{list(shape[1:])} for input {spec.name!r}"
+        )
+    return data.reshape((-1, *shape[1:]))
+
+
+def _detect_kind(files: list[Path]) -> str:
+    suffixes = {p.suffix.lower() for p in files}
+    for kind, exts in FILE_TYPES.items():
+        if suffixes and suffixes <= set(exts):
+            return kind
+    raise ConfigError(
+        f"cannot tell the file type of {', '.join(sorted(suffixes))} files; set file_type to one of "
+        f"{', '.join(FILE_TYPES)}"
+    )
+
+
+def load_function(spec: str) -> Callable:
+    """Import ``path/to/file.py:function`` and return the function."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise ConfigError(f"preprocess_file must look like 'path/to/file.py:function', got {spec!r}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"preprocess file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ConfigError(f"cannot import preprocess file {path}: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"{path} has no function {name!r}")
+    return fn

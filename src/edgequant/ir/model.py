@@ -1,0 +1,93 @@
+"""Load and save ONNX models (external data included) and upgrade opsets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import ModelProto, version_converter
+
+from edgequant.errors import ModelLoadError, OutputError
+
+log = logging.getLogger(__name__)
+
+#: Models larger than this are written with their weights in an external data file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(model: str | os.PathLike | ModelProto) -> ModelProto:
+    """Load a model from a path (external data resolved) or copy a ``ModelProto``."""
+    if isinstance(model, ModelProto):
+        copy = ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    path = Path(model)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf raises several types for corrupt files
+        raise ModelLoadError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}); "
+            "check that the file is complete and was exported as .onnx"
+        ) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelLoadError(f"{path} is not an ONNX model (no graph found); is it the right file?")
+    return proto
+
+
+def opset_of(model: ModelProto) -> int:
+    """The ai.onnx opset the model imports."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def ensure_opset(model: ModelProto, minimum: int) -> ModelProto:
+    """Return the model at ai.onnx opset ``minimum`` or above, converting if needed."""
+    current = opset_of(model)
+    if current >= minimum:
+        return model
+    try:
+        converted = version_converter.convert_version(model, minimum)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot upgrade the model from opset {current} to {minimum} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "use per-tensor weights and 8-bit types to stay at the model's opset"
+        ) from None
+    log.info("upgraded model from opset %d to %d", current, minimum)
+    return converted
+
+
+def save_model(model: ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically: a temporary file in the target folder, then rename.
+
+    Models over ~1.8 GB keep their weights in ``<name>.data`` beside the model.
+    """
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder does not exist: {folder}; create it or choose another -o")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"output folder is not writable: {folder}; choose another -o")
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if large:
+            data_name = out.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out

@@ -1,0 +1,244 @@
+"""Build the QuantPlan: for every tensor, whether and how it is quantized.
+
+The plan is the single source of truth read by calibration (which tensors to observe),
+parameter assignment, Q/DQ insertion and the summary. No stage parses tensor names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from onnx import ModelProto, NodeProto, TensorProto, helper
+
+from edgequant.ir.graph import consumers, count_subgraph_nodes, elem_types, has_subgraph
+from edgequant.planning.ops import facts_for, weight_axis
+from edgequant.planning.options import QuantOptions
+from edgequant.quant.dtypes import QuantDType
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """An activation tensor that receives QuantizeLinear → DequantizeLinear.
+
+    ``root`` is the tensor whose calibrated range it uses (itself unless it shares with an
+    upstream tensor through a reshape-like op). ``source`` is the tensor the QuantizeLinear
+    reads: the tensor itself, or the producer's output when a Relu/Clip is folded away.
+    """
+
+    tensor: str
+    root: str
+    source: str
+    dtype: QuantDType
+    symmetric: bool
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    tensor: str
+    dtype: QuantDType
+    symmetric: bool
+    axis: int | None
+
+
+@dataclass(frozen=True)
+class BiasPlan:
+    tensor: str
+    input_tensor: str
+    weight: WeightPlan
+
+
+@dataclass
+class QuantPlan:
+    activations: dict[str, ActivationPlan] = field(default_factory=dict)
+    weights: dict[tuple[str, int], WeightPlan] = field(default_factory=dict)
+    biases: dict[tuple[str, int], BiasPlan] = field(default_factory=dict)
+    folded_nodes: dict[str, str] = field(default_factory=dict)
+    quantized_ops: Counter = field(default_factory=Counter)
+    float_ops: Counter = field(default_factory=Counter)
+    subgraph_float_ops: int = 0
+
+    @property
+    def roots(self) -> list[str]:
+        """Tensors to observe during calibration, in graph order, without repeats."""
+        return list(dict.fromkeys(a.root for a in self.activations.values()))
+
+
+def _attrs(node: NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Builder:
+    def __init__(self, model: ModelProto, options: QuantOptions):
+        self.graph = model.graph
+        self.opt = options
+        self.types = elem_types(self.graph)
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.outputs = {o.name for o in self.graph.output}
+        self.cons = consumers(self.graph)
+        self.plan = QuantPlan()
+        self.quantized: set[str] = set()
+        self.root: dict[str, str] = {}
+        self.source: dict[str, str] = {}
+
+    def is_float_activation(self, name: str) -> bool:
+        return bool(name) and name not in self.inits and self.types.get(name) == TensorProto.FLOAT
+
+    def requested(self, name: str) -> bool:
+        """Does some consumer want this tensor quantized as an activation input?"""
+        for node in self.cons.get(name, []):
+            facts = facts_for(node.op_type, node.domain)
+            if facts is None or facts.kind in ("shared", "relu"):
+                continue
+            slots = [i for i, n in enumerate(node.input) if n == name]
+            if any(s in facts.act_inputs and s != self._weight_slot(node, facts) for s in slots):
+                return True
+        return False
+
+    def _weight_slot(self, node: NodeProto, facts) -> int | None:
+        w = facts.weight_input
+        if w is None or w >= len(node.input):
+            return None
+        name = node.input[w]
+        if name in self.inits and self.inits[name].data_type == TensorProto.FLOAT:
+            return w
+        return None
+
+    def mark(self, name: str, root: str | None = None, source: str | None = None) -> None:
+        if name in self.quantized or not self.is_float_activation(name):
+            return
+        if name in self.outputs and not self.opt.quantize_outputs:
+            return
+        self.quantized.add(name)
+        self.root[name] = self.root.get(root, root) if root else name
+        self.source[name] = source or name
+
+    def folding_relu(self, x: str) -> NodeProto | None:
+        """The Relu / Clip(min=0) that reads ``x`` when it can absorb ``x``'s quantization.
+
+        Folding is exact for asymmetric activations: the range of the Relu output starts at 0,
+        so the zero point sits at qmin and QuantizeLinear's saturation performs the Relu.
+        """
+        if self.opt.activation_symmetric or x in self.outputs:
+            return None
+        readers = self.cons.get(x, [])
+        if len(readers) != 1 or readers[0].op_type not in ("Relu", "Clip"):
+            return None
+        node = readers[0]
+        if node.domain not in ("", "ai.onnx") or node.input[0] != x:
+            return None
+        if node.op_type == "Clip" and self._clip_min(node) != 0.0:
+            return None
+        prod = self.producer.get(x)
+        facts = facts_for(prod.op_type, prod.domain) if prod is not None else None
+        return node if facts is not None and facts.kind in ("weighted", "compute") else None
+
+    def _clip_min(self, node: NodeProto) -> float | None:
+        from onnx import numpy_helper
+
+        if len(node.input) > 1 and node.input[1]:
+            t = self.inits.get(node.input[1])
+            return float(numpy_helper.to_array(t)) if t is not None else None
+        return float(_attrs(node).get("min", -3.4e38))
+
+    def build(self) -> QuantPlan:
+        self.producer = {o: n for n in self.graph.node for o in n.output if o}
+        for inp in self.graph.input:
+            if self.requested(inp.name):
+                self.mark(inp.name)
+        for node in self.graph.node:
+            self.visit(node)
+        self.finish()
+        return self.plan
+
+    def visit(self, node: NodeProto) -> None:
+        if has_subgraph(node):
+            self.plan.subgraph_float_ops += count_subgraph_nodes(node)
+        facts = facts_for(node.op_type, node.domain)
+        for name in node.input:
+            if name and self.requested(name) and name not in self.quantized:
+                self.mark(name)
+        if facts is None:
+            self.plan.float_ops[node.op_type] += 1
+            return
+        outs = [o for o in node.output if o]
+        if facts.kind == "shared":
+            src = node.input[0] if node.input else ""
+            for out in outs:
+                if src in self.quantized:
+                    self.mark(out, root=src)
+                elif self.requested(out):
+                    self.mark(out)
+        elif facts.kind == "relu" and self.folding_relu(node.input[0]) is node:
+            self.mark(outs[0], source=node.input[0])
+            if outs[0] in self.quantized:
+                self.plan.folded_nodes[node.name] = node.input[0]
+        else:
+            for out in outs:
+                if self.folding_relu(out) is None:
+                    self.mark(out)
+        if facts.kind == "weighted":
+            self.plan_weights(node, facts)
+        weighted = any(key[0] == node.name for key in self.plan.weights)
+        folded = node.name in self.plan.folded_nodes
+        if weighted or folded or any(o in self.quantized for o in outs):
+            self.plan.quantized_ops[node.op_type] += 1
+        else:
+            self.plan.float_ops[node.op_type] += 1
+
+    def plan_weights(self, node: NodeProto, facts) -> None:
+        from onnx import numpy_helper
+
+        slot = self._weight_slot(node, facts)
+        if slot is None:
+            return
+        w = self.inits[node.input[slot]]
+        axis = weight_axis(node.op_type, len(w.dims), _attrs(node)) if self.opt.per_channel else None
+        wplan = WeightPlan(w.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis)
+        self.plan.weights[(node.name, slot)] = wplan
+        b = facts.bias_input
+        if b is None or b >= len(node.input) or node.input[b] not in self.inits:
+            return
+        bias = self.inits[node.input[b]]
+        channels = w.dims[axis] if axis is not None else None
+        if bias.data_type != TensorProto.FLOAT or len(bias.dims) != 1:
+            return
+        if channels is not None and bias.dims[0] != channels:
+            return
+        if numpy_helper.to_array(bias).size == 0:
+            return
+        x = node.input[facts.act_inputs[0]]
+        if x in self.quantized:
+            self.plan.biases[(node.name, b)] = BiasPlan(bias.name, x, wplan)
+
+    def finish(self) -> None:
+        act, sym = self.opt.activation_dtype, self.opt.activation_symmetric
+        order = [i.name for i in self.graph.input] + [o for n in self.graph.node for o in n.output]
+        for name in order:
+            if name in self.quantized:
+                root = self.root[name]
+                while self.root.get(root, root) != root:
+                    root = self.root[root]
+                self.plan.activations[name] = ActivationPlan(name, root, self.source[name], act, sym)
+
+
+def build_plan(model: ModelProto, options: QuantOptions) -> QuantPlan:
+    """Decide, for a prepared model, which tensors are quantized and how."""
+    name_nodes(model)
+    return _Builder(model, options).build()
+
+
+def name_nodes(model: ModelProto) -> None:
+    """Give every unnamed node a deterministic unique name (``<OpType>_<index>``)."""
+    taken = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in taken or name in seen:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        seen.add(name)

@@ -1,0 +1,170 @@
+"""Insert QuantizeLinear / DequantizeLinear nodes in the layout onnxruntime fuses.
+
+Activation ``T`` (produced by node P)::
+
+    P → T_float → QuantizeLinear → T_quantized → DequantizeLinear → T → consumers
+
+so every consumer, subgraph captures included, reads the dequantized value under the original
+name. A graph input ``X`` gets ``X → Q → DQ → X_dequantized`` and its consumers are rewired.
+A folded Relu/Clip is removed and its output is produced by the DQ fed from its input.
+Weights become integer initializers read by a DequantizeLinear (``axis`` when per channel);
+biases become int32 with ``scale = s_input · s_weight``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from edgequant.ir.graph import NameScope, consumers
+from edgequant.planning.plan import ActivationPlan, QuantPlan
+from edgequant.quant.assign import weight_params
+from edgequant.quant.params import QuantParams, quantize_bias
+
+log = logging.getLogger(__name__)
+
+
+class _Inserter:
+    def __init__(self, model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams]):
+        self.model, self.plan, self.params = model, plan, params
+        self.graph = model.graph
+        self.scope = NameScope(self.graph)
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.new_inits: list[TensorProto] = []
+        self.qparam_names: dict[str, tuple[str, str]] = {}
+        self.weight_cache: dict[tuple, tuple[str, QuantParams]] = {}
+        self.bias_cache: dict[tuple, str] = {}
+        self.clipped_bias = 0
+
+    def const(self, base: str, arr: np.ndarray) -> str:
+        name = self.scope.fresh(base)
+        self.new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def act_qparams(self, root: str) -> tuple[str, str]:
+        if root not in self.qparam_names:
+            p = self.params[root]
+            self.qparam_names[root] = (
+                self.const(f"{root}_scale", np.asarray(p.scale, np.float32).reshape(())),
+                self.const(f"{root}_zero_point", np.asarray(p.zero_point).reshape(())),
+            )
+        return self.qparam_names[root]
+
+    def qdq_pair(self, act: ActivationPlan, src: str, dst: str) -> list[NodeProto]:
+        scale, zp = self.act_qparams(act.root)
+        q_out = self.scope.fresh(f"{act.tensor}_quantized")
+        return [
+            helper.make_node("QuantizeLinear", [src, scale, zp], [q_out],
+                             name=self.scope.fresh(f"{act.tensor}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [q_out, scale, zp], [dst],
+                             name=self.scope.fresh(f"{act.tensor}_DequantizeLinear")),
+        ]
+
+    def run(self) -> None:
+        graph_inputs = {i.name for i in self.graph.input}
+        folded = self.plan.folded_nodes
+        by_tensor = self.plan.activations
+        out_nodes: list[NodeProto] = []
+        rename_inputs: dict[str, str] = {}
+        for name in [i.name for i in self.graph.input]:
+            act = by_tensor.get(name)
+            if act is not None:
+                dq = self.scope.fresh(f"{name}_dequantized")
+                out_nodes += self.qdq_pair(act, name, dq)
+                rename_inputs[name] = dq
+        pending_folds = {n.output[0]: n for n in self.graph.node if n.name in folded}
+        for node in self.graph.node:
+            for i, inp in enumerate(node.input):
+                if inp in rename_inputs:
+                    node.input[i] = rename_inputs[inp]
+            if node.name in folded:
+                continue
+            out_nodes += self.weight_nodes(node)
+            out_nodes.append(node)
+            for k, out in enumerate(node.output):
+                act = by_tensor.get(out)
+                if act is not None and out not in graph_inputs:
+                    float_name = self.scope.fresh(f"{out}_float")
+                    node.output[k] = float_name
+                    out_nodes += self.qdq_pair(act, float_name, out)
+                for relu_out, relu in list(pending_folds.items()):
+                    if relu.input[0] == out and relu_out in by_tensor:
+                        out_nodes += self.qdq_pair(by_tensor[relu_out], node.output[k], relu_out)
+                        del pending_folds[relu_out]
+        self.graph.ClearField("node")
+        self.graph.node.extend(out_nodes)
+        self.graph.initializer.extend(self.new_inits)
+        _drop_unused(self.graph)
+        if self.clipped_bias:
+            log.warning("%d bias values overflowed int32 and were clipped", self.clipped_bias)
+
+    def weight_nodes(self, node: NodeProto) -> list[NodeProto]:
+        made: list[NodeProto] = []
+        for (node_name, slot), wp in self.plan.weights.items():
+            if node_name != node.name:
+                continue
+            key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric)
+            if key not in self.weight_cache:
+                w = numpy_helper.to_array(self.inits[wp.tensor])
+                q, p = weight_params(w, wp)
+                dq_out = self.scope.fresh(f"{wp.tensor}_dequantized")
+                made.append(self.dq_node(wp.tensor, q, p, dq_out))
+                self.weight_cache[key] = (dq_out, p)
+            node.input[slot] = self.weight_cache[key][0]
+            made += self.bias_nodes(node, key)
+        return made
+
+    def bias_nodes(self, node: NodeProto, wkey: tuple) -> list[NodeProto]:
+        made = []
+        for (node_name, slot), bp in self.plan.biases.items():
+            if node_name != node.name:
+                continue
+            in_root = self.plan.activations[bp.input_tensor].root
+            key = (bp.tensor, in_root, wkey)
+            if key not in self.bias_cache:
+                b = numpy_helper.to_array(self.inits[bp.tensor])
+                w_scale = self.weight_cache[wkey][1].scale
+                s_in = float(np.asarray(self.params[in_root].scale))
+                q, scale, clipped = quantize_bias(b, s_in, np.asarray(w_scale))
+                self.clipped_bias += clipped
+                axis = 0 if scale.ndim == 1 and scale.size > 1 else None
+                p = QuantParams(scale if axis is not None else scale.reshape(()),
+                                np.zeros_like(scale, dtype=np.int32) if axis is not None else np.zeros((), np.int32),
+                                None, axis)  # type: ignore[arg-type]
+                dq_out = self.scope.fresh(f"{bp.tensor}_dequantized")
+                made.append(self.dq_node(bp.tensor, q, p, dq_out))
+                self.bias_cache[key] = dq_out
+            node.input[slot] = self.bias_cache[key]
+        return made
+
+    def dq_node(self, base: str, q: np.ndarray, p: QuantParams, out: str) -> NodeProto:
+        q_name = self.const(f"{base}_quantized", q)
+        scale = np.asarray(p.scale, np.float32)
+        zp = np.asarray(p.zero_point)
+        s_name = self.const(f"{base}_scale", scale if p.axis is not None else scale.reshape(()))
+        z_name = self.const(f"{base}_zero_point", zp if p.axis is not None else zp.reshape(()))
+        kwargs = {"axis": p.axis} if p.axis is not None else {}
+        return helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+                                name=self.scope.fresh(f"{base}_DequantizeLinear"), **kwargs)
+
+
+def _drop_unused(graph) -> None:
+    used = set(consumers(graph)) | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    dropped = {t.name for t in graph.initializer} - {t.name for t in keep}
+    graph.ClearField("initializer")
+    graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in dropped]
+    graph.ClearField("input")
+    graph.input.extend(inputs)
+
+
+def insert_qdq(model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams]) -> ModelProto:
+    """Return a copy of ``model`` with Q/DQ nodes for everything in ``plan``."""
+    out = ModelProto()
+    out.CopyFrom(model)
+    _Inserter(out, plan, params).run()
+    out.graph.ClearField("value_info")
+    return out
