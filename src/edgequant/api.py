@@ -128,7 +128,7 @@ def _split_counts(total: int, options: QuantOptions) -> tuple[int, int]:
 
 
 def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
-             config: str | os.PathLike | dict | None = None, options: QuantOptions | None = None,
+             config: str | os.PathLike | dict | ResolvedConfig | None = None, options: QuantOptions | None = None,
              input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
              **overrides) -> QuantizeResult:
     """Quantize a float ONNX model with calibration data; see ``QuantOptions`` for overrides.
@@ -137,7 +137,7 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     per input, or an iterable of arrays (single-input models) or dicts keyed by input name.
     """
     start = time.perf_counter()
-    cfg = load_config(config) if config is not None else None
+    cfg = config if isinstance(config, ResolvedConfig) or config is None else load_config(config)
     base = options or (cfg.options if cfg else None)
     opts = make_options(base, **overrides)
     if model is None:

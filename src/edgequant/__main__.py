@@ -1,0 +1,3 @@
+from edgequant.cli.main import main
+
+main()

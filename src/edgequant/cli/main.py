@@ -1,0 +1,71 @@
+"""``edgequant`` entry point: a click group whose default command is ``quantize``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from edgequant import __version__
+from edgequant.errors import EdgequantError
+
+
+class DefaultGroup(click.Group):
+    """Runs ``quantize`` when the first argument is not a command (``edgequant -c cfg.json``)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["quantize", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgequant")
+def cli() -> None:
+    """Post-training quantization of ONNX models for edge NPUs.
+
+    \b
+    edgequant demo                                   quantize the bundled MNIST CNN
+    edgequant quantize model.onnx -o model.q.onnx --calib samples/
+    edgequant -c config.json                         XQuant-style config file
+    """
+
+
+def _register() -> None:
+    from edgequant.cli.demo import demo
+    from edgequant.cli.quantize import quantize
+
+    cli.add_command(quantize)
+    cli.add_command(demo)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    try:
+        cli.main(args=argv, prog_name="edgequant", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EdgequantError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # an internal failure: say so, short, unless --debug
+        if debug:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,115 @@
+"""``edgequant quantize``: float ONNX + calibration data → QDQ ONNX, with a summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import click
+
+from edgequant.errors import ConfigError, OutputError
+
+EXAMPLES = """
+\b
+Examples:
+  edgequant quantize model.onnx -o model.q.onnx --calib calib_npz/
+  edgequant quantize model.onnx -o out.onnx --calib images/ --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
+  edgequant quantize model.onnx -o out.onnx --calib a_list.txt --calib b_list.txt   # two inputs
+  edgequant quantize model.onnx -o out.onnx --calib data/ --method percentile --percentile 99.9
+  edgequant quantize -c config.json -i model.onnx -o out.onnx
+  python -m edgequant -c config.json
+"""
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def check_output(path: Path, model: Path | None) -> None:
+    """Fail before any work if the output cannot be written or would overwrite the input."""
+    if model is not None and path.resolve() == Path(model).resolve():
+        raise OutputError(f"output {path} is the input model; choose another -o (the input is never modified)")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder does not exist: {folder}; create it or choose another -o")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"cannot write {path}: permission denied; choose another -o")
+
+
+@click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("-i", "--input", "model_opt", type=click.Path(path_type=Path), help="Model path (same as MODEL).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL stem + .q.onnx].")
+@click.option("--calib", multiple=True, help="Calibration data: folder (npz/npy/images/raw), list file or file; once per input.")
+@click.option("-c", "--config", type=click.Path(path_type=Path), help="Config file (JSON/YAML, XQuant layout).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), help="Activation range method [default: mse].")
+@click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight granularity [default: per-channel].")
+@click.option("--activation-dtype", type=click.Choice(["uint8", "int8", "uint16", "int16"]), help="[default: uint8]")
+@click.option("--weight-dtype", type=click.Choice(["int8", "uint8"]), help="[default: int8]")
+@click.option("--symmetric", type=click.Choice(["weights", "activations", "both", "none"]), help="Symmetric ranges for [default: weights].")
+@click.option("--batch-size", type=int, help="Samples per inference batch [default: 8].")
+@click.option("--num-samples", type=int, help="Calibration samples to use [default: 100].")
+@click.option("--eval-samples", type=int, help="Held-out samples for the fidelity check [default: 16].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Calibration device [default: auto].")
+@click.option("--file-type", type=click.Choice(["img", "npy", "npz", "raw"]), help="Calibration file type [default: detected].")
+@click.option("--mean", help="Image mean per channel, e.g. 123.7,116.3,103.5.")
+@click.option("--std", help="Image std per channel, e.g. 58.4,57.1,57.4.")
+@click.option("--color-format", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb].")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Image layout [default: from the input shape].")
+@click.option("--preprocess", help="User function 'file.py:function' turning a batch of paths into an array.")
+@click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def quantize(model, model_opt, output, calib, config, method, percentile, per_channel, activation_dtype,
+             weight_dtype, symmetric, batch_size, num_samples, eval_samples, device, file_type, mean, std,
+             color_format, layout, preprocess, no_simplify, quiet, debug) -> None:
+    """Quantize a float ONNX MODEL with calibration data into a QDQ ONNX model."""
+    from edgequant.api import quantize as run
+    from edgequant.cli.render import print_summary, progress_bar
+    from edgequant.config.schema import load_config
+    from edgequant.data.inputs import InputSettings, model_inputs
+    from edgequant.ir.model import load_model
+
+    if model and model_opt and model != model_opt:
+        raise ConfigError("give the model once: as MODEL or with -i, not both")
+    cfg = load_config(config) if config else None
+    model_path = model or model_opt or (cfg.model_path if cfg else None)
+    if model_path is None:
+        raise ConfigError("no model given: edgequant quantize MODEL -o OUT --calib DATA (or -c CONFIG)")
+    out = output or (cfg.output_path if cfg and cfg.output_path and not (model or model_opt) else None)
+    out = Path(out) if out else Path(model_path).with_suffix(".q.onnx")
+    check_output(out, Path(model_path))
+    overrides = {
+        "method": method, "percentile": percentile, "per_channel": per_channel,
+        "activation_dtype": activation_dtype, "weight_dtype": weight_dtype, "batch_size": batch_size,
+        "eval_samples": eval_samples, "device": device,
+    }
+    if num_samples is not None:
+        overrides["num_samples"] = num_samples
+    if symmetric:
+        overrides["weight_symmetric"] = symmetric in ("weights", "both")
+        overrides["activation_symmetric"] = symmetric in ("activations", "both")
+    if no_simplify:
+        overrides["simplify"] = False
+    image = {"file_type": file_type, "mean": _floats(mean), "std": _floats(std),
+             "color_format": color_format, "layout": layout, "preprocess": preprocess}
+    image = {k: v for k, v in image.items() if v is not None}
+    settings = None
+    if image:
+        base = list(cfg.settings) if cfg and cfg.settings else None
+        if base is None:
+            base = [InputSettings() for _ in model_inputs(load_model(model_path))]
+        settings = [dataclasses.replace(st, **image) for st in base]
+    with progress_bar(not quiet) as progress:
+        result = run(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
+                     progress=progress, **overrides)
+    saved = result.save(out)
+    if not quiet:
+        print_summary(result.summary, str(saved))
