@@ -12,7 +12,7 @@ COLOR_FORMATS = ("rgb", "bgr", "gray")
 
 
 def infer_layout(spec: InputSpec, settings: InputSettings) -> str:
-    """NCHW or NHWC: given, or guessed from where a 1/3/4-sized channel dim sits."""
+    """NCHW or NHWC: given, or guessed from where a 1- or 3-sized channel dim sits."""
     if settings.layout:
         layout = settings.layout.upper()
         if layout not in ("NCHW", "NHWC"):
@@ -24,9 +24,9 @@ def infer_layout(spec: InputSpec, settings: InputSettings) -> str:
             f"input {spec.name!r} has rank {len(shape)}; image files need a 4-D input "
             "(give npy/npz files or a preprocess function instead)"
         )
-    if shape[1] in (1, 3, 4):
+    if shape[1] in (1, 3):
         return "NCHW"
-    if shape[3] in (1, 3, 4):
+    if shape[3] in (1, 3):
         return "NHWC"
     return "NCHW"
 

@@ -29,9 +29,10 @@ def _read_list(path: Path) -> list[Path]:
     return files
 
 
-def _list_dir(path: Path, file_type: str | None) -> list[Path]:
+def _list_dir(path: Path, file_type: str | None, any_file: bool = False) -> list[Path]:
     exts = _patterns(file_type)
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in exts)
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (any_file or p.suffix.lower() in exts))
 
 
 def _files_for(path: Path, spec: InputSpec, st: InputSettings) -> list[Path]:
@@ -42,7 +43,7 @@ def _files_for(path: Path, spec: InputSpec, st: InputSettings) -> list[Path]:
     elif path.is_file():
         files = [path]
     else:
-        files = _list_dir(path, None if st.preprocess else st.file_type)
+        files = _list_dir(path, st.file_type, any_file=bool(st.preprocess) and not st.file_type)
     if not files:
         pats = ", ".join("*" + e for e in _patterns(st.file_type))
         raise CalibrationDataError(

@@ -1,0 +1,112 @@
+"""Config files in the XQuant layout: accepted as-is, defaults, errors, JSON Schema."""
+
+import json
+from importlib import resources
+
+import pytest
+
+from edgequant.config.schema import json_schema, load_config
+from edgequant.errors import ConfigError, NotYetSupportedError
+from edgequant.planning.options import Method
+
+XQUANT = {
+    "model_parameters": {"onnx_model": "", "output_prefix": "", "working_dir": "", "skip_onnxsim": False},
+    "calibration_parameters": {
+        "calibration_step": 100, "calibration_device": "cpu", "calibration_type": "default",
+        "input_parametres": [{
+            "input_name": "data", "input_shape": [1, 3, 224, 224], "dtype": "float32", "file_type": "img",
+            "color_format": "bgr", "mean_value": [103.94, 116.78, 123.68], "std_value": [57, 57, 57],
+            "preprocess_file": "", "data_list_path": "",
+        }],
+    },
+    "quantization_parameters": {
+        "analysis_enable": False, "precision_level": 0, "finetune_level": 0, "max_percentile": 0.9999,
+        "custom_setting": [], "truncate_var_names": [],
+    },
+}
+
+
+def write(tmp_path, data, name="cfg.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if name.endswith(".json") else __import__("yaml").safe_dump(data))
+    return path
+
+
+def test_xquant_sample_is_accepted_with_documented_defaults(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "resnet18.onnx").write_bytes(b"")
+    data = json.loads(json.dumps(XQUANT))
+    data["model_parameters"]["onnx_model"] = "models/resnet18.onnx"
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.model_path == tmp_path / "models" / "resnet18.onnx"
+    assert cfg.output_path == tmp_path / "models" / "resnet18.q.onnx"
+    assert cfg.options.num_samples == 100 and cfg.options.method is Method.MSE
+    assert cfg.options.percentile == pytest.approx(99.99)
+    st = cfg.settings[0]
+    assert st.color_format == "bgr" and st.mean == (103.94, 116.78, 123.68) and st.shape == (1, 3, 224, 224)
+    assert st.preprocess is None and st.data_path is None
+
+
+def test_both_spellings_yaml_and_output_prefix(tmp_path):
+    data = json.loads(json.dumps(XQUANT))
+    data["calibration_parameters"]["input_parameters"] = data["calibration_parameters"].pop("input_parametres")
+    data["model_parameters"].update(onnx_model="/abs/m.onnx", output_prefix="out", working_dir=str(tmp_path))
+    data["calibration_parameters"]["calibration_type"] = "kl"
+    cfg = load_config(write(tmp_path, data, "cfg.yaml"))
+    assert cfg.output_path == tmp_path / "out.q.onnx" and len(cfg.settings) == 1
+    assert cfg.options.method is Method.ENTROPY
+
+
+def test_preset_preprocess_and_symbolic_batch(tmp_path):
+    data = json.loads(json.dumps(XQUANT))
+    data["calibration_parameters"]["input_parametres"][0].update(
+        preprocess_file="PT_IMAGENET", mean_value=None, std_value=None, input_shape=["N", 3, 224, 224])
+    st = load_config(data).settings[0]
+    assert st.mean == (123.675, 116.28, 103.53) and st.color_format == "rgb" and st.shape == (1, 3, 224, 224)
+
+
+@pytest.mark.parametrize("section,key,expect", [
+    ("calibration_parameters", "calibration_stpe", "did you mean .*'calibration_step'"),
+    ("model_parameters", "onnx_modle", "did you mean 'onnx_model'"),
+    ("quantization_parameters", "max_percentil", "did you mean 'max_percentile'"),
+])
+def test_unknown_keys_are_named_with_a_suggestion(section, key, expect):
+    data = json.loads(json.dumps(XQUANT))
+    data[section][key] = 1
+    with pytest.raises(ConfigError, match=expect):
+        load_config(data)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("analysis_enable", True), ("precision_level", 2), ("finetune_level", 1),
+    ("custom_setting", [{"input_names": ["a"], "output_names": ["b"], "precision_level": 2}]),
+    ("truncate_var_names", ["/Concat_5_output_0"]),
+])
+def test_later_features_are_rejected_not_ignored(key, value):
+    data = json.loads(json.dumps(XQUANT))
+    data["quantization_parameters"][key] = value
+    with pytest.raises(NotYetSupportedError, match="not available in this version yet"):
+        load_config(data)
+
+
+def test_bad_values_and_files(tmp_path):
+    data = json.loads(json.dumps(XQUANT))
+    data["calibration_parameters"]["calibration_type"] = "magic"
+    with pytest.raises(ConfigError, match="calibration type 'magic' is not implemented; valid: minmax"):
+        load_config(data)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{ not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_config(tmp_path / "bad.json")
+    data = json.loads(json.dumps(XQUANT))
+    data["calibration_parameters"]["calibration_step"] = "many"
+    with pytest.raises(ConfigError, match="calibration_parameters.calibration_step"):
+        load_config(data)
+
+
+def test_shipped_schema_is_current():
+    shipped = resources.files("edgequant") / "config" / "edgequant-config.schema.json"
+    assert json.loads(shipped.read_text()) == json.loads(json.dumps(json_schema()))
+    props = json_schema()["$defs"]["CalibrationParameters"]["properties"]
+    assert "input_parametres" in props

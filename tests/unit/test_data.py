@@ -1,0 +1,132 @@
+"""Calibration sources: every file kind, preprocessing, multi-input, and every data error."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgequant.data import InputSettings, InputSpec, open_calibration
+from edgequant.errors import CalibrationDataError, ConfigError
+
+IMG = InputSpec("x", (None, 3, 4, 6), np.dtype(np.float32))
+
+
+def samples(src):
+    return list(src.samples())
+
+
+def test_npz_folder_one_sample_or_batch_per_file(tmp_path, rng):
+    np.savez(tmp_path / "a.npz", x=rng.standard_normal((1, 3, 4, 6)).astype(np.float32))
+    np.savez(tmp_path / "b.npz", x=rng.standard_normal((5, 3, 4, 6)).astype(np.float32))
+    src = open_calibration(tmp_path, [IMG])
+    assert len(src) == 6
+    got = samples(src)
+    assert len(got) == 6 and all(s["x"].shape == (1, 3, 4, 6) for s in got)
+
+
+def test_npz_multi_input_by_key_and_missing_key(tmp_path, rng):
+    specs = [InputSpec("a", (1, 2), np.dtype(np.float32)), InputSpec("b", (1, 3), np.dtype(np.int64))]
+    np.savez(tmp_path / "s.npz", a=rng.standard_normal((1, 2)), b=np.array([[1, 2, 3]]))
+    got = samples(open_calibration(tmp_path, specs))
+    assert got[0]["a"].dtype == np.float32 and got[0]["b"].dtype == np.int64
+    np.savez(tmp_path / "t.npz", a=rng.standard_normal((1, 2)))
+    with pytest.raises(CalibrationDataError, match="no data for input"):
+        samples(open_calibration(tmp_path, specs))
+
+
+def test_npy_files_and_list_file_with_relative_paths(tmp_path, rng):
+    d = tmp_path / "data"
+    d.mkdir()
+    for i in range(3):
+        np.save(d / f"{i}.npy", rng.standard_normal((3, 4, 6)).astype(np.float64))
+    (tmp_path / "list.txt").write_text("data/0.npy\ndata/2.npy\n")
+    assert len(samples(open_calibration(d, [IMG]))) == 3
+    got = samples(open_calibration(tmp_path / "list.txt", [IMG]))
+    assert len(got) == 2 and got[0]["x"].dtype == np.float32 and got[0]["x"].shape == (1, 3, 4, 6)
+
+
+def test_raw_files(tmp_path, rng):
+    spec = InputSpec("x", (1, 2, 3), np.dtype(np.float32))
+    rng.standard_normal((4, 2, 3)).astype(np.float32).tofile(tmp_path / "a.raw")
+    assert len(samples(open_calibration(tmp_path, [spec]))) == 4
+    np.zeros(5, np.float32).tofile(tmp_path / "a.raw")
+    with pytest.raises(CalibrationDataError, match="whole samples"):
+        samples(open_calibration(tmp_path, [spec]))
+
+
+def test_images_resize_mean_std_bgr_and_nhwc(tmp_path):
+    pixels = np.zeros((10, 12, 3), np.uint8)
+    pixels[..., 0] = 200  # red
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    st = InputSettings(mean=(100.0, 0.0, 0.0), std=(2.0, 1.0, 1.0))
+    x = samples(open_calibration(tmp_path, [IMG], [st]))[0]["x"]
+    assert x.shape == (1, 3, 4, 6)
+    np.testing.assert_allclose(x[0, 0], 50.0)  # (200 - 100) / 2
+    bgr = samples(open_calibration(tmp_path, [IMG], [InputSettings(color_format="bgr")]))[0]["x"]
+    np.testing.assert_allclose(bgr[0, 2], 200.0)
+    nhwc = InputSpec("x", (1, 4, 6, 1), np.dtype(np.float32))
+    g = samples(open_calibration(tmp_path, [nhwc], [InputSettings(color_format="gray")]))[0]["x"]
+    assert g.shape == (1, 4, 6, 1)
+
+
+def test_images_keep_their_size_when_dims_are_symbolic(tmp_path):
+    spec = InputSpec("x", (1, 1, 8, None), np.dtype(np.float32))
+    Image.new("L", (40, 16)).save(tmp_path / "a.png")
+    Image.new("L", (20, 16)).save(tmp_path / "b.png")
+    got = samples(open_calibration(tmp_path, [spec]))
+    assert [s["x"].shape for s in got] == [(1, 1, 8, 20), (1, 1, 8, 10)]
+
+
+def test_user_function(tmp_path):
+    (tmp_path / "pre.py").write_text(
+        "import numpy as np\n"
+        "def load(paths, params):\n"
+        "    return np.stack([np.full(params['input_shape'][1:], len(p), np.float32) for p in paths])\n")
+    (tmp_path / "d").mkdir()
+    for i in range(5):
+        (tmp_path / "d" / f"{i}.dat").write_text("x")
+    st = InputSettings(preprocess=f"{tmp_path / 'pre.py'}:load")
+    got = samples(open_calibration(tmp_path / "d", [IMG], [st], batch=2))
+    assert len(got) == 5 and got[0]["x"].shape == (1, 3, 4, 6)
+    with pytest.raises(ConfigError, match="has no function"):
+        open_calibration(tmp_path, [IMG], [InputSettings(preprocess=f"{tmp_path / 'pre.py'}:nope")])
+
+
+def test_multi_input_lists_must_agree(tmp_path, rng):
+    specs = [InputSpec("a", (1, 2), np.dtype(np.float32)), InputSpec("b", (1, 2), np.dtype(np.float32))]
+    for name, n in (("a", 3), ("b", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            np.save(tmp_path / name / f"{i}.npy", rng.standard_normal((1, 2)))
+    with pytest.raises(CalibrationDataError, match="different file counts"):
+        open_calibration([tmp_path / "a", tmp_path / "b"], specs)
+    np.save(tmp_path / "b" / "2.npy", rng.standard_normal((1, 2)))
+    got = samples(open_calibration(tmp_path, specs))  # sub-folders named after inputs
+    assert len(got) == 3 and set(got[0]) == {"a", "b"}
+
+
+def test_arrays_and_dicts_in_memory(rng):
+    assert len(samples(open_calibration([rng.standard_normal((2, 3, 4, 6))], [IMG]))) == 2
+    specs = [InputSpec("a", (1, 2), np.dtype(np.float32)), InputSpec("b", (1, 2), np.dtype(np.float32))]
+    with pytest.raises(CalibrationDataError, match="give dicts"):
+        samples(open_calibration([np.zeros((1, 2))], specs))
+
+
+def test_errors_zero_items_shape_dtype_nan(tmp_path, rng):
+    with pytest.raises(CalibrationDataError, match="finds 0 items: looked in .* for \\*.jpg"):
+        open_calibration(tmp_path, [IMG])
+    with pytest.raises(CalibrationDataError, match="not found"):
+        open_calibration(tmp_path / "missing", [IMG])
+    with pytest.raises(CalibrationDataError, match=r"expects shape \[\?, 3, 4, 6\], got \[1, 3, 5, 6\]"):
+        samples(open_calibration([np.zeros((1, 3, 5, 6))], [IMG]))
+    bad = np.zeros((1, 3, 4, 6))
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(CalibrationDataError, match="NaN or Inf"):
+        samples(open_calibration([bad], [IMG]))
+    ints = InputSpec("ids", (1, 3), np.dtype(np.int64))
+    with pytest.raises(CalibrationDataError, match="non-integer floats"):
+        samples(open_calibration([np.array([[0.5, 1, 2]])], [ints]))
+    with pytest.raises(ConfigError, match="file_type 'tif' not implemented; valid: img, npy, npz, raw"):
+        open_calibration(tmp_path, [IMG], [InputSettings(file_type="tif")])
+    (tmp_path / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(CalibrationDataError, match="cannot read image"):
+        samples(open_calibration(tmp_path, [IMG]))
