@@ -11,7 +11,9 @@ from rich.table import Table
 
 from edgequant.api import Summary
 
-out = Console(highlight=False)
+import sys
+
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False)
 
 
@@ -40,8 +42,8 @@ def _fmt_ops(ops: dict[str, int]) -> str:
 
 def print_summary(summary: Summary, output: str | None) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
     nq, nf = sum(summary.quantized_ops.values()), sum(summary.float_ops.values())
     t.add_row("quantized ops", f"{nq}: {_fmt_ops(summary.quantized_ops)}")
     t.add_row("left float", f"{nf}: {_fmt_ops(summary.float_ops)}")

@@ -1,0 +1,144 @@
+"""The command line, run as a user would: through subprocesses, exit codes and files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgequant.demo import asset, demo_data
+
+MODEL = asset("mnist_cnn.onnx")
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edgequant", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def npz_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib")
+    x = demo_data()["calib_x"][:40]
+    for i in range(0, 40, 4):
+        np.savez(d / f"batch{i:03d}.npz", image=x[i : i + 4])
+    return d
+
+
+def test_help_shows_examples():
+    r = cli("quantize", "--help")
+    assert r.returncode == 0 and "Examples:" in r.stdout and "--calib" in r.stdout
+    assert "demo" in cli("--help").stdout
+
+
+def test_quantize_with_defaults_writes_a_valid_model(tmp_path, npz_dir):
+    out = tmp_path / "m.q.onnx"
+    r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "-q")
+    assert r.returncode == 0, r.stderr
+    onnx.checker.check_model(str(out))
+    assert MODEL.read_bytes() == asset("mnist_cnn.onnx").read_bytes()
+    r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir)
+    assert "quantized ops" in r.stdout and "cosine" in r.stdout and "held-out" in r.stdout
+    assert str(out) in r.stdout.replace("\n", "")
+
+
+def test_same_inputs_same_bytes(tmp_path, npz_dir):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for out in (a, b):
+        assert cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "-q", "--method", "percentile").returncode == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_config_file_python_m_and_default_output(tmp_path, npz_dir):
+    model = tmp_path / "net.onnx"
+    model.write_bytes(MODEL.read_bytes())
+    cfg = {
+        "model_parameters": {"onnx_model": str(model)},
+        "calibration_parameters": {"calibration_step": 20, "calibration_type": "percentile",
+                                   "input_parametres": [{"input_name": "image", "file_type": "npz",
+                                                         "data_list_path": str(npz_dir)}]},
+        "quantization_parameters": {"max_percentile": 0.999},
+    }
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    r = cli("-c", path, "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "net.q.onnx").is_file()
+    out = tmp_path / "other.onnx"
+    r = cli("quantize", "-c", path, "-i", model, "-o", out, "-q", "--method", "minmax")
+    assert r.returncode == 0, r.stderr and out.is_file()
+
+
+def error_case(tmp_path, *args, match):
+    out = tmp_path / "never.onnx"
+    r = cli("quantize", *args, "-o", out, "-q") if "-o" not in args else cli("quantize", *args, "-q")
+    assert r.returncode not in (0, 1), (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert match in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_missing_and_corrupt_model(tmp_path, npz_dir):
+    error_case(tmp_path, tmp_path / "nope.onnx", "--calib", npz_dir, match="model file not found")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage" * 10)
+    error_case(tmp_path, bad, "--calib", npz_dir, match="not a readable ONNX model")
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(MODEL.read_bytes()[:5000])
+    error_case(tmp_path, truncated, "--calib", npz_dir, match="ONNX")
+
+
+def test_data_errors(tmp_path, npz_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    error_case(tmp_path, MODEL, "--calib", empty, match="finds 0 items: looked in")
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.savez(wrong / "a.npz", image=np.zeros((1, 1, 32, 32), np.float32))
+    error_case(tmp_path, MODEL, "--calib", wrong, match="input 'image' expects shape [?, 1, 28, 28], got [1, 1, 32, 32]")
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    x[0, 0, 3, 3] = np.nan
+    np.savez(nan / "a.npz", image=x)
+    error_case(tmp_path, MODEL, "--calib", nan, match="NaN or Inf")
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "--calib", npz_dir, match="2 calibration sources for 1 model inputs")
+
+
+def test_config_errors(tmp_path, npz_dir):
+    def cfg(**sections):
+        base = {"model_parameters": {"onnx_model": str(MODEL)}}
+        base.update(sections)
+        p = tmp_path / "c.json"
+        p.write_text(json.dumps(base))
+        return p
+
+    error_case(tmp_path, "-c", cfg(calibration_parameters={"calibraton_type": "kl"}), "--calib", npz_dir,
+               match="'calibration_parameters.calibraton_type' is not recognised")
+    error_case(tmp_path, "-c", cfg(calibration_parameters={"calibration_type": "best"}), "--calib", npz_dir,
+               match="calibration type 'best' is not implemented; valid:")
+    error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{}, {}]}), "--calib", npz_dir,
+               match="input_parametres size (2) should equal the model's inputs size (1")
+    error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{"input_name": "imgae"}]}),
+               "--calib", npz_dir, match="did you mean 'image'")
+    error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{"file_type": "mp4"}]}),
+               "--calib", npz_dir, match="file_type 'mp4' not implemented")
+    error_case(tmp_path, "-c", cfg(quantization_parameters={"analysis_enable": True}), "--calib", npz_dir,
+               match="not available in this version yet")
+
+
+def test_unwritable_output(tmp_path, npz_dir):
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "-o", tmp_path / "no" / "dir" / "m.onnx",
+               match="output folder does not exist")
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "-o", MODEL, match="is the input model")
+
+
+def test_demo_runs(tmp_path):
+    r = cli("demo", "-q", "-o", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    assert "top-1 accuracy" in r.stdout and (tmp_path / "d" / "mnist_cnn.q.onnx").is_file()
