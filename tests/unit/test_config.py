@@ -40,7 +40,7 @@ def test_xquant_sample_is_accepted_with_documented_defaults(tmp_path):
     cfg = load_config(write(tmp_path, data))
     assert cfg.model_path == tmp_path / "models" / "resnet18.onnx"
     assert cfg.output_path == tmp_path / "models" / "resnet18.q.onnx"
-    assert cfg.options.num_samples == 100 and cfg.options.method is Method.MSE
+    assert cfg.options.num_samples == 100 and cfg.options.method is Method.PERCENTILE
     assert cfg.options.percentile == pytest.approx(99.99)
     st = cfg.settings[0]
     assert st.color_format == "bgr" and st.mean == (103.94, 116.78, 123.68) and st.shape == (1, 3, 224, 224)

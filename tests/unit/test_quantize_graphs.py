@@ -208,3 +208,18 @@ def test_external_data_model_loads(rng, tmp_path):
     r = edgequant.quantize(path, calib(rng))
     out = r.save(tmp_path / "q.onnx")
     onnx.checker.check_model(str(out))
+
+
+def test_constant_node_weights_are_quantized_as_weights(rng):
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    const = helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w))
+    conv = helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])
+    relu = helper.make_node("Relu", ["y"], ["z"])
+    g = helper.make_graph([const, conv, relu], "paddle_like",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4, 8, 8])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
+    r = edgequant.quantize(m, calib(rng))
+    assert ("Conv_1", 1) in r.plan.weights or any(k[1] == 1 for k in r.plan.weights)
+    int8 = [t for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 1 and tuple(int8[0].dims) == (4, 3, 3, 3)

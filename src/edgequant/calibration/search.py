@@ -43,6 +43,7 @@ def entropy_threshold(hist: np.ndarray, edges: np.ndarray, dtype: QuantDType,
     """
     half = len(hist) // 2
     mag = hist[half:].astype(np.float64) + hist[:half][::-1]
+    mag[0] = 0.0  # exact zeros (ReLU, padding) quantize exactly; they must not drive the search
     width = float(edges[-1]) / half
     levels = _levels(dtype, nonnegative)
     nz = np.nonzero(mag)[0]

@@ -48,7 +48,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL stem + .q.onnx].")
 @click.option("--calib", multiple=True, help="Calibration data: folder (npz/npy/images/raw), list file or file; once per input.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="Config file (JSON/YAML, XQuant layout).")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), help="Activation range method [default: mse].")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), help="Activation range method [default: percentile].")
 @click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight granularity [default: per-channel].")
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8", "uint16", "int16"]), help="[default: uint8]")

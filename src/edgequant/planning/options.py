@@ -19,7 +19,7 @@ class Method(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        aliases = {"kl": "entropy", "default": "mse", "max": "minmax"}
+        aliases = {"kl": "entropy", "default": "percentile", "max": "minmax"}
         key = aliases.get(text.lower(), text.lower())
         try:
             return cls(key)
@@ -38,7 +38,7 @@ class QuantOptions:
     layout onnxruntime runs with integer kernels (U8S8).
     """
 
-    method: Method = Method.MSE
+    method: Method = Method.PERCENTILE
     percentile: float = 99.99
     activation_dtype: QuantDType = QuantDType.UINT8
     weight_dtype: QuantDType = QuantDType.INT8

@@ -20,12 +20,35 @@ def activation_params(plan: QuantPlan, observers: dict[str, MinMaxObserver]) -> 
     return params
 
 
+WEIGHT_ALPHAS = np.linspace(0.5, 1.0, 26)
+
+
+def _mse_shrink(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, wp: WeightPlan) -> np.ndarray:
+    """Per row, the factor α in [0.5, 1] of its range that minimises the rounding+clipping MSE."""
+    best = np.ones(rows.shape[0])
+    best_err = np.full(rows.shape[0], np.inf)
+    for a in WEIGHT_ALPHAS:
+        p = compute_params(lo * a, hi * a, wp.dtype, wp.symmetric, 0)
+        s, z = p.scale.astype(np.float64)[:, None], p.zero_point.astype(np.float64)[:, None]
+        q = np.clip(np.rint(rows / s) + z, wp.dtype.qmin, wp.dtype.qmax)
+        err = ((rows - (q - z) * s) ** 2).sum(axis=1)
+        better = err < best_err
+        best[better], best_err[better] = a, err[better]
+    return best
+
+
 def weight_params(w: np.ndarray, wp: WeightPlan) -> tuple[np.ndarray, QuantParams]:
-    """Min/max of each output channel (or the whole tensor) → params and the integer weight."""
+    """Range of each output channel (or the whole tensor) → params and the integer weight.
+
+    The range is min/max shrunk by the factor in [0.5, 1] that minimises the channel's
+    quantization MSE (rounding and clipping error together); α = 1 is plain min/max.
+    """
+    rows = (np.moveaxis(w, wp.axis, 0).reshape(w.shape[wp.axis], -1) if wp.axis is not None
+            else w.reshape(1, -1)).astype(np.float64)
+    lo, hi = rows.min(axis=1), rows.max(axis=1)
+    alpha = _mse_shrink(rows, lo, hi, wp)
+    lo, hi = lo * alpha, hi * alpha
     if wp.axis is None:
-        lo, hi = np.asarray(w.min()), np.asarray(w.max())
-    else:
-        moved = np.moveaxis(w, wp.axis, 0).reshape(w.shape[wp.axis], -1)
-        lo, hi = moved.min(axis=1), moved.max(axis=1)
+        lo, hi = lo.reshape(()), hi.reshape(())
     params = compute_params(lo, hi, wp.dtype, wp.symmetric, wp.axis)
     return quantize_array(w, params), params

