@@ -220,6 +220,6 @@ def test_constant_node_weights_are_quantized_as_weights(rng):
                           [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4, 8, 8])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
     r = edgequant.quantize(m, calib(rng))
-    assert ("Conv_1", 1) in r.plan.weights or any(k[1] == 1 for k in r.plan.weights)
-    int8 = [t for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8) == 1 and tuple(int8[0].dims) == (4, 3, 3, 3)
+    assert [w.tensor for w in r.plan.weights.values()] == ["W"]
+    int8 = {t.name: tuple(t.dims) for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert int8["W_quantized"] == (4, 3, 3, 3)
