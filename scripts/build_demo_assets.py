@@ -53,7 +53,7 @@ def main(wheel: str) -> None:
     y = torch.from_numpy(labels[train_idx])
     net = Net()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for epoch in range(15):
+    for _ in range(15):
         net.train()
         perm = torch.randperm(len(x))
         for i in range(0, len(x), 64):

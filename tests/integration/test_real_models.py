@@ -19,7 +19,13 @@ import pytest
 import edgequant
 from edgequant.demo import asset, demo_data
 from tests.conftest import extract, run
-from tests.integration.realdata import captchas, ctc_decode, ocr_charset, orientation_pages, text_page
+from tests.integration.realdata import (
+    captchas,
+    ctc_decode,
+    ocr_charset,
+    orientation_pages,
+    text_page,
+)
 
 
 def test_mnist_cnn_keeps_99_percent_of_float_accuracy():

@@ -2,9 +2,15 @@
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from edgequant.passes import ConstantsToInitializers, FoldBatchNorm, FoldConstants, InferShapes, RemoveIdentity
+from edgequant.passes import (
+    ConstantsToInitializers,
+    FoldBatchNorm,
+    FoldConstants,
+    InferShapes,
+    RemoveIdentity,
+)
 from edgequant.passes.pipeline import prepare_model
 from tests.conftest import parse, run
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from edgequant.data.images import IMAGE_SUFFIXES
 from edgequant.data.inputs import InputSettings, InputSpec
-from edgequant.data.sources import FILE_TYPES, ArraySource, CalibrationSource, FileListSource, NpzSource
+from edgequant.data.sources import (
+    FILE_TYPES,
+    ArraySource,
+    CalibrationSource,
+    FileListSource,
+    NpzSource,
+)
 from edgequant.errors import CalibrationDataError, ConfigError
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")

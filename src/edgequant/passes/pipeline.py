@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from onnx import ModelProto
 
 from edgequant.passes.batchnorm import FoldBatchNorm
-from edgequant.passes.constants import ConstantsToInitializers, FoldConstants, _drop_unused_initializers
+from edgequant.passes.constants import (
+    ConstantsToInitializers,
+    FoldConstants,
+    _drop_unused_initializers,
+)
 from edgequant.passes.identity import RemoveIdentity
 from edgequant.passes.shapes import InferShapes
 
