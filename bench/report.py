@@ -1,0 +1,119 @@
+"""Turn bench/results/*.json into docs/BENCHMARKS.md (tables, plot) and the README table."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from bench.runner import RESULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _f(v, fmt="{:.3f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return fmt.format(v)
+
+
+def _pair(rows: list[dict], model: str, method: str) -> tuple[dict | None, dict | None]:
+    pick = {r["tool"]: r for r in rows if r["model"] == model and r["method"] == method}
+    return pick.get("edgequant"), pick.get("ort")
+
+
+def _metric(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    if r["status"] != "ok":
+        return f"{r['status']}"
+    return _f(r.get("quant_metric"))
+
+
+def headline(rows: list[dict], method: str = "percentile") -> str:
+    lines = ["| model | metric | float | edgequant | onnxruntime | time eq / ort | peak RSS eq / ort (MB) | int8 latency eq / ort / float (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        eq, ort = _pair(rows, model, method)
+        if eq is None:
+            continue
+        ratio = (eq["seconds"] / ort["seconds"]) if ort and ort["status"] == "ok" else float("nan")
+        lines.append(
+            f"| {model} | {eq['metric_name']} | {_f(eq['float_metric'])} | {_metric(eq)} | {_metric(ort)} | "
+            f"{_f(eq['seconds'], '{:.1f}')} s / {_f(ort['seconds'] if ort else None, '{:.1f}')} s ({_f(ratio, '{:.2f}')}×) | "
+            f"{_f(eq['peak_rss_mb'], '{:.0f}')} / {_f(ort['peak_rss_mb'] if ort else None, '{:.0f}')} | "
+            f"{_f(eq.get('quant_ms'))} / {_f(ort.get('quant_ms') if ort else None)} / {_f(eq['float_ms'])} |")
+    return "\n".join(lines)
+
+
+def full_table(rows: list[dict]) -> str:
+    lines = ["| model | method | tool | status | task metric (float → quant) | cosine | SQNR dB | time s | peak RSS MB | latency ms (float → quant) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['tool']} | {r['status']}{(': ' + r['error']) if r['error'] else ''} | "
+            f"{_f(r['float_metric'])} → {_f(r.get('quant_metric'))} | {_f(r.get('cosine'), '{:.4f}')} | "
+            f"{_f(r.get('sqnr_db'), '{:.1f}')} | {_f(r['seconds'], '{:.1f}')} | {_f(r['peak_rss_mb'], '{:.0f}')} | "
+            f"{_f(r['float_ms'])} → {_f(r.get('quant_ms'))} |")
+    return "\n".join(lines)
+
+
+def memory_section(data: dict) -> str:
+    rows = data["rows"]
+    tools = list(dict.fromkeys(r["tool"] for r in rows))
+    counts = sorted({r["samples"] for r in rows})
+    lines = [f"Model {rows[0]['model']}, method {rows[0]['method']}: peak RSS (MB) of the whole quantization process.", "",
+             "| samples | " + " | ".join(tools) + " |", "|---|" + "---|" * len(tools)]
+    for n in counts:
+        cells = []
+        for t in tools:
+            r = next(x for x in rows if x["tool"] == t and x["samples"] == n)
+            cells.append(_f(r["peak_rss_mb"], "{:.0f}") if r["status"] == "ok" else r["status"])
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for t in tools:
+            pts = [(r["samples"], r["peak_rss_mb"]) for r in rows if r["tool"] == t and r["status"] == "ok"]
+            ax.plot(*zip(*pts), marker="o", label=t)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("calibration samples")
+        ax.set_ylabel("peak RSS (MB)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(DOCS / "memory_scaling.png", dpi=120, metadata={"Software": None})
+        lines += ["", "![peak RSS vs samples](memory_scaling.png)"]
+    except ImportError:
+        lines += ["", "(install matplotlib for the plot)"]
+    return "\n".join(lines)
+
+
+def write_report() -> Path:
+    DOCS.mkdir(exist_ok=True)
+    run = json.loads((RESULTS / "run.json").read_text())
+    env = run["env"]
+    parts = ["# Benchmarks", "",
+             f"Machine: {env['cpu']}, {env['cores']} cores. Python {env['python']}, edgequant {env['edgequant']}, "
+             f"onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, numpy {env['numpy']}. Run on {env['date']}.", "",
+             "Each quantization runs in its own process (wall time and peak RSS are that process's). Both tools get "
+             "the same calibration samples (.npz), per-channel int8 weights and uint8 activations in QDQ format, "
+             "and the same method (percentile 99.99). Latency: onnxruntime, batch 1, one thread.", "",
+             "## Headline (percentile)", "", headline(run["rows"]), "", "## All runs", "", full_table(run["rows"])]
+    mem = RESULTS / "memory.json"
+    if mem.exists():
+        parts += ["", "## Memory vs number of calibration samples", "", memory_section(json.loads(mem.read_text()))]
+    out = DOCS / "BENCHMARKS.md"
+    out.write_text("\n".join(parts) + "\n")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    table = headline(run["rows"]) + "\n\nFull results, memory scaling and the machine: [docs/BENCHMARKS.md](docs/BENCHMARKS.md)."
+    readme.write_text(re.sub(r"(<!-- bench:start -->\n).*?(\n<!-- bench:end -->)",
+                             lambda m: m.group(1) + table + m.group(2), text, flags=re.S))
+    return out
