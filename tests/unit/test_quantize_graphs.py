@@ -223,3 +223,19 @@ def test_constant_node_weights_are_quantized_as_weights(rng):
     assert [w.tensor for w in r.plan.weights.values()] == ["W"]
     int8 = {t.name: tuple(t.dims) for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
     assert int8["W_quantized"] == (4, 3, 3, 3)
+
+
+def test_tensor_groups_give_the_same_ranges_as_one_pass(rng):
+    from edgequant.calibration.collect import collect_ranges, group_tensors
+    from edgequant.data import model_inputs, open_calibration
+
+    assert group_tensors([5, 5, 5, 20, 1], budget=10) == [[0, 1], [2], [3], [4]]
+    m = cnn(rng)
+    prepare_model(m)
+    plan = build_plan(m, QuantOptions())
+    src = open_calibration(calib(rng, 12), model_inputs(m))
+    one = collect_ranges(m, plan.roots, src, QuantOptions(), 12)
+    many = collect_ranges(m, plan.roots, src, QuantOptions(), 12, memory_budget=1)
+    assert len(plan.roots) > 2
+    for name in plan.roots:
+        assert one[name].range(edgequant.QuantDType.UINT8, False) == many[name].range(edgequant.QuantDType.UINT8, False)
