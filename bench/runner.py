@@ -81,9 +81,13 @@ def run(models: list[str], tools: list[str], methods: list[str], n: int = 64) ->
                 row = {"model": name, "tool": tool, "method": method, "metric_name": zm.metric,
                        "float_metric": float_metric, "float_ms": float_ms, **job}
                 if job["status"] == "ok":
-                    row["quant_metric"] = zm.evaluate(_session(str(out)))
-                    row["cosine"], row["sqnr_db"] = fidelity(str(path), str(out), feeds)
-                    row["quant_ms"] = latency_ms(str(out), feeds)
+                    try:
+                        row["quant_metric"] = zm.evaluate(_session(str(out)))
+                        row["cosine"], row["sqnr_db"] = fidelity(str(path), str(out), feeds)
+                        row["quant_ms"] = latency_ms(str(out), feeds)
+                    except Exception as exc:  # an unusable output is a result too
+                        row["status"] = "invalid output"
+                        row["error"] = str(exc).strip().splitlines()[0][-160:]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows

@@ -181,7 +181,9 @@ class _Builder:
             self.plan_weights(node, facts)
         weighted = any(key[0] == node.name for key in self.plan.weights)
         folded = node.name in self.plan.folded_nodes
-        if weighted or folded or any(o in self.quantized for o in outs):
+        if folded:
+            self.plan.quantized_ops[f"{node.op_type} (folded)"] += 1
+        elif weighted or any(o in self.quantized for o in outs):
             self.plan.quantized_ops[node.op_type] += 1
         else:
             self.plan.float_ops[node.op_type] += 1
