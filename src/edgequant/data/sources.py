@@ -6,6 +6,7 @@ is kept after it has been yielded, so memory does not grow with the number of sa
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,16 +27,16 @@ def _split(name: str, arr: np.ndarray) -> Iterator[np.ndarray]:
         yield arr[i : i + 1]
 
 
-class CalibrationSource:
-    """Base: ``len()`` samples (None when unknown) and an iterator of samples."""
+class CalibrationSource(abc.ABC):
+    """Base: ``len()`` samples and an iterator over them, one sample (batch dim 1) at a time."""
 
     specs: list[InputSpec]
 
-    def __len__(self) -> int:  # pragma: no cover - overridden
-        raise TypeError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def samples(self) -> Iterator[Sample]:  # pragma: no cover - overridden
-        raise NotImplementedError("CalibrationSource subclasses define samples()")
+    @abc.abstractmethod
+    def samples(self) -> Iterator[Sample]: ...
 
 
 class ArraySource(CalibrationSource):
