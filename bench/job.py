@@ -58,6 +58,17 @@ def run_ort(model: str, calib: Path, method: str, n: int, out: str) -> None:
                     extra_options={"CalibPercentile": 99.99})
 
 
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM; ru_maxrss would inherit the parent's across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str]) -> None:
     tool, model, calib, method, n, out, result = argv
     status, error = "ok", ""
@@ -70,7 +81,7 @@ def main(argv: list[str]) -> None:
         status, error = "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         traceback.print_exc()
     seconds = time.perf_counter() - t
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     Path(result).write_text(json.dumps({"status": status, "error": error, "seconds": seconds, "peak_rss_mb": peak_mb}))
 
 
