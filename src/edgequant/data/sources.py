@@ -82,6 +82,20 @@ def _samples_from(item, specs: list[InputSpec], origin: str) -> Iterator[Sample]
         yield {k: v[i : i + 1] for k, v in arrays.items()}
 
 
+def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
+    """Shape of one array in an .npz, read from its header without loading the data."""
+    try:
+        with np.load(path) as z:
+            name = key if key in z.files else z.files[0]
+            with z.zip.open(name + ".npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                return tuple(reader(fh)[0])
+    except Exception as exc:
+        raise CalibrationDataError(f"{path}: not a readable .npz file ({exc})") from None
+
+
 class NpzSource(CalibrationSource):
     """``.npz`` files, keys = input names (a single-input model also accepts any one key)."""
 
@@ -91,9 +105,7 @@ class NpzSource(CalibrationSource):
     def __len__(self) -> int:
         total = 0
         for f in self.files:
-            with np.load(f) as z:
-                key = self.specs[0].name if self.specs[0].name in z.files else z.files[0]
-                shape = z[key].shape
+            shape = _npz_shape(f, self.specs[0].name)
             total += shape[0] if len(shape) == len(self.specs[0].shape) else 1
         return total
 
