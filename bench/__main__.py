@@ -31,7 +31,13 @@ def main() -> None:
         (RESULTS / "run.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
     elif args.cmd == "memory":
         rows = memory_scaling(args.model, args.tools.split(","), [int(c) for c in args.counts.split(",")])
-        (RESULTS / "memory.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+        path = RESULTS / "memory.json"
+        if path.exists():  # later runs add or replace (tool, samples) points
+            new = {(r["tool"], r["samples"]) for r in rows}
+            old = json.loads(path.read_text())["rows"]
+            rows = [r for r in old if (r["tool"], r["samples"]) not in new and r["model"] == args.model] + rows
+        rows.sort(key=lambda r: (r["tool"], r["samples"]))
+        path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
     elif args.cmd == "smoke":
         rows = run(["mnist-cnn"], ["edgequant"], ["percentile"], 16)
         if rows[0]["status"] != "ok":
