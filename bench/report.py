@@ -69,8 +69,11 @@ def memory_section(data: dict) -> str:
     for n in counts:
         cells = []
         for t in tools:
-            r = next(x for x in rows if x["tool"] == t and x["samples"] == n)
-            cells.append(_f(r["peak_rss_mb"], "{:.0f}") if r["status"] == "ok" else r["status"])
+            r = next((x for x in rows if x["tool"] == t and x["samples"] == n), None)
+            if r is None:
+                cells.append("not run")
+            else:
+                cells.append(_f(r["peak_rss_mb"], "{:.0f}") if r["status"] == "ok" else r["status"])
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     try:
         import matplotlib
