@@ -14,14 +14,20 @@ from edgequant.planning.options import Method
 from edgequant.quant.dtypes import QuantDType
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
+def _finite(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The values as a flat float32 array without NaN/Inf, and their min and max."""
     flat = x.reshape(-1)
     if flat.dtype != np.float32:
         flat = flat.astype(np.float32)
-    lo, hi = flat.min(initial=np.inf), flat.max(initial=-np.inf)
+    if not flat.size:
+        return flat, np.inf, -np.inf
+    lo, hi = float(flat.min()), float(flat.max())
     if np.isfinite(lo) and np.isfinite(hi):
-        return flat
-    return flat[np.isfinite(flat)]
+        return flat, lo, hi
+    flat = flat[np.isfinite(flat)]
+    if not flat.size:
+        return flat, np.inf, -np.inf
+    return flat, float(flat.min()), float(flat.max())
 
 
 class MinMaxObserver:
@@ -32,10 +38,10 @@ class MinMaxObserver:
         self.max = -np.inf
 
     def update(self, x: np.ndarray) -> None:
-        flat = _finite(x)
+        flat, lo, hi = _finite(x)
         if flat.size:
-            self.min = min(self.min, float(flat.min()))
-            self.max = max(self.max, float(flat.max()))
+            self.min = min(self.min, lo)
+            self.max = max(self.max, hi)
 
     @property
     def seen(self) -> bool:
@@ -58,10 +64,9 @@ class HistogramObserver(MinMaxObserver):
         self.pending_zeros = 0
 
     def update(self, x: np.ndarray) -> None:
-        flat = _finite(x)
+        flat, lo, hi = _finite(x)
         if not flat.size:
             return
-        lo, hi = float(flat.min()), float(flat.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         amax = max(-lo, hi)
         if amax == 0.0 and self.radius == 0.0:

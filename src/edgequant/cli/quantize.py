@@ -54,7 +54,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8", "uint16", "int16"]), help="[default: uint8]")
 @click.option("--weight-dtype", type=click.Choice(["int8", "uint8"]), help="[default: int8]")
 @click.option("--symmetric", type=click.Choice(["weights", "activations", "both", "none"]), help="Symmetric ranges for [default: weights].")
-@click.option("--batch-size", type=int, help="Samples per inference batch [default: 8].")
+@click.option("--batch-size", type=int, help="Samples per inference batch [default: 1].")
 @click.option("--num-samples", type=int, help="Calibration samples to use [default: 100].")
 @click.option("--eval-samples", type=int, help="Held-out samples for the fidelity check [default: 16].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Calibration device [default: auto].")

@@ -50,7 +50,7 @@ class CalibrationParameters(_Strict):
     calibration_type: str = "default"
     input_parametres: list[InputParameters] | None = Field(
         None, validation_alias=AliasChoices("input_parametres", "input_parameters"))
-    batch_size: int = Field(8, ge=1, description="edgequant: samples per inference batch")
+    batch_size: int = Field(1, ge=1, description="edgequant: samples per inference batch")
 
 
 class QuantizationParameters(_Strict):

@@ -47,7 +47,7 @@ class QuantOptions:
     per_channel: bool = True
     share_concat: bool = False
     quantize_outputs: bool = False
-    batch_size: int = 8
+    batch_size: int = 1
     num_samples: int | None = 100
     eval_samples: int = 16
     simplify: bool = True
