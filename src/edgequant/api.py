@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -17,11 +18,16 @@ from onnx import ModelProto
 
 from edgequant.analysis.metrics import FidelityAccumulator
 from edgequant.calibration.collect import batched, collect_ranges
-from edgequant.config.schema import ResolvedConfig, load_config
 from edgequant.data.inputs import InputSettings, InputSpec, model_inputs
 from edgequant.data.open import open_calibration
 from edgequant.data.sources import CalibrationSource
-from edgequant.errors import ConfigError, ModelLoadError, TensorNameError, closest_names
+from edgequant.errors import (
+    CalibrationDataError,
+    ConfigError,
+    ModelLoadError,
+    TensorNameError,
+    closest_names,
+)
 from edgequant.ir.model import ensure_opset, load_model, opset_of, save_model
 from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.planning.options import Method, QuantOptions
@@ -31,6 +37,9 @@ from edgequant.quant.dtypes import QuantDType
 from edgequant.quant.params import QuantParams
 from edgequant.runtime.session import make_session
 from edgequant.transform.qdq import insert_qdq
+
+if TYPE_CHECKING:
+    from edgequant.config.schema import ResolvedConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -137,7 +146,11 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     per input, or an iterable of arrays (single-input models) or dicts keyed by input name.
     """
     start = time.perf_counter()
-    cfg = config if isinstance(config, ResolvedConfig) or config is None else load_config(config)
+    cfg = None
+    if config is not None:
+        from edgequant.config.schema import ResolvedConfig, load_config
+
+        cfg = config if isinstance(config, ResolvedConfig) else load_config(config)
     base = options or (cfg.options if cfg else None)
     opts = make_options(base, **overrides)
     if model is None:
@@ -156,12 +169,14 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     passes = prepare_model(prepared, simplify=opts.simplify)
     plan = build_plan(prepared, opts)
     source = open_calibration(calibration, specs, settings, opts.batch_size)
-    total = len(source)
-    n_calib, n_eval = _split_counts(total, opts)
-    if n_calib == 0:
-        raise ConfigError("calibration yields 0 samples")
+    if opts.eval_samples == 0 and opts.num_samples is not None:
+        n_calib, n_eval = opts.num_samples, 0  # nothing held out: no need to count the files
+    else:
+        n_calib, n_eval = _split_counts(len(source), opts)
     t0 = time.perf_counter()
-    observers = collect_ranges(prepared, plan.roots, source, opts, n_calib, progress)
+    observers, n_calib = collect_ranges(prepared, plan.roots, source, opts, n_calib, progress)
+    if n_calib == 0:
+        raise CalibrationDataError("the calibration data yields 0 samples")
     calib_seconds = time.perf_counter() - t0
     params = activation_params(plan, observers)
     ranges = {a.root: observers[a.root].range(a.dtype, a.symmetric) for a in plan.activations.values()}

@@ -234,8 +234,9 @@ def test_tensor_groups_give_the_same_ranges_as_one_pass(rng):
     prepare_model(m)
     plan = build_plan(m, QuantOptions())
     src = open_calibration(calib(rng, 12), model_inputs(m))
-    one = collect_ranges(m, plan.roots, src, QuantOptions(), 12)
-    many = collect_ranges(m, plan.roots, src, QuantOptions(), 12, memory_budget=1)
+    one, n1 = collect_ranges(m, plan.roots, src, QuantOptions(), 12)
+    many, n2 = collect_ranges(m, plan.roots, src, QuantOptions(), 12, memory_budget=1)
+    assert n1 == n2 == 12
     assert len(plan.roots) > 2
     for name in plan.roots:
         assert one[name].range(edgequant.QuantDType.UINT8, False) == many[name].range(edgequant.QuantDType.UINT8, False)

@@ -69,15 +69,20 @@ def group_tensors(sizes: list[int], budget: int) -> list[list[int]]:
 
 def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSource,
                    options: QuantOptions, count: int, progress: Progress | None = None,
-                   memory_budget: int = 1 << 30) -> dict[str, MinMaxObserver]:
-    """Observe ``roots`` over the first ``count`` samples; returns one observer per tensor."""
+                   memory_budget: int = 1 << 30) -> tuple[dict[str, MinMaxObserver], int]:
+    """Observe ``roots`` over the first ``count`` samples.
+
+    Returns one observer per tensor and the number of samples actually seen (fewer than
+    ``count`` when the source runs out).
+    """
     observers = {n: make_observer(options.method, options.percentile) for n in roots}
     can_batch = all(not s.batch_fixed for s in source.specs)
     batch = options.batch_size if can_batch else 1
     groups = group_tensors(_estimate_bytes(model, roots, batch), memory_budget)
     total = count * len(groups)
-    done = 0
+    done = seen = 0
     for group in groups:
+        seen = 0
         names = [roots[i] for i in group]
         session = make_session(model, names, options.device)
         samples = itertools.islice(source.samples(), count)
@@ -87,7 +92,8 @@ def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSourc
                 observers[name].update(value)
             del results
             done += n
+            seen += n
             if progress:
                 progress("calibrating", done, total)
         del session
-    return observers
+    return observers, seen

@@ -7,7 +7,6 @@ import logging
 import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
 from edgequant.ir.graph import consumers, has_subgraph, static_shapes
 
@@ -111,6 +110,8 @@ class FoldConstants:
 
     @staticmethod
     def _evaluate(node, values, opset) -> list[np.ndarray] | None:
+        from onnx.reference import ReferenceEvaluator  # heavy import, only when something folds
+
         try:
             inputs = [helper.make_tensor_value_info(i, values[i].data_type, None)
                       for i in node.input if i]

@@ -20,7 +20,7 @@ def activation_params(plan: QuantPlan, observers: dict[str, MinMaxObserver]) -> 
     return params
 
 
-WEIGHT_ALPHAS = np.linspace(0.5, 1.0, 26)
+WEIGHT_ALPHAS = np.linspace(0.5, 1.0, 21)
 
 
 def _mse_shrink(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, wp: WeightPlan) -> np.ndarray:
@@ -29,7 +29,7 @@ def _mse_shrink(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, wp: WeightPlan
     best_err = np.full(rows.shape[0], np.inf)
     for a in WEIGHT_ALPHAS:
         p = compute_params(lo * a, hi * a, wp.dtype, wp.symmetric, 0)
-        s, z = p.scale.astype(np.float64)[:, None], p.zero_point.astype(np.float64)[:, None]
+        s, z = p.scale[:, None], p.zero_point.astype(np.float32)[:, None]
         q = np.clip(np.rint(rows / s) + z, wp.dtype.qmin, wp.dtype.qmax)
         err = ((rows - (q - z) * s) ** 2).sum(axis=1)
         better = err < best_err
@@ -44,8 +44,8 @@ def weight_params(w: np.ndarray, wp: WeightPlan) -> tuple[np.ndarray, QuantParam
     quantization MSE (rounding and clipping error together); α = 1 is plain min/max.
     """
     rows = (np.moveaxis(w, wp.axis, 0).reshape(w.shape[wp.axis], -1) if wp.axis is not None
-            else w.reshape(1, -1)).astype(np.float64)
-    lo, hi = rows.min(axis=1), rows.max(axis=1)
+            else w.reshape(1, -1)).astype(np.float32)
+    lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
     alpha = _mse_shrink(rows, lo, hi, wp)
     lo, hi = lo * alpha, hi * alpha
     if wp.axis is None:
