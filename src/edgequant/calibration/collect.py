@@ -55,7 +55,9 @@ def _estimate_bytes(model: ModelProto, names: list[str], batch: int) -> list[int
 
 def group_tensors(sizes: list[int], budget: int) -> list[list[int]]:
     """Split tensor indices into consecutive groups whose summed size fits the budget."""
-    groups, current, used = [], [], 0
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
     for i, s in enumerate(sizes):
         if current and used + s > budget:
             groups.append(current)

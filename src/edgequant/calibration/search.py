@@ -86,16 +86,17 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, dtype: QuantDType, symmetric:
     lo, hi = min(observed[0], 0.0), max(observed[1], 0.0)
     alphas = np.linspace(1.0 / candidates, 1.0, candidates)[:, None]
     qmin, qmax = dtype.qmin, dtype.qmax
+    scale: np.ndarray
+    zp: np.ndarray
     if symmetric:
         amax = max(-lo, hi) * alphas
         scale = amax / (qmax if dtype.signed else (qmax - qmin) / 2.0)
-        zp = 0.0 if dtype.signed else (qmax + qmin + 1) // 2
-        zp = np.full_like(scale, zp)
+        zp = np.full_like(scale, 0.0 if dtype.signed else (qmax + qmin + 1) // 2)
     else:
         scale = (hi - lo) * alphas / float(qmax - qmin)
         zp = np.clip(np.rint(qmin - lo * alphas / np.where(scale > 0, scale, 1)), qmin, qmax)
     scale = np.where(scale > 0, scale, 1e-12)
-    q = np.clip(np.rint(c[None, :] / scale) + zp, qmin, qmax)
+    q: np.ndarray = np.clip(np.rint(c[None, :] / scale) + zp, qmin, qmax)
     err = ((c[None, :] - (q - zp) * scale) ** 2 * w[None, :]).sum(axis=1)
     a = float(alphas[int(np.argmin(err)), 0])
     if symmetric:

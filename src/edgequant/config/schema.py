@@ -98,7 +98,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
-def _key_error(err: dict) -> str:
+def _key_error(err: Any) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         parents = [str(p) for p in err["loc"][:-1] if not isinstance(p, int)]

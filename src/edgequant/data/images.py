@@ -31,6 +31,18 @@ def infer_layout(spec: InputSpec, settings: InputSettings) -> str:
     return "NCHW"
 
 
+def _target_size(width: int, height: int, h: int | None, w: int | None) -> tuple[int, int] | None:
+    """(W, H) to resize to: the input's; a symbolic side follows the image's aspect ratio."""
+    if h is None and w is None:
+        return None
+    if h is None:
+        assert w is not None
+        return w, max(1, round(height * w / width))
+    if w is None:
+        return max(1, round(width * h / height)), h
+    return w, h
+
+
 def load_image(path: str, spec: InputSpec, settings: InputSettings) -> np.ndarray:
     """Read one image as a [1, ...] array laid out and normalised for ``spec``.
 
@@ -46,14 +58,12 @@ def load_image(path: str, spec: InputSpec, settings: InputSettings) -> np.ndarra
     c_axis, h_axis, w_axis = (1, 2, 3) if layout == "NCHW" else (3, 1, 2)
     channels = shape[c_axis] or (1 if settings.color_format == "gray" else 3)
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            h, w = shape[h_axis], shape[w_axis]
-            if h or w:
-                h = h or round(im.height * (w / im.width))
-                w = w or round(im.width * (h / im.height))
-                im = im.resize((int(w), int(h)), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32)
+        with Image.open(path) as raw:
+            im = raw.convert("L" if channels == 1 else "RGB")
+        size = _target_size(im.width, im.height, shape[h_axis], shape[w_axis])
+        if size is not None:
+            im = im.resize(size, Image.Resampling.BILINEAR)
+        arr: np.ndarray = np.asarray(im, dtype=np.float32)
     except (UnidentifiedImageError, OSError) as exc:
         raise CalibrationDataError(f"{path}: cannot read image ({exc})") from None
     if arr.ndim == 2:

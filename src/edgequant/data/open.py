@@ -112,7 +112,7 @@ def _as_paths(calib, settings: list[InputSettings]) -> list[Path] | None:
             raise CalibrationDataError(
                 "no calibration data: give --calib PATH (or data_list_path for every input in the config)"
             )
-        return [Path(p) for p in given]
+        return [Path(p) for p in given if p]
     if isinstance(calib, (str, os.PathLike)):
         return [Path(calib)]
     if isinstance(calib, (list, tuple)) and calib and all(isinstance(c, (str, os.PathLike)) for c in calib):

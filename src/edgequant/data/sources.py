@@ -182,18 +182,19 @@ def _reader_for(files: list[Path], spec: InputSpec, st: InputSettings) -> Reader
 
 def _read_raw(path: Path, spec: InputSpec, st: InputSettings) -> np.ndarray:
     shape = st.shape or spec.shape
-    if any(d is None for d in shape[1:]):
+    dims = [d for d in shape[1:] if d is not None]
+    if len(dims) != len(shape) - 1:
         raise ConfigError(
             f"raw files for input {spec.name!r} need a fixed shape; set input_shape in the config"
         )
-    per_sample = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    per_sample = int(np.prod(dims)) if dims else 1
     data = np.fromfile(path, dtype=spec.dtype)
     if data.size == 0 or data.size % per_sample:
         raise CalibrationDataError(
             f"{path}: {data.size} {spec.dtype} values do not make whole samples of shape "
             f"{list(shape[1:])} for input {spec.name!r}"
         )
-    return data.reshape((-1, *shape[1:]))
+    return data.reshape([-1, *dims])
 
 
 def _detect_kind(files: list[Path]) -> str:
@@ -215,6 +216,8 @@ def load_function(spec: str) -> Callable:
     if not os.path.isfile(path):
         raise ConfigError(f"preprocess file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot import preprocess file {path}")
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)

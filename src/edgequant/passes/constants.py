@@ -100,7 +100,7 @@ class FoldConstants:
         return changed
 
     @staticmethod
-    def _fold_shape(node, shapes) -> list[np.ndarray] | None:
+    def _fold_shape(node, shapes) -> list[np.ndarray | None] | None:
         shape = shapes.get(node.input[0])
         if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
             return None
@@ -109,7 +109,7 @@ class FoldConstants:
         return [np.array(shape[start:end], dtype=np.int64)]
 
     @staticmethod
-    def _evaluate(node, values, opset) -> list[np.ndarray] | None:
+    def _evaluate(node, values, opset) -> list[np.ndarray | None] | None:
         from onnx.reference import ReferenceEvaluator  # heavy import, only when something folds
 
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from onnx import ModelProto
 
@@ -14,6 +15,12 @@ from edgequant.passes.constants import (
 )
 from edgequant.passes.identity import RemoveIdentity
 from edgequant.passes.shapes import InferShapes
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def __call__(self, model: ModelProto) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,7 @@ def prepare_model(model: ModelProto, simplify: bool = True) -> list[PassResult]:
     Order: constants → initializers, identity removal, constant folding, BN folding, then
     shape inference so that later stages see every tensor's type and shape.
     """
-    passes = [ConstantsToInitializers(), RemoveIdentity()]
+    passes: list[GraphPass] = [ConstantsToInitializers(), RemoveIdentity()]
     if simplify:
         passes += [InferShapes(), FoldConstants(), FoldBatchNorm()]
     passes.append(InferShapes())

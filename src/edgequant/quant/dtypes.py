@@ -17,7 +17,7 @@ class QuantDType(enum.Enum):
     UINT16 = "uint16"
 
     @property
-    def np_dtype(self) -> type[np.integer]:
+    def np_dtype(self) -> type:
         return {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}[
             self.value
         ]

@@ -145,9 +145,11 @@ class _Inserter:
         zp = np.asarray(p.zero_point)
         s_name = self.const(f"{base}_scale", scale if p.axis is not None else scale.reshape(()))
         z_name = self.const(f"{base}_zero_point", zp if p.axis is not None else zp.reshape(()))
-        kwargs = {"axis": p.axis} if p.axis is not None else {}
-        return helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
-                                name=self.scope.fresh(f"{base}_DequantizeLinear"), **kwargs)
+        node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+                                name=self.scope.fresh(f"{base}_DequantizeLinear"))
+        if p.axis is not None:
+            node.attribute.append(helper.make_attribute("axis", p.axis))
+        return node
 
 
 def _drop_unused(graph) -> None:
