@@ -65,6 +65,7 @@ class Summary:
     opset: tuple[int, int]
     passes: list[PassResult]
     fidelity: list[OutputFidelity] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def min_cosine(self) -> float:
@@ -165,7 +166,7 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     except Exception as exc:
         if original.ByteSize() < 2_000_000_000:
             raise ModelLoadError(f"the model is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
-    prepared = ensure_opset(original, opts.required_opset)
+    prepared, opts, notes = _upgrade(original, opts)
     passes = prepare_model(prepared, simplify=opts.simplify)
     plan = build_plan(prepared, opts)
     source = open_calibration(calibration, specs, settings, opts.batch_size)
@@ -186,8 +187,23 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
                       n_calib, n_eval or min(n_calib, opts.eval_samples), eval_on_calib,
                       calib_seconds, time.perf_counter() - start, (from_opset, opset_of(qmodel)),
-                      passes, fidelity)
+                      passes, fidelity, notes)
     return QuantizeResult(qmodel, prepared, plan, ranges, params, summary, opts)
+
+
+def _upgrade(model: ModelProto, opts: QuantOptions) -> tuple[ModelProto, QuantOptions, list[str]]:
+    """Upgrade to the opset the options need; if per-channel weights are what cannot be had
+    (the converter fails on this model), fall back to per-tensor weights and say so."""
+    try:
+        return ensure_opset(model, opts.required_opset), opts, []
+    except ModelLoadError as exc:
+        fallback = dataclasses.replace(opts, per_channel=False)
+        if not opts.per_channel or fallback.required_opset > opset_of(model):
+            raise
+        note = (f"per-tensor weights: the model stays at opset {opset_of(model)} because the upgrade "
+                f"to 13 that per-channel weights need failed ({exc})")
+        log.warning(note)
+        return model, fallback, [note]
 
 
 def _version() -> str:

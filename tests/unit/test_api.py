@@ -62,3 +62,23 @@ def test_int32_inputs(rng):
     }""", rng, E=(10, 4), WM=(4, 2))
     r = edgequant.quantize(m, [rng.integers(0, 10, (1, 6)).astype(np.int32) for _ in range(8)])
     assert r.summary.quantized_ops["MatMul"] == 1
+
+
+def test_failed_opset_upgrade_falls_back_to_per_tensor(rng, monkeypatch):
+    import edgequant.api as api
+    from edgequant.errors import ModelLoadError
+
+    def refuse(model, minimum):
+        if minimum > opset_of(model):
+            raise ModelLoadError("cannot upgrade (test)")
+        return model
+
+    monkeypatch.setattr(api, "ensure_opset", refuse)
+    m = cnn(rng)
+    m.opset_import[0].version = 11
+    r = edgequant.quantize(m, calib(rng))
+    assert opset_of(r.model) == 11 and not r.options.per_channel
+    assert r.summary.notes and "per-tensor weights" in r.summary.notes[0]
+    onnx.checker.check_model(r.model)
+    with pytest.raises(ModelLoadError):
+        edgequant.quantize(m, calib(rng), activation_dtype="int16")

@@ -62,6 +62,8 @@ def print_summary(summary: Summary, output: str | None) -> None:
                                       f"({summary.eval_samples} {where})")
     if summary.opset[0] != summary.opset[1]:
         t.add_row("opset", f"upgraded {summary.opset[0]} → {summary.opset[1]}")
+    for note in summary.notes:
+        t.add_row("note", note)
     t.add_row("total time", f"{summary.total_seconds:.1f} s")
     if output:
         t.add_row("written", output)
