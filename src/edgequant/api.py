@@ -17,7 +17,7 @@ import onnx
 from onnx import ModelProto
 
 from edgequant.analysis.metrics import FidelityAccumulator
-from edgequant.calibration.collect import batched, collect_ranges
+from edgequant.calibration.collect import batched, collect_ranges, run_checked
 from edgequant.data.inputs import InputSettings, InputSpec, model_inputs
 from edgequant.data.open import open_calibration
 from edgequant.data.sources import CalibrationSource
@@ -228,7 +228,8 @@ def _evaluate(float_model: ModelProto, qmodel: ModelProto, source: CalibrationSo
     samples = itertools.islice(source.samples(), start, start + count)
     done = 0
     for feed, n in batched(samples, opts.batch_size if can_batch else 1, can_batch):
-        for name, ref, test in zip(names, fsess.run(names, feed), qsess.run(names, feed)):
+        refs, tests = run_checked(fsess, names, feed, start + done), run_checked(qsess, names, feed, start + done)
+        for name, ref, test in zip(names, refs, tests):
             acc[name].update(np.asarray(ref), np.asarray(test))
         done += n
         if progress:

@@ -82,3 +82,19 @@ def test_failed_opset_upgrade_falls_back_to_per_tensor(rng, monkeypatch):
     onnx.checker.check_model(r.model)
     with pytest.raises(ModelLoadError):
         edgequant.quantize(m, calib(rng), activation_dtype="int16")
+
+
+def test_model_failing_on_the_data_is_a_one_line_data_error(rng):
+    from tests.conftest import parse
+
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, M] x) => (float[K, 4] y) {
+        shape = Constant <value = int64[2] {-1, 4}> ()
+        r = Reshape (x, shape)
+        y = Relu (r)
+    }""")
+    good = [rng.standard_normal((1, 8)).astype(np.float32) for _ in range(4)]
+    bad = good + [rng.standard_normal((1, 7)).astype(np.float32)]
+    with pytest.raises(edgequant.CalibrationDataError, match=r"fails on calibration sample 4 \(x \[1, 7\]\)"):
+        edgequant.quantize(m, bad, eval_samples=0)

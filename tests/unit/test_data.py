@@ -130,3 +130,20 @@ def test_errors_zero_items_shape_dtype_nan(tmp_path, rng):
     (tmp_path / "x.jpg").write_bytes(b"not an image")
     with pytest.raises(CalibrationDataError, match="cannot read image"):
         samples(open_calibration(tmp_path, [IMG]))
+
+
+def test_state_and_scalar_inputs_are_not_split(rng):
+    """An LSTM state [2, 1, 64] and a scalar sample rate go with every sample unchanged."""
+    specs = [InputSpec("audio", (None, 512), np.dtype(np.float32)),
+             InputSpec("state", (2, 1, 64), np.dtype(np.float32)),
+             InputSpec("sr", (), np.dtype(np.int64))]
+    item = {"audio": rng.standard_normal((3, 512)), "state": np.zeros((2, 1, 64)), "sr": np.array(16000)}
+    src = open_calibration([item, item], specs)
+    got = samples(src)
+    assert len(src) == 6 and len(got) == 6
+    assert got[0]["audio"].shape == (1, 512) and got[0]["state"].shape == (2, 1, 64) and got[0]["sr"].shape == ()
+    bad = {"audio": rng.standard_normal((3, 512)), "state": np.zeros((2, 1, 64)), "sr": np.array(16000)}
+    specs2 = [InputSpec("a", (None, 4), np.dtype(np.float32)), InputSpec("b", (None, 4), np.dtype(np.float32))]
+    with pytest.raises(CalibrationDataError, match="different numbers of samples"):
+        samples(open_calibration([{"a": np.zeros((2, 4)), "b": np.zeros((3, 4))}], specs2))
+    assert bad

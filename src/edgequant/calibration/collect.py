@@ -15,6 +15,7 @@ from onnx import ModelProto
 
 from edgequant.calibration.observers import MinMaxObserver, make_observer
 from edgequant.data.sources import CalibrationSource, Sample
+from edgequant.errors import CalibrationDataError
 from edgequant.ir.graph import static_shapes
 from edgequant.planning.options import QuantOptions
 from edgequant.runtime.session import make_session
@@ -27,6 +28,8 @@ def batched(samples: Iterator[Sample], size: int, can_batch: bool) -> Iterator[t
     buf: list[Sample] = []
 
     def flush() -> tuple[Sample, int]:
+        if len(buf) == 1:
+            return buf[0], 1
         out = {k: np.concatenate([s[k] for s in buf]) for k in buf[0]}
         return out, len(buf)
 
@@ -38,6 +41,18 @@ def batched(samples: Iterator[Sample], size: int, can_batch: bool) -> Iterator[t
         buf.append(s)
     if buf:
         yield flush()
+
+
+def run_checked(session, names: list[str] | None, feed: Sample, index: int) -> list:
+    """``session.run`` whose failure on user data becomes a one-line CalibrationDataError."""
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
+        raise CalibrationDataError(
+            f"the model fails on calibration sample {index} ({shapes}): {text[-300:]}"
+        ) from None
 
 
 def _estimate_bytes(model: ModelProto, names: list[str], batch: int) -> list[int]:
@@ -78,6 +93,8 @@ def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSourc
     ``count`` when the source runs out).
     """
     observers = {n: make_observer(options.method, options.percentile) for n in roots}
+    if not roots:  # nothing to observe (e.g. every quantizable op sits in an If/Loop body)
+        return observers, count
     can_batch = all(not s.batch_fixed for s in source.specs)
     batch = options.batch_size if can_batch else 1
     groups = group_tensors(_estimate_bytes(model, roots, batch), memory_budget)
@@ -89,7 +106,7 @@ def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSourc
         session = make_session(model, names, options.device)
         samples = itertools.islice(source.samples(), count)
         for feed, n in batched(samples, batch, can_batch):
-            results = session.run(names, feed)
+            results = run_checked(session, names, feed, done)
             for name, value in zip(names, results):
                 observers[name].update(value)
             del results

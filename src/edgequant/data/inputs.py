@@ -20,7 +20,8 @@ class InputSpec:
 
     @property
     def batch_fixed(self) -> bool:
-        return bool(self.shape) and self.shape[0] is not None
+        """False only when axis 0 is a symbolic batch dimension that samples can be stacked on."""
+        return not self.shape or self.shape[0] is not None
 
     def with_shape(self, shape: tuple[int, ...] | None) -> InputSpec:
         if shape is None:
@@ -118,4 +119,4 @@ def conform(arr, spec: InputSpec, origin: str) -> np.ndarray:
             )
     if spec.dtype.kind == "f" and arr.dtype.kind == "b":
         raise CalibrationDataError(f"{origin}: input {spec.name!r} expects {spec.dtype}, got bool data")
-    return np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
+    return np.require(arr.astype(spec.dtype, copy=False), requirements="C")

@@ -22,8 +22,12 @@ FILE_TYPES = {"img": IMAGE_SUFFIXES, "npy": (".npy",), "npz": (".npz",), "raw": 
 Sample = dict[str, np.ndarray]
 
 
-def _split(name: str, arr: np.ndarray) -> Iterator[np.ndarray]:
-    for i in range(arr.shape[0]):
+def _split(spec: InputSpec, arr: np.ndarray) -> Iterator[np.ndarray]:
+    n = samples_in(spec, arr.shape)
+    if n == 1:
+        yield arr
+        return
+    for i in range(n):
         yield arr[i : i + 1]
 
 
@@ -51,12 +55,25 @@ class ArraySource(CalibrationSource):
 
     def _count(self, item) -> int:
         first = item[self.specs[0].name] if isinstance(item, Mapping) else item
-        arr = np.asarray(first)
-        return arr.shape[0] if self.specs[0].shape and arr.ndim == len(self.specs[0].shape) else 1
+        return samples_in(self.specs[0], np.shape(first))
 
     def samples(self) -> Iterator[Sample]:
         for k, item in enumerate(self.items):
             yield from _samples_from(item, self.specs, f"calibration item {k}")
+
+
+def samples_in(spec: InputSpec, shape: tuple[int, ...]) -> int:
+    """How many samples an array of ``shape`` holds for ``spec``.
+
+    Axis 0 enumerates samples when the input's first dim is symbolic, or fixed at 1 while the
+    array has more; otherwise (states, scalars, fixed leading dims) the array is one sample.
+    """
+    if not spec.shape or len(shape) != len(spec.shape):
+        return 1
+    first = spec.shape[0]
+    if first is None or (first == 1 and shape[0] > 1):
+        return int(shape[0])
+    return 1
 
 
 def _samples_from(item, specs: list[InputSpec], origin: str) -> Iterator[Sample]:
@@ -74,12 +91,16 @@ def _samples_from(item, specs: list[InputSpec], origin: str) -> Iterator[Sample]
                 f"input name ({', '.join(s.name for s in specs)})"
             )
         arrays = {specs[0].name: conform(item, specs[0], origin)}
-    counts = {a.shape[0] for a in arrays.values()}
-    if len(counts) != 1:
-        raise CalibrationDataError(f"{origin}: inputs hold different batch sizes {sorted(counts)}")
-    n = counts.pop()
+    counts = {name: samples_in(spec, arrays[name].shape) for spec in specs for name in [spec.name]}
+    per_sample = {name for name, spec in zip(arrays, specs)
+                  if spec.shape and (spec.shape[0] is None or counts[name] > 1)}
+    sizes = {counts[n] for n in per_sample}
+    if len(sizes) > 1:
+        detail = ", ".join(f"{n}: {counts[n]}" for n in sorted(per_sample))
+        raise CalibrationDataError(f"{origin}: inputs hold different numbers of samples ({detail})")
+    n = sizes.pop() if sizes else 1
     for i in range(n):
-        yield {k: v[i : i + 1] for k, v in arrays.items()}
+        yield {k: (v[i : i + 1] if k in per_sample else v) for k, v in arrays.items()}
 
 
 def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
@@ -105,8 +126,7 @@ class NpzSource(CalibrationSource):
     def __len__(self) -> int:
         total = 0
         for f in self.files:
-            shape = _npz_shape(f, self.specs[0].name)
-            total += shape[0] if len(shape) == len(self.specs[0].shape) else 1
+            total += samples_in(self.specs[0], _npz_shape(f, self.specs[0].name))
         return total
 
     def samples(self) -> Iterator[Sample]:
@@ -159,7 +179,7 @@ def _reader_for(files: list[Path], spec: InputSpec, st: InputSettings) -> Reader
                 out = fn([str(p) for p in batch], st.as_dict(spec))
             except Exception as exc:
                 raise CalibrationDataError(f"preprocess function {st.preprocess} failed: {exc}") from None
-            yield from _split(spec.name, conform(out, spec, origin))
+            yield from _split(spec, conform(out, spec, origin))
 
         return read_fn
     kind = st.file_type or _detect_kind(files)
@@ -175,7 +195,7 @@ def _reader_for(files: list[Path], spec: InputSpec, st: InputSettings) -> Reader
                 arr = _read_raw(p, spec, st)
             else:
                 arr = load_image(str(p), spec, st)
-            yield from _split(spec.name, conform(arr, spec, str(p)))
+            yield from _split(spec, conform(arr, spec, str(p)))
 
     return read
 
