@@ -88,7 +88,9 @@ class _Builder:
         """Does some consumer want this tensor quantized as an activation input?"""
         for node in self.cons.get(name, []):
             facts = facts_for(node.op_type, node.domain)
-            if facts is None or facts.kind in ("shared", "relu"):
+            if facts is None or facts.kind == "shared":
+                continue
+            if facts.kind == "relu" and self.folding_relu(name) is node:
                 continue
             slots = [i for i, n in enumerate(node.input) if n == name]
             if any(s in facts.act_inputs and s != self._weight_slot(node, facts) for s in slots):
