@@ -73,8 +73,11 @@ class HistogramObserver(MinMaxObserver):
             self.pending_zeros += flat.size
             return
         self._widen(amax)
-        idx = ((flat + self.radius) * (self.bins / (2.0 * self.radius))).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
+        scaled = flat * np.float32(self.bins / (2.0 * self.radius))
+        scaled += np.float32(self.bins // 2)
+        idx = scaled.astype(np.intp)  # values lie in [-R, R]: only x = R lands one past the end
+        np.minimum(idx, self.bins - 1, out=idx)
+        np.maximum(idx, 0, out=idx)
         self.hist += np.bincount(idx, minlength=self.bins)
 
     def _widen(self, amax: float) -> None:
