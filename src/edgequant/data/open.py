@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from edgequant.data.images import IMAGE_SUFFIXES
 from edgequant.data.inputs import InputSettings, InputSpec
 from edgequant.data.sources import (
     FILE_TYPES,
@@ -133,4 +132,4 @@ def _npz_files(path: Path) -> list[Path] | None:
     return None
 
 
-__all__ = ["IMAGE_SUFFIXES", "open_calibration"]
+__all__ = ["open_calibration"]
