@@ -180,3 +180,25 @@ def test_prepare_pipeline_reports_each_pass(rng):
     assert [r.name for r in results][:2] == ["constants-to-initializers", "remove-identity"]
     assert any(r.name == "fold-batchnorm" and r.changed for r in results)
     assert not any(r.name == "fold-batchnorm" for r in prepare_model(conv_bn(), simplify=False))
+
+
+def test_stale_exporter_shapes_do_not_freeze_dynamic_dims():
+    """value_info from a traced example (T = 10) must not fold Shape of a dynamic input."""
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, T, 4] x) => (float[1, 4, T] y) {
+        s = Shape (x)
+        t = Gather <axis = 0> (s, one)
+        t1 = Unsqueeze (t, zero)
+        shp = Concat <axis = 0> (c1, c4, t1)
+        y = Reshape (x, shp)
+    }""", check=False)
+    for name, v in {"one": np.array(1, np.int64), "zero": np.array([0], np.int64),
+                    "c1": np.array([1], np.int64), "c4": np.array([4], np.int64)}.items():
+        m.graph.initializer.append(numpy_helper.from_array(v, name))
+    m.graph.value_info.append(onnx.helper.make_tensor_value_info("s", onnx.TensorProto.INT64, [3]))
+    m.graph.value_info.append(onnx.helper.make_tensor_value_info("t1", onnx.TensorProto.INT64, [1]))
+    m.graph.value_info.append(onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 10, 4]))
+    prepare_model(m)
+    x = np.zeros((1, 7, 4), np.float32)
+    assert run(m, {"x": x})[0].shape == (1, 4, 7)

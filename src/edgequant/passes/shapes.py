@@ -11,21 +11,26 @@ log = logging.getLogger(__name__)
 
 
 class InferShapes:
-    """Fill ``value_info`` with inferred types and shapes (data propagation on).
+    """Recompute ``value_info`` from the graph inputs (data propagation on).
 
-    Before: tensors between nodes have no type. After: every inferable tensor has one.
-    Unknown custom ops are skipped, never an error.
+    Existing ``value_info`` is discarded first: exporters often leave the static shapes of the
+    example they traced, which would turn a dynamic dimension into a constant. Before:
+    tensors between nodes have no (or stale) types. After: every inferable tensor has one,
+    derived from the declared inputs. Unknown custom ops are skipped, never an error.
     """
 
     name = "infer-shapes"
 
     def __call__(self, model: ModelProto) -> bool:
-        before = len(model.graph.value_info)
+        before = [v.SerializeToString() for v in model.graph.value_info]
+        stripped = onnx.ModelProto()
+        stripped.CopyFrom(model)
+        stripped.graph.ClearField("value_info")
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False, data_prop=True)
         except Exception as exc:  # shape inference is best effort on exotic graphs
             log.warning("shape inference failed (%s); continuing without it", exc)
             return False
         model.graph.ClearField("value_info")
         model.graph.value_info.extend(inferred.graph.value_info)
-        return len(model.graph.value_info) != before
+        return [v.SerializeToString() for v in model.graph.value_info] != before
