@@ -32,13 +32,13 @@ class PassResult:
 def prepare_model(model: ModelProto, simplify: bool = True) -> list[PassResult]:
     """Run the preparation passes in place; ``simplify=False`` skips folding and BN fusion.
 
-    Order: constants → initializers, identity removal, constant folding, BN folding, then
-    shape inference so that later stages see every tensor's type and shape.
+    Order: constants → initializers, identity removal, shape inference, then constant and BN
+    folding. Folding only removes nodes or hands an output name to another node, so the types
+    inferred before it stay true for every tensor that remains.
     """
-    passes: list[GraphPass] = [ConstantsToInitializers(), RemoveIdentity()]
+    passes: list[GraphPass] = [ConstantsToInitializers(), RemoveIdentity(), InferShapes()]
     if simplify:
-        passes += [InferShapes(), FoldConstants(), FoldBatchNorm()]
-    passes.append(InferShapes())
+        passes += [FoldConstants(), FoldBatchNorm()]
     results = [PassResult(p.name, bool(p(model))) for p in passes]
     _drop_unused_initializers(model)
     return results

@@ -20,18 +20,25 @@ def activation_params(plan: QuantPlan, observers: dict[str, MinMaxObserver]) -> 
     return params
 
 
-WEIGHT_ALPHAS = np.linspace(0.5, 1.0, 21)
+WEIGHT_ALPHAS = np.linspace(0.5, 1.0, 11)
 
 
 def _mse_shrink(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, wp: WeightPlan) -> np.ndarray:
     """Per row, the factor α in [0.5, 1] of its range that minimises the rounding+clipping MSE."""
     best = np.ones(rows.shape[0])
     best_err = np.full(rows.shape[0], np.inf)
+    buf = np.empty_like(rows)
     for a in WEIGHT_ALPHAS:
         p = compute_params(lo * a, hi * a, wp.dtype, wp.symmetric, 0)
         s, z = p.scale[:, None], p.zero_point.astype(np.float32)[:, None]
-        q = np.clip(np.rint(rows / s) + z, wp.dtype.qmin, wp.dtype.qmax)
-        err = ((rows - (q - z) * s) ** 2).sum(axis=1)
+        np.divide(rows, s, out=buf)  # buf = dequantize(quantize(rows)) − rows, in place
+        np.rint(buf, out=buf)
+        buf += z
+        np.clip(buf, wp.dtype.qmin, wp.dtype.qmax, out=buf)
+        buf -= z
+        buf *= s
+        buf -= rows
+        err = np.einsum("ij,ij->i", buf, buf)
         better = err < best_err
         best[better], best_err[better] = a, err[better]
     return best

@@ -37,8 +37,9 @@ def make_session(model: ModelProto, extra_outputs: list[str] | tuple[str, ...] =
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        if model.ByteSize() < _LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers_for(device))
+        data = model.SerializeToString() if model.ByteSize() < _LIMIT else None
+        if data is not None:
+            return ort.InferenceSession(data, opts, providers=providers_for(device))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="model.data")
