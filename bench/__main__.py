@@ -15,7 +15,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="quantize the zoo with each tool and method")
     r.add_argument("--models", default=",".join(ZOO))
-    r.add_argument("--tools", default="edgequant,ort")
+    r.add_argument("--tools", default="edgequant,ort,ppq")
     r.add_argument("--methods", default="minmax,percentile,entropy")
     r.add_argument("--samples", type=int, default=64)
     m = sub.add_parser("memory", help="peak RSS of calibration vs number of samples")

@@ -69,12 +69,36 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def run_ppq(model: str, calib: Path, method: str, n: int, out: str) -> None:
+    """esp-ppq (Espressif's maintained PPQ) for the onnxruntime platform, on the CPU."""
+    try:
+        import torch
+        from esp_ppq import QuantizationSettingFactory, TargetPlatform
+        from esp_ppq.api import export_ppq_graph, quantize_onnx_model
+    except ImportError as exc:
+        raise SystemExit(f"esp-ppq is not installed in this interpreter ({exc})") from None
+    feeds = []
+    for f in _files(calib, n):
+        with np.load(f) as z:
+            if len(z.files) != 1:
+                raise SystemExit("this runner feeds esp-ppq single-input models only")
+            feeds.append(torch.from_numpy(z[z.files[0]]))
+    algorithms = {"minmax": "minmax", "percentile": "percentile", "entropy": "kl", "mse": "mse"}
+    setting = QuantizationSettingFactory.default_setting()
+    setting.quantize_activation_setting.calib_algorithm = algorithms[method]
+    graph = quantize_onnx_model(onnx_import_file=model, calib_dataloader=feeds, calib_steps=len(feeds),
+                                input_shape=list(feeds[0].shape), setting=setting,
+                                platform=TargetPlatform.ONNXRUNTIME, device="cpu", verbose=0)
+    export_ppq_graph(graph, platform=TargetPlatform.ONNXRUNTIME, graph_save_to=out)
+
+
 def main(argv: list[str]) -> None:
     tool, model, calib, method, n, out, result = argv
     status, error = "ok", ""
     t = time.perf_counter()
     try:
-        (run_edgequant if tool == "edgequant" else run_ort)(model, Path(calib), method, int(n), out)
+        runner = {"edgequant": run_edgequant, "ort": run_ort, "ppq": run_ppq}[tool]
+        runner(model, Path(calib), method, int(n), out)
     except SystemExit as exc:
         status, error = "unsupported", str(exc)
     except BaseException as exc:  # a crash is a result

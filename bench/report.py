@@ -19,8 +19,12 @@ def _f(v, fmt="{:.3f}") -> str:
     return fmt.format(v)
 
 
+def _pick(rows: list[dict], model: str, method: str) -> dict[str, dict]:
+    return {r["tool"]: r for r in rows if r["model"] == model and r["method"] == method}
+
+
 def _pair(rows: list[dict], model: str, method: str) -> tuple[dict | None, dict | None]:
-    pick = {r["tool"]: r for r in rows if r["model"] == model and r["method"] == method}
+    pick = _pick(rows, model, method)
     return pick.get("edgequant"), pick.get("ort")
 
 
@@ -36,8 +40,8 @@ def _metric(r: dict | None) -> str:
 
 
 def headline(rows: list[dict], method: str = "percentile") -> str:
-    lines = ["| model | metric | float | edgequant | onnxruntime | time eq / ort | peak RSS eq / ort (MB) | int8 latency eq / ort / float (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | metric | float | edgequant | onnxruntime | esp-ppq | time eq / ort | peak RSS eq / ort (MB) | int8 latency eq / ort / float (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         eq, ort = _pair(rows, model, method)
         if eq is None:
@@ -46,6 +50,7 @@ def headline(rows: list[dict], method: str = "percentile") -> str:
         ratio = (eq["seconds"] / ort["seconds"]) if ran else float("nan")
         lines.append(
             f"| {model} | {eq['metric_name'] if eq['metric_name'] != 'n/a' else 'output cosine'} | {_f(eq['float_metric'])} | {_metric(eq)} | {_metric(ort)} | "
+            f"{_metric(_pick(rows, model, method).get('ppq'))} | "
             f"{_f(eq['seconds'], '{:.1f}')} s / {_f(ort['seconds'] if ort else None, '{:.1f}')} s ({_f(ratio, '{:.2f}')}×) | "
             f"{_f(eq['peak_rss_mb'], '{:.0f}')} / {_f(ort['peak_rss_mb'] if ort else None, '{:.0f}')} | "
             f"{_f(eq.get('quant_ms'))} / {_f(ort.get('quant_ms') if ort else None)} / {_f(eq['float_ms'])} |")
@@ -117,7 +122,9 @@ def write_report() -> Path:
              "passes over 16 samples. *invalid output*: the tool wrote a model onnxruntime refuses to load "
              "(onnxruntime.quantization emits per-channel `DequantizeLinear` with `axis` in opset-11/12 "
              "models); *crash*: the tool raised (its histogram calibrators assume one input shape). "
-             "The detector has no labels: its column shows output cosine against float.", "",
+             "The detector has no labels: its column shows output cosine against float. esp-ppq "
+             "(Espressif's maintained PPQ) runs with its onnxruntime platform and default setting in its own "
+             "environment (`EDGEQUANT_BENCH_PPQ_PYTHON`, with torch); its calibration method follows the row.", "",
              "## Headline (percentile)", "", headline(run["rows"]), "", "## All runs", "", full_table(run["rows"])]
     mem = RESULTS / "memory.json"
     if mem.exists():

@@ -30,7 +30,8 @@ def write_calib(model: ZooModel, n: int, folder: Path) -> Path:
 
 def run_job(tool: str, model_path: Path, calib: Path, method: str, n: int, out: Path, timeout: int = 1800) -> dict:
     result = out.with_suffix(".json")
-    cmd = [sys.executable, "-m", "bench.job", tool, str(model_path), str(calib), method, str(n), str(out), str(result)]
+    python = os.environ.get("EDGEQUANT_BENCH_PPQ_PYTHON", sys.executable) if tool == "ppq" else sys.executable
+    cmd = [python, "-m", "bench.job", tool, str(model_path), str(calib), method, str(n), str(out), str(result)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               cwd=Path(__file__).resolve().parents[1])
