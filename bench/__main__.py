@@ -28,7 +28,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.cmd == "run":
         rows = run(args.models.split(","), args.tools.split(","), args.methods.split(","), args.samples)
-        (RESULTS / "run.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+        path = RESULTS / "run.json"
+        if path.exists():  # a partial run replaces its own (model, tool, method) rows only
+            new = {(r["model"], r["tool"], r["method"]) for r in rows}
+            old = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["tool"], r["method"]) not in new]
+            order = {m: i for i, m in enumerate(ZOO)}
+            rows = sorted(old + rows, key=lambda r: (order.get(r["model"], 99), ["minmax", "percentile", "entropy", "mse"].index(r["method"]) if r["method"] in ("minmax", "percentile", "entropy", "mse") else 9, r["tool"]))
+        path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
     elif args.cmd == "memory":
         rows = memory_scaling(args.model, args.tools.split(","), [int(c) for c in args.counts.split(",")])
         path = RESULTS / "memory.json"
