@@ -28,7 +28,7 @@ from edgequant.errors import (
     TensorNameError,
     closest_names,
 )
-from edgequant.ir.model import ensure_opset, load_model, opset_of, save_model
+from edgequant.ir.model import ensure_opset, load_model, opset_of, save_model, skeleton
 from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.planning.options import Method, QuantOptions
 from edgequant.planning.plan import QuantPlan, build_plan
@@ -162,11 +162,12 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     specs, settings = _match_settings(model_inputs(original), cfg, input_settings)
     from_opset = opset_of(original)
     try:
-        onnx.checker.check_model(original, full_check=False)
+        onnx.checker.check_model(skeleton(original), full_check=False)
     except Exception as exc:
         if original.ByteSize() < 2_000_000_000:
             raise ModelLoadError(f"the model is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
     prepared, opts, notes = _upgrade(original, opts)
+    del original  # the upgrade made a copy, or ``prepared`` is the same object
     passes = prepare_model(prepared, simplify=opts.simplify)
     plan = build_plan(prepared, opts)
     source = open_calibration(calibration, specs, settings, opts.batch_size)

@@ -91,3 +91,44 @@ def save_model(model: ModelProto, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return out
+
+
+#: Initializers with more elements than this are left out of ``skeleton`` copies.
+SKELETON_MAX_ELEMENTS = 4096
+
+
+def copy_fields(src, dst, skip: str = "") -> None:
+    """Copy every set field of a protobuf message except ``skip`` (no deep copy of it)."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "ListFields"):  # a message
+            getattr(dst, field.name).CopyFrom(value)
+        elif isinstance(value, (str, bytes, int, float, bool)):
+            setattr(dst, field.name, value)
+        else:  # a repeated field
+            getattr(dst, field.name).extend(value)
+
+
+def skeleton(model: ModelProto) -> ModelProto:
+    """A copy without large weights, for shape inference and structure checks.
+
+    Each large initializer becomes a graph input of the same type and shape, so inference sees
+    every shape while small constants (shape vectors, axes) keep their values for data
+    propagation. Memory stays near the graph's size instead of the weights'.
+    """
+    from onnx import helper
+
+    light = ModelProto()
+    copy_fields(model, light, skip="graph")
+    copy_fields(model.graph, light.graph, skip="initializer")
+    inputs = {i.name for i in light.graph.input}
+    for t in model.graph.initializer:
+        size = 1
+        for d in t.dims:
+            size *= d
+        if size <= SKELETON_MAX_ELEMENTS:
+            light.graph.initializer.append(t)
+        elif t.name not in inputs:
+            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light

@@ -22,9 +22,10 @@ class InferShapes:
     name = "infer-shapes"
 
     def __call__(self, model: ModelProto) -> bool:
+        from edgequant.ir.model import skeleton
+
         before = [v.SerializeToString() for v in model.graph.value_info]
-        stripped = onnx.ModelProto()
-        stripped.CopyFrom(model)
+        stripped = skeleton(model)  # weights are not needed to infer shapes
         stripped.graph.ClearField("value_info")
         try:
             inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False, data_prop=True)

@@ -25,21 +25,25 @@ def providers_for(device: str) -> list[str]:
 def make_session(model: ModelProto, extra_outputs: list[str] | tuple[str, ...] = (),
                  device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
     """A session over ``model`` whose outputs are the graph outputs plus ``extra_outputs``."""
-    if extra_outputs:
-        copy = ModelProto()
-        copy.CopyFrom(model)
-        present = {o.name for o in copy.graph.output}
-        copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in present)
-        model = copy
+    present = {o.name for o in model.graph.output}
+    added = [onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in present]
+    model.graph.output.extend(added)  # serialised with the extra outputs, then restored below
+    try:
+        return _create(model, device, threads)
+    finally:
+        if added:
+            del model.graph.output[len(model.graph.output) - len(added):]
+
+
+def _create(model: ModelProto, device: str, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        data = model.SerializeToString() if model.ByteSize() < _LIMIT else None
-        if data is not None:
-            return ort.InferenceSession(data, opts, providers=providers_for(device))
+        if model.ByteSize() < _LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers_for(device))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="model.data")

@@ -19,6 +19,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from edgequant.ir.graph import NameScope, consumers
+from edgequant.ir.model import copy_fields
 from edgequant.planning.plan import ActivationPlan, QuantPlan
 from edgequant.quant.assign import weight_params
 from edgequant.quant.params import QuantParams, quantize_bias
@@ -27,11 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class _Inserter:
-    def __init__(self, model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams]):
+    def __init__(self, model: ModelProto, source: ModelProto, plan: QuantPlan,
+                 params: dict[str, QuantParams]):
         self.model, self.plan, self.params = model, plan, params
         self.graph = model.graph
+        self.inits = {t.name: t for t in source.graph.initializer}
         self.scope = NameScope(self.graph)
-        self.inits = {t.name: t for t in self.graph.initializer}
+        self.scope.taken |= set(self.inits)
         self.new_inits: list[TensorProto] = []
         self.qparam_names: dict[str, tuple[str, str]] = {}
         self.weight_cache: dict[tuple, tuple[str, QuantParams]] = {}
@@ -95,10 +98,20 @@ class _Inserter:
                         del pending_folds[relu_out]
         self.graph.ClearField("node")
         self.graph.node.extend(out_nodes)
-        self.graph.initializer.extend(self.new_inits)
-        _drop_unused(self.graph)
+        self._attach_initializers()
         if self.clipped_bias:
             log.warning("%d bias values overflowed int32 and were clipped", self.clipped_bias)
+
+    def _attach_initializers(self) -> None:
+        """Original weights still read (in their order), then the new ones; nothing copied twice."""
+        used = set(consumers(self.graph)) | {o.name for o in self.graph.output}
+        self.graph.initializer.extend(t for t in self.inits.values() if t.name in used)
+        self.graph.initializer.extend(self.new_inits)
+        dropped = set(self.inits) - used
+        if dropped:
+            inputs = [i for i in self.graph.input if i.name not in dropped]
+            self.graph.ClearField("input")
+            self.graph.input.extend(inputs)
 
     def weight_nodes(self, node: NodeProto) -> list[NodeProto]:
         made: list[NodeProto] = []
@@ -152,21 +165,14 @@ class _Inserter:
         return node
 
 
-def _drop_unused(graph) -> None:
-    used = set(consumers(graph)) | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    dropped = {t.name for t in graph.initializer} - {t.name for t in keep}
-    graph.ClearField("initializer")
-    graph.initializer.extend(keep)
-    inputs = [i for i in graph.input if i.name not in dropped]
-    graph.ClearField("input")
-    graph.input.extend(inputs)
-
-
 def insert_qdq(model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams]) -> ModelProto:
-    """Return a copy of ``model`` with Q/DQ nodes for everything in ``plan``."""
+    """Return a new model: ``model`` with Q/DQ nodes for everything in ``plan``.
+
+    The float weights that get quantized are never copied; the input model is not modified.
+    """
     out = ModelProto()
-    out.CopyFrom(model)
-    _Inserter(out, plan, params).run()
+    copy_fields(model, out, skip="graph")
+    copy_fields(model.graph, out.graph, skip="initializer")
     out.graph.ClearField("value_info")
+    _Inserter(out, model, plan, params).run()
     return out
