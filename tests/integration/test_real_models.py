@@ -74,7 +74,7 @@ def test_ocr_captcha_model_through_cli_with_npz_folder(ocr_model, tmp_path):
     float_acc = ocr_accuracy(ocr_model, test, charset)
     int8_acc = ocr_accuracy(quantized, test, charset)
     assert float_acc > 0.45
-    assert int8_acc >= float_acc - 0.01, (float_acc, int8_acc)
+    assert int8_acc >= float_acc - 0.01 - 1e-9, (float_acc, int8_acc)  # 1 pt = 6 of 600
 
 
 def test_ocr_constants_became_weights_and_convs_are_quantized(ocr_model):
