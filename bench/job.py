@@ -19,10 +19,20 @@ def _files(calib: Path, n: int) -> list[Path]:
     return sorted(calib.glob("*.npz"))[:n]
 
 
+def _granularity(method: str) -> tuple[str, bool]:
+    """``percentile@per-tensor`` → (``percentile``, per_channel=False); plain names are per channel."""
+    name, _, gran = method.partition("@")
+    if gran not in ("", "per-channel", "per-tensor"):
+        raise SystemExit(f"unknown weight granularity {gran!r}")
+    return name, gran != "per-tensor"
+
+
 def run_edgequant(model: str, calib: Path, method: str, n: int, out: str) -> None:
     import edgequant
 
-    result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, eval_samples=0)
+    method, per_channel = _granularity(method)
+    result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, eval_samples=0,
+                                per_channel=per_channel)
     result.save(out)
 
 
@@ -36,6 +46,7 @@ def run_ort(model: str, calib: Path, method: str, n: int, out: str) -> None:
     )
 
     files = _files(calib, n)
+    method, per_channel = _granularity(method)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -52,7 +63,7 @@ def run_ort(model: str, calib: Path, method: str, n: int, out: str) -> None:
                "entropy": CalibrationMethod.Entropy}
     if method not in methods:
         raise SystemExit(f"onnxruntime has no {method} calibration")
-    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=methods[method],
                     extra_options={"CalibPercentile": 99.99})
@@ -77,6 +88,9 @@ def run_ppq(model: str, calib: Path, method: str, n: int, out: str) -> None:
         from esp_ppq.api import export_ppq_graph, quantize_onnx_model
     except ImportError as exc:
         raise SystemExit(f"esp-ppq is not installed in this interpreter ({exc})") from None
+    method, per_channel = _granularity(method)
+    if not per_channel:
+        raise SystemExit("esp-ppq's onnxruntime platform decides the weight granularity itself")
     feeds = []
     for f in _files(calib, n):
         with np.load(f) as z:
