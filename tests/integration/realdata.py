@@ -116,3 +116,28 @@ def orientation_pages(n: int, seed: int) -> list[tuple[int, np.ndarray]]:
         a = np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
         out.append((k, ((a - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)))
     return out
+
+
+def magika_features(data: bytes) -> np.ndarray:
+    """magika v3 input: first/last 1024 bytes of the stripped first/last 4 KiB, padded with 256."""
+    beg = data[:4096].lstrip()[:1024]
+    end = data[-4096:].rstrip()[-1024:]
+    feat = np.full(2048, 256, np.int32)
+    feat[: len(beg)] = np.frombuffer(beg, np.uint8)
+    if end:
+        feat[2048 - len(end) :] = np.frombuffer(end, np.uint8)
+    return feat[None]
+
+
+def labelled_files(n_per_kind: int, part: int) -> list[tuple[str, np.ndarray]]:
+    """(magika label, features) for Python sources, ELF libraries and C headers shipped with numpy.
+
+    ``part`` 0 and 1 are disjoint halves (calibration / evaluation).
+    """
+    root = Path(np.__file__).parent
+    kinds = {"python": "*.py", "elf": "*.so", "c": "*.h"}
+    out = []
+    for label, pattern in kinds.items():
+        files = sorted(root.rglob(pattern))[part::2][:n_per_kind]
+        out += [(label, magika_features(f.read_bytes())) for f in files]
+    return out
