@@ -67,9 +67,6 @@ class Summary:
     fidelity: list[OutputFidelity] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def min_cosine(self) -> float:
-        return min((f.cosine for f in self.fidelity), default=float("nan"))
 
 
 @dataclass

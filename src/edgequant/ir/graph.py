@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
-import numpy as np
-from onnx import GraphProto, NodeProto, TensorProto, numpy_helper
+from onnx import GraphProto, NodeProto, TensorProto
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
@@ -27,19 +27,28 @@ def consumers(graph: GraphProto) -> dict[str, list[NodeProto]]:
     return result
 
 
-def subgraph_inputs(node: NodeProto) -> set[str]:
-    """Names an ``If``/``Loop``/``Scan`` body reads from the enclosing scope (iteratively)."""
-    names: set[str] = set()
-    stack = [a.g for a in node.attribute if a.type == a.GRAPH]
-    stack += [g for a in node.attribute if a.type == a.GRAPHS for g in a.graphs]
+def _direct_bodies(node: NodeProto) -> list[GraphProto]:
+    return [a.g for a in node.attribute if a.type == a.GRAPH] + [
+        g for a in node.attribute if a.type == a.GRAPHS for g in a.graphs]
+
+
+def bodies(node: NodeProto) -> Iterator[GraphProto]:
+    """Every graph nested in an ``If``/``Loop``/``Scan`` node, at any depth (iteratively)."""
+    stack = _direct_bodies(node)
     while stack:
         g = stack.pop()
+        yield g
+        for n in g.node:
+            stack += _direct_bodies(n)
+
+
+def subgraph_inputs(node: NodeProto) -> set[str]:
+    """Names the node's bodies read without defining them (captures from the enclosing scope)."""
+    names: set[str] = set()
+    for g in bodies(node):
         local = {i.name for i in g.input} | {i.name for i in g.initializer}
         local |= {o for n in g.node for o in n.output}
-        for n in g.node:
-            names |= {i for i in n.input if i and i not in local}
-            stack += [a.g for a in n.attribute if a.type == a.GRAPH]
-            stack += [sg for a in n.attribute if a.type == a.GRAPHS for sg in a.graphs]
+        names |= {i for n in g.node for i in n.input if i and i not in local}
     return names
 
 
@@ -48,27 +57,11 @@ def has_subgraph(node: NodeProto) -> bool:
 
 
 def count_subgraph_nodes(node: NodeProto) -> int:
-    stack = [a.g for a in node.attribute if a.type == a.GRAPH]
-    stack += [g for a in node.attribute if a.type == a.GRAPHS for g in a.graphs]
-    total = 0
-    while stack:
-        g = stack.pop()
-        total += len(g.node)
-        for n in g.node:
-            stack += [a.g for a in n.attribute if a.type == a.GRAPH]
-            stack += [sg for a in n.attribute if a.type == a.GRAPHS for sg in a.graphs]
-    return total
+    return sum(len(g.node) for g in bodies(node))
 
 
 def initializers(graph: GraphProto) -> dict[str, TensorProto]:
     return {t.name: t for t in graph.initializer}
-
-
-def initializer_array(graph: GraphProto, name: str) -> np.ndarray | None:
-    for t in graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    return None
 
 
 def elem_types(graph: GraphProto) -> dict[str, int]:

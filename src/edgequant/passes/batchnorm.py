@@ -6,6 +6,7 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from edgequant.ir.graph import NameScope, consumers, get_attr, initializers, producers
+from edgequant.planning.ops import weight_axis
 
 FOLDABLE = {"Conv", "ConvTranspose", "Gemm"}
 
@@ -21,15 +22,11 @@ def _bn_factors(bn, inits) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _weight_axis(node) -> int | None:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if get_attr(node, "group", 1) == 1 else None
-    if node.op_type == "Gemm":
-        if get_attr(node, "alpha", 1.0) != 1.0 or get_attr(node, "beta", 1.0) != 1.0:
-            return None
-        return 0 if get_attr(node, "transB", 0) else 1
-    return None
+    """Output-channel axis of the weight, when BN can fold into it (Gemm needs alpha = beta = 1)."""
+    attrs = {a.name: get_attr(node, a.name) for a in node.attribute}
+    if node.op_type == "Gemm" and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+        return None
+    return weight_axis(node.op_type, 0, attrs)
 
 
 class FoldBatchNorm:

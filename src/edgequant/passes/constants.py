@@ -96,7 +96,7 @@ class FoldConstants:
             graph.node.remove(node)
             changed = True
         if changed:
-            _drop_unused_initializers(model)
+            drop_unused_initializers(model)
         return changed
 
     @staticmethod
@@ -129,7 +129,7 @@ class FoldConstants:
         return [next(full) if o else None for o in node.output]
 
 
-def _drop_unused_initializers(model: ModelProto) -> None:
+def drop_unused_initializers(model: ModelProto) -> None:
     """Remove initializers nothing reads (and their entries in ``graph.input``, old IR style)."""
     graph = model.graph
     used = set(consumers(graph)) | {o.name for o in graph.output}

@@ -11,7 +11,7 @@ from edgequant.passes.batchnorm import FoldBatchNorm
 from edgequant.passes.constants import (
     ConstantsToInitializers,
     FoldConstants,
-    _drop_unused_initializers,
+    drop_unused_initializers,
 )
 from edgequant.passes.identity import RemoveIdentity
 from edgequant.passes.shapes import InferShapes
@@ -40,5 +40,5 @@ def prepare_model(model: ModelProto, simplify: bool = True) -> list[PassResult]:
     if simplify:
         passes += [FoldConstants(), FoldBatchNorm()]
     results = [PassResult(p.name, bool(p(model))) for p in passes]
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return results
