@@ -121,8 +121,23 @@ def _match_settings(specs: list[InputSpec], cfg: ResolvedConfig | None,
             if name not in names:
                 raise TensorNameError(f"config input_name {name!r} is not an input of the model; did you mean {closest_names(name, names)}?")
             raise ConfigError(f"config input_name {name!r} is input #{names.index(name)} of the model, listed as #{i}; list inputs in the model's order ({', '.join(names)})")
+        _check_dtype(specs[i], cfg.input_dtypes[i])
         out_specs[i] = specs[i].with_shape(st.shape)
     return out_specs, list(cfg.settings)
+
+
+def _check_dtype(spec: InputSpec, given: str | None) -> None:
+    """A config ``dtype`` must name the model's own input type (it is checked, not converted)."""
+    if not given:
+        return
+    try:
+        wanted = np.dtype(given)
+    except TypeError:
+        raise ConfigError(f"config dtype {given!r} for input {spec.name!r} is not a dtype (e.g. float32, int64)") from None
+    if wanted != spec.dtype:
+        raise ConfigError(
+            f"config dtype {given} for input {spec.name!r} does not match the model's {spec.dtype}; "
+            f"set dtype to {spec.dtype} or leave it out")
 
 
 def _split_counts(total: int, options: QuantOptions) -> tuple[int, int]:

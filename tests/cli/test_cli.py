@@ -127,6 +127,8 @@ def test_config_errors(tmp_path, npz_dir):
                "--calib", npz_dir, match="did you mean 'image'")
     error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{"file_type": "mp4"}]}),
                "--calib", npz_dir, match="file_type 'mp4' not implemented")
+    error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{"dtype": "int8"}]}),
+               "--calib", npz_dir, match="config dtype int8 for input 'image' does not match the model's float32")
     error_case(tmp_path, "-c", cfg(quantization_parameters={"analysis_enable": True}), "--calib", npz_dir,
                match="not available in this version yet")
 
