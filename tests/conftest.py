@@ -20,6 +20,10 @@ WHEELS = {
     "captcha": "captcha==0.7.1",
     "silero_vad": "silero-vad==6.2.3",
     "magika": "magika==1.0.3",
+    "basic_pitch": "basic-pitch==0.4.0",
+    "mediapipe": "mediapipe==0.10.14",
+    "scikit_image": "scikit-image==0.26.0",
+    "facenet_pytorch": "facenet-pytorch==2.6.0",
 }
 
 

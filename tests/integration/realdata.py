@@ -141,3 +141,94 @@ def labelled_files(n_per_kind: int, part: int) -> list[tuple[str, np.ndarray]]:
         files = sorted(root.rglob(pattern))[part::2][:n_per_kind]
         out += [(label, magika_features(f.read_bytes())) for f in files]
     return out
+
+
+def chord_clips(n: int, seed: int) -> list[tuple[list[list[int]], np.ndarray]]:
+    """basic-pitch inputs: 2 s at 22050 Hz of four chords (1–3 MIDI notes each) of decaying
+    harmonic tones, with the chords as labels; input shaped [1, 43844, 1]."""
+    sr, length = 22050, 43844
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        t = np.arange(length // 4) / sr
+        x = np.zeros(length)
+        chords = []
+        for k in range(4):
+            chord = sorted({int(m) for m in rng.integers(40, 84, size=int(rng.integers(1, 4)))})
+            env = np.exp(-t * rng.uniform(1, 4)) * np.minimum(1, t * 200)
+            decay = rng.uniform(0.3, 0.7)
+            for midi in chord:
+                f = 440 * 2 ** ((midi - 69) / 12)
+                tone = sum(np.sin(2 * np.pi * f * h * t + rng.uniform(0, 6)) * decay**h
+                           for h in range(1, 8) if f * h < 10000)
+                x[k * (length // 4) : (k + 1) * (length // 4)] += tone * env * 0.2
+            chords.append(chord)
+        x += rng.standard_normal(length) * 0.003
+        out.append((chords, x.astype(np.float32)[None, :, None]))
+    return out
+
+
+def note_counts(notes: np.ndarray, chords: list[list[int]], threshold: float = 0.3) -> np.ndarray:
+    """(true positives, false positives, false negatives) of note frames above ``threshold``
+    against the chords, on the steady part of each quarter of a basic-pitch ``note`` output
+    [frames, 88] (piano keys from MIDI 21)."""
+    per = notes.shape[0] // len(chords)
+    counts = np.zeros(3, np.int64)
+    for k, chord in enumerate(chords):
+        on = notes[k * per + 4 : (k + 1) * per - 8] > threshold
+        truth = np.zeros(88, bool)
+        truth[np.array(chord) - 21] = True
+        counts += [(on & truth).sum(), (on & ~truth).sum(), (~on & truth).sum()]
+    return counts
+
+
+def f1_score(counts: np.ndarray) -> float:
+    tp, fp, fn = counts
+    return float(2 * tp / (2 * tp + fp + fn))
+
+
+def skimage_data() -> Path:
+    """scikit-image's bundled sample photos and its LFW face / non-face subset."""
+    return _unpack("scikit_image", "skimage/data/") / "skimage" / "data"
+
+
+def lfw_patches() -> tuple[np.ndarray, np.ndarray]:
+    """200 grey 25×25 patches from skimage's ``lfw_subset``: the first 100 faces, then 100 not."""
+    x = np.load(skimage_data() / "lfw_subset.npy")
+    return x, np.arange(len(x)) < 100
+
+
+_BACKGROUNDS = ("grass.png", "brick.png", "gravel.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                "hubble_deep_field.jpg", "chelsea.png")
+
+
+def face_scenes(indices: range, seed: int) -> list[tuple[bool, np.ndarray]]:
+    """(face present, NCHW input in [-1, 1]) for MediaPipe's 128×128 face detector: an LFW
+    patch (face or not) pasted at a random place and size on a crop of a real photo."""
+    root = skimage_data()
+    backgrounds = [np.asarray(Image.open(root / n).convert("RGB")) for n in _BACKGROUNDS]
+    patches, is_face = lfw_patches()
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in indices:
+        bg = backgrounds[int(rng.integers(len(backgrounds)))]
+        h, w, _ = bg.shape
+        c = int(rng.integers(128, min(h, w)))
+        y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        im = Image.fromarray(bg[y : y + c, x : x + c]).resize((128, 128))
+        size = int(rng.integers(40, 72))
+        patch = Image.fromarray((patches[i] * 255).astype(np.uint8)).resize((size, size)).convert("RGB")
+        im.paste(patch, (int(rng.integers(0, 128 - size)), int(rng.integers(0, 128 - size))))
+        out.append((bool(is_face[i]), (np.asarray(im, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)))
+    return out
+
+
+def face_crops(indices: range) -> list[tuple[bool, np.ndarray]]:
+    """(face, NCHW input) for MTCNN's 48×48 O-Net: LFW patches upscaled, scaled as MTCNN does."""
+    patches, is_face = lfw_patches()
+    out = []
+    for i in indices:
+        im = Image.fromarray((patches[i] * 255).astype(np.uint8)).resize((48, 48), Image.BILINEAR).convert("RGB")
+        x = (np.asarray(im, np.float32) - 127.5) * 0.0078125
+        out.append((bool(is_face[i]), x.transpose(2, 0, 1)[None].copy()))
+    return out
