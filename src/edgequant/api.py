@@ -31,6 +31,7 @@ from edgequant.errors import (
 from edgequant.ir.model import ensure_opset, load_model, opset_of, save_model, skeleton
 from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.planning.options import Method, QuantOptions
+from edgequant.planning.overrides import Override, parse_precision
 from edgequant.planning.plan import QuantPlan, build_plan
 from edgequant.quant.assign import activation_params
 from edgequant.quant.dtypes import QuantDType
@@ -102,8 +103,19 @@ def make_options(base: QuantOptions | None = None, **overrides) -> QuantOptions:
             value = Method.parse(value)
         elif key in ("activation_dtype", "weight_dtype") and isinstance(value, str):
             value = QuantDType.parse(value)
+        elif key == "overrides":
+            value = _parse_overrides(value)
         parsed[key] = value
     return dataclasses.replace(base or QuantOptions(), **parsed)
+
+
+def _parse_overrides(value) -> tuple[Override, ...]:
+    """``["Conv_3=int16", "op:Softmax=float"]``, ``{"Conv_3": "int16"}`` or Override values."""
+    if isinstance(value, dict):
+        return tuple(Override(k, parse_precision(str(v))) for k, v in value.items())
+    if isinstance(value, str | Override):
+        value = [value]
+    return tuple(v if isinstance(v, Override) else Override.parse(str(v)) for v in value)
 
 
 def _match_settings(specs: list[InputSpec], cfg: ResolvedConfig | None,

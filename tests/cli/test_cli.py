@@ -129,8 +129,16 @@ def test_config_errors(tmp_path, npz_dir):
                "--calib", npz_dir, match="file_type 'mp4' not implemented")
     error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{"dtype": "int8"}]}),
                "--calib", npz_dir, match="config dtype int8 for input 'image' does not match the model's float32")
-    error_case(tmp_path, "-c", cfg(quantization_parameters={"analysis_enable": True}), "--calib", npz_dir,
+    error_case(tmp_path, "-c", cfg(quantization_parameters={"precision_level": 2}), "--calib", npz_dir,
                match="not available in this version yet")
+    error_case(tmp_path, "-c", cfg(quantization_parameters={"overrides": ["Conv"]}), "--calib", npz_dir,
+               match="must read SELECTOR=PRECISION")
+
+
+def test_override_errors(tmp_path, npz_dir):
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "--override", "Conv_1=int4", match="precision 'int4'")
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "--override", "Convv_1=int16",
+               match="matches no node; closest node names:")
 
 
 def test_unwritable_output(tmp_path, npz_dir):

@@ -12,6 +12,7 @@ EXPECTED = {
     "CalibrationDataError", "ConfigError", "EdgequantError", "InputSettings", "Method", "ModelLoadError",
     "NotYetSupportedError", "OutputError", "OutputFidelity", "QuantDType", "QuantOptions", "QuantizeResult",
     "Summary", "TensorNameError", "__version__", "make_options", "quantize",
+    "ErrorReport", "LayerError", "Metrics", "Override", "TensorError", "analyze", "write_report",
 }
 
 

@@ -78,7 +78,7 @@ def test_unknown_keys_are_named_with_a_suggestion(section, key, expect):
 
 
 @pytest.mark.parametrize("key,value", [
-    ("analysis_enable", True), ("precision_level", 2), ("finetune_level", 1),
+    ("precision_level", 2), ("finetune_level", 1),
     ("custom_setting", [{"input_names": ["a"], "output_names": ["b"], "precision_level": 2}]),
     ("truncate_var_names", ["/Concat_5_output_0"]),
 ])

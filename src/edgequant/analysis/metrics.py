@@ -30,24 +30,88 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise)
 
 
+SNR_FLAG = 0.1  # XQuant / PPQ: noise power over signal power above this is flagged
+COSINE_FLAG = 0.99
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Error of a test tensor against its float reference, pooled over samples.
+
+    * ``snr``: noise power / signal power, ``Σ(r − t)² / Σr²`` (lower is better; > 0.1 flagged);
+    * ``sqnr_db``: ``10·log10(Σr² / Σ(r − t)²)``;
+    * ``cosine``: ``Σrt / √(Σr²·Σt²)``;
+    * ``euclidean``: TPU-MLIR's similarity ``1 − ‖r − t‖ / ‖(r + t)/2‖``;
+    * ``mse``: mean squared error per element; ``max_abs``: largest absolute error;
+    * ``nonfinite``: elements that are inf/NaN in the test tensor but finite in the reference
+      (left out of the sums above; any makes the tensor flagged and ranked worst).
+    """
+
+    cosine: float
+    sqnr_db: float
+    snr: float
+    euclidean: float
+    mse: float
+    max_abs: float
+    nonfinite: int = 0
+
+    @property
+    def flagged(self) -> bool:
+        return self.nonfinite > 0 or self.snr > SNR_FLAG or self.cosine < COSINE_FLAG
+
+    @property
+    def badness(self) -> tuple[int, float]:
+        """Sort key, worst first when sorted descending: non-finite values, then low cosine."""
+        return (self.nonfinite > 0, 1.0 - self.cosine)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"cosine": self.cosine, "sqnr_db": self.sqnr_db, "snr": self.snr, "euclidean": self.euclidean,
+                "mse": self.mse, "max_abs": self.max_abs, "nonfinite": self.nonfinite}
+
+
+def compare(ref: np.ndarray, test: np.ndarray) -> Metrics:
+    """Metrics of one pair of tensors (see ``Metrics``)."""
+    acc = FidelityAccumulator()
+    acc.update(ref, test)
+    return acc.metrics()
+
+
 @dataclass
 class FidelityAccumulator:
-    """Running sums for cosine and SQNR over many samples of one output (pooled)."""
+    """Running sums for the ``Metrics`` of one tensor over many samples, keeping no tensors.
+
+    Tensors of another shape than the reference (or not floating point) are skipped.
+    """
 
     dot: float = 0.0
     ref2: float = 0.0
     test2: float = 0.0
     noise: float = 0.0
+    elements: int = 0
+    max_abs: float = 0.0
+    nonfinite: int = 0
     count: int = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         if ref.dtype.kind not in "f" or ref.shape != test.shape:
             return
-        r, t = ref.reshape(-1).astype(np.float64), test.reshape(-1).astype(np.float64)
-        self.dot += float(r @ t)
-        self.ref2 += float(r @ r)
-        self.test2 += float(t @ t)
-        self.noise += float(((r - t) ** 2).sum())
+        r = np.ascontiguousarray(ref, np.float32).reshape(-1)
+        t = np.ascontiguousarray(test, np.float32).reshape(-1)
+        finite = np.isfinite(r)
+        bad = finite & ~np.isfinite(t)
+        if not finite.all() or bad.any():
+            self.nonfinite += int(bad.sum())
+            keep = finite & ~bad
+            r, t = r[keep], t[keep]
+        d = r - t
+        # float32 products (BLAS), accumulated per sample in float64
+        self.dot += float(np.dot(r, t))
+        self.ref2 += float(np.dot(r, r))
+        self.test2 += float(np.dot(t, t))
+        self.noise += float(np.dot(d, d))
+        self.elements += r.size
+        if r.size:
+            self.max_abs = max(self.max_abs, float(np.abs(d).max()))
         self.count += 1
 
     @property
@@ -62,6 +126,23 @@ class FidelityAccumulator:
     def sqnr_db(self) -> float:
         if self.noise == 0:
             return float("inf")
-        if self.ref2 == 0:
+        if self.ref2 <= 0:
             return float("-inf")
         return float(10.0 * np.log10(self.ref2 / self.noise))
+
+    @property
+    def snr(self) -> float:
+        if self.noise == 0:
+            return 0.0
+        return self.noise / self.ref2 if self.ref2 else float("inf")
+
+    @property
+    def euclidean(self) -> float:
+        mean2 = (self.ref2 + 2 * self.dot + self.test2) / 4  # ‖(r + t)/2‖²
+        if self.noise == 0:
+            return 1.0
+        return 1.0 - float(np.sqrt(self.noise / mean2)) if mean2 > 0 else float("-inf")
+
+    def metrics(self) -> Metrics:
+        mse = self.noise / self.elements if self.elements else 0.0
+        return Metrics(self.cosine, self.sqnr_db, self.snr, self.euclidean, mse, self.max_abs, self.nonfinite)

@@ -29,15 +29,21 @@ def cli() -> None:
     edgequant demo                                   quantize the bundled MNIST CNN
     edgequant quantize model.onnx -o model.q.onnx --calib samples/
     edgequant -c config.json                         XQuant-style config file
+    edgequant analyze model.onnx model.q.onnx --calib samples/ -o report/
+    edgequant run model.q.onnx --inputs x.npz --dump-all -o q.npz
+    edgequant compare f.npz q.npz --tolerance 0.99,0.90
     """
 
 
 def _register() -> None:
+    from edgequant.cli.analyze import analyze
+    from edgequant.cli.compare import compare
     from edgequant.cli.demo import demo
     from edgequant.cli.quantize import quantize
+    from edgequant.cli.run import run
 
-    cli.add_command(quantize)
-    cli.add_command(demo)
+    for command in (quantize, analyze, run, compare, demo):
+        cli.add_command(command)
 
 
 _register()

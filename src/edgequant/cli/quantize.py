@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edgequant.errors import ConfigError, OutputError
+from edgequant.planning.overrides import Override
 
 EXAMPLES = """
 \b
@@ -64,18 +65,20 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--color-format", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb].")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Image layout [default: from the input shape].")
 @click.option("--preprocess", help="User function 'file.py:function' turning a batch of paths into an array.")
+@click.option("--override", "overrides", multiple=True, metavar="SELECTOR=PRECISION",
+              help="Keep layers in 16-bit or float: node name, glob, re:REGEX or op:TYPE = int8|uint8|int16|uint16|float. Repeatable.")
+@click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
+@click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def quantize(model, model_opt, output, calib, config, method, percentile, per_channel, activation_dtype,
              weight_dtype, symmetric, batch_size, num_samples, eval_samples, device, file_type, mean, std,
-             color_format, layout, preprocess, no_simplify, quiet, debug) -> None:
+             color_format, layout, preprocess, overrides, analyze, report_dir, no_simplify, quiet, debug) -> None:
     """Quantize a float ONNX MODEL with calibration data into a QDQ ONNX model."""
     from edgequant.api import quantize as run
     from edgequant.cli.render import print_summary, progress_bar
     from edgequant.config.schema import load_config
-    from edgequant.data.inputs import InputSettings, model_inputs
-    from edgequant.ir.model import load_model
 
     if model and model_opt and model != model_opt:
         raise ConfigError("give the model once: as MODEL or with -i, not both")
@@ -86,30 +89,57 @@ def quantize(model, model_opt, output, calib, config, method, percentile, per_ch
     out = output or (cfg.output_path if cfg and cfg.output_path and not (model or model_opt) else None)
     out = Path(out) if out else Path(model_path).with_suffix(".q.onnx")
     check_output(out, Path(model_path))
-    overrides = {
+    options = {
         "method": method, "percentile": percentile, "per_channel": per_channel,
         "activation_dtype": activation_dtype, "weight_dtype": weight_dtype, "batch_size": batch_size,
         "eval_samples": eval_samples, "device": device,
     }
     if num_samples is not None:
-        overrides["num_samples"] = num_samples
+        options["num_samples"] = num_samples
     if symmetric:
-        overrides["weight_symmetric"] = symmetric in ("weights", "both")
-        overrides["activation_symmetric"] = symmetric in ("activations", "both")
+        options["weight_symmetric"] = symmetric in ("weights", "both")
+        options["activation_symmetric"] = symmetric in ("activations", "both")
     if no_simplify:
-        overrides["simplify"] = False
-    image = {"file_type": file_type, "mean": _floats(mean), "std": _floats(std),
-             "color_format": color_format, "layout": layout, "preprocess": preprocess}
-    image = {k: v for k, v in image.items() if v is not None}
-    settings = None
-    if image:
-        base = list(cfg.settings) if cfg and cfg.settings else None
-        if base is None:
-            base = [InputSettings() for _ in model_inputs(load_model(model_path))]
-        settings = [dataclasses.replace(st, **image) for st in base]
+        options["simplify"] = False
+    if overrides:
+        options["overrides"] = (cfg.options.overrides if cfg else ()) + tuple(Override.parse(o) for o in overrides)
+    settings = image_settings(model_path, cfg, {
+        "file_type": file_type, "mean": _floats(mean), "std": _floats(std), "color_format": color_format,
+        "layout": layout, "preprocess": preprocess})
     with progress_bar(not quiet) as progress:
         result = run(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
-                     progress=progress, **overrides)
+                     progress=progress, **options)
     saved = result.save(out)
     if not quiet:
         print_summary(result.summary, str(saved))
+    if analyze or (cfg is not None and cfg.analyze):
+        _analyze(result, calib, cfg, settings, report_dir or out.with_name(out.stem + "_report"), quiet)
+
+
+def _analyze(result, calib, cfg, settings, folder: Path, quiet: bool) -> None:
+    from edgequant.analysis.analyze import analyze
+    from edgequant.analysis.report import write_report
+    from edgequant.cli.render import print_report, progress_bar
+
+    data = list(calib) if calib else None  # None: the config's data_list_path entries
+    if settings is None and cfg is not None and cfg.settings:
+        settings = list(cfg.settings)
+    with progress_bar(not quiet) as progress:
+        report = analyze(result.float_model, result.model, data, input_settings=settings, progress=progress)
+    folder = write_report(report, folder)
+    if not quiet:
+        print_report(report, folder, 5)
+
+
+def image_settings(model_path, cfg, image: dict):
+    """Per-input settings with the image flags applied (None when no flag is given)."""
+    from edgequant.data.inputs import InputSettings, model_inputs
+    from edgequant.ir.model import load_model
+
+    image = {k: v for k, v in image.items() if v is not None}
+    if not image:
+        return None
+    base = list(cfg.settings) if cfg and cfg.settings else None
+    if base is None:
+        base = [InputSettings() for _ in model_inputs(load_model(model_path))]
+    return [dataclasses.replace(st, **image) for st in base]

@@ -68,3 +68,59 @@ def print_summary(summary: Summary, output: str | None) -> None:
     if output:
         t.add_row("written", output)
     out.print(t)
+
+
+def _f(x: float, spec: str = ".4f") -> str:
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return format(x, spec)
+
+
+def print_report(report, folder, top: int) -> None:
+    """The worst layers, the suggested fix and where the report went."""
+    from edgequant.analysis.report import fix_lines
+
+    for o in report.outputs:
+        out.print(f"output {o.name}: cosine {_f(o.metrics.cosine, '.5f')}   SQNR {_f(o.metrics.sqnr_db, '.1f')} dB")
+    if report.layerwise:
+        t = Table("layer (quantized alone)", "op", "output cosine", "output SNR", "inf/NaN", title="worst layers")
+        for r in report.worst_layers(top):
+            t.add_row(r.node, r.op_type, _f(r.output.cosine), _f(r.output.snr),
+                      str(r.output.nonfinite + r.local.nonfinite or ""))
+        out.print(t)
+    elif report.graphwise:
+        t = Table("tensor", "op", "SNR", "cosine", title="worst tensors (cumulative)")
+        for g in report.worst_tensors(top):
+            t.add_row(g.name, g.op_type, _f(g.metrics.snr), _f(g.metrics.cosine))
+        out.print(t)
+    fixes = report.fixes(top)
+    if fixes:
+        out.print("suggested fix: " + fix_lines(fixes)[0], soft_wrap=True)
+    for note in report.notes:
+        out.print(f"note: {note}")
+    out.print(f"report written to {folder}/ (report.html, report.md, report.json)")
+
+
+def print_comparison(result, tolerance: tuple[float, float], verbose: bool) -> None:
+    t = Table("tensor", "shape", "cosine", "euclidean", "SQNR dB", "result")
+    for r in result.rows:
+        if r.passed and not verbose:
+            continue
+        m = r.metrics
+        t.add_row(r.name, str(list(r.shape)), _f(m.cosine) if m else "", _f(m.euclidean) if m else "",
+                  _f(m.sqnr_db, ".1f") if m else "", ("PASSED " if r.passed else "FAILED ") + r.status)
+    if t.row_count:
+        out.print(t)
+    failed = sum(not r.passed for r in result.rows)
+    out.print(f"{len(result.rows)} compared, {len(result.rows) - failed} passed, {failed} failed "
+              f"(tolerance cosine {tolerance[0]}, euclidean {tolerance[1]})")
+    if result.only_a:
+        out.print(f"only in the first file ({len(result.only_a)}): {', '.join(result.only_a[:20])}"
+                  + (" ..." if len(result.only_a) > 20 else ""))
+    if result.only_b:
+        out.print(f"only in the second file ({len(result.only_b)}): {', '.join(result.only_b[:20])}"
+                  + (" ..." if len(result.only_b) > 20 else ""))
+    if result.skipped:
+        out.print(f"skipped (--except): {len(result.skipped)}")

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from edgequant.data.inputs import InputSettings
 from edgequant.errors import ConfigError, NotYetSupportedError, closest_names
 from edgequant.planning.options import Method, QuantOptions
+from edgequant.planning.overrides import Override
 from edgequant.quant.dtypes import QuantDType
 
 
@@ -65,6 +66,9 @@ class QuantizationParameters(_Strict):
     per_channel: bool = Field(True, description="edgequant: per-channel weights")
     activation_symmetric: bool = False
     weight_symmetric: bool = True
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="edgequant: per-layer precision, SELECTOR=PRECISION (e.g. Conv_12=int16, op:Softmax=float)")
 
 
 class ConfigFile(_Strict):
@@ -83,6 +87,7 @@ class ResolvedConfig:
     input_names: tuple[str | None, ...]
     settings: tuple[InputSettings, ...]
     input_dtypes: tuple[str | None, ...]
+    analyze: bool = False
 
 
 def json_schema() -> dict:
@@ -131,10 +136,6 @@ def read_config_file(source: str | os.PathLike | dict) -> tuple[ConfigFile, Path
 
 
 def _reject_later_features(q: QuantizationParameters) -> None:
-    if q.analysis_enable:
-        raise NotYetSupportedError(
-            "quantization_parameters.analysis_enable: per-layer analysis reports are not available "
-            "in this version yet; set it to false")
     if q.precision_level != 0:
         raise NotYetSupportedError(
             f"quantization_parameters.precision_level {q.precision_level}: mixed precision is not "
@@ -184,11 +185,12 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         num_samples=c.calibration_step,
         simplify=not m.skip_onnxsim,
         device=c.calibration_device,
+        overrides=tuple(Override.parse(o) for o in q.overrides),
     )
     inputs = c.input_parametres or []
     settings = tuple(_settings(p, base) for p in inputs)
     return ResolvedConfig(model_path, output, options, tuple(p.input_name for p in inputs),
-                          settings, tuple(p.dtype for p in inputs))
+                          settings, tuple(p.dtype for p in inputs), q.analysis_enable)
 
 
 PRESETS = {

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from edgequant.errors import ConfigError
+from edgequant.planning.overrides import Override
 from edgequant.quant.dtypes import QuantDType
 
 
@@ -52,6 +53,7 @@ class QuantOptions:
     eval_samples: int = 16
     simplify: bool = True
     device: str = "auto"
+    overrides: tuple[Override, ...] = ()
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -69,5 +71,7 @@ class QuantOptions:
 
     @property
     def required_opset(self) -> int:
-        need = max(self.activation_dtype.min_opset, self.weight_dtype.min_opset)
+        dtypes = [self.activation_dtype, self.weight_dtype] + [
+            o.precision for o in self.overrides if isinstance(o.precision, QuantDType)]
+        need = max(d.min_opset for d in dtypes)
         return max(need, 13 if self.per_channel else 10)

@@ -57,6 +57,7 @@ class QuantPlan:
     quantized_ops: Counter = field(default_factory=Counter)
     float_ops: Counter = field(default_factory=Counter)
     subgraph_float_ops: int = 0
+    precision: dict[str, str] = field(default_factory=dict)
 
     @property
     def roots(self) -> list[str]:
@@ -229,7 +230,12 @@ class _Builder:
 def build_plan(model: ModelProto, options: QuantOptions) -> QuantPlan:
     """Decide, for a prepared model, which tensors are quantized and how."""
     name_nodes(model)
-    return _Builder(model, options).build()
+    plan = _Builder(model, options).build()
+    if options.overrides:
+        from edgequant.planning.overrides import apply_overrides
+
+        apply_overrides(plan, model, options.overrides)
+    return plan
 
 
 def name_nodes(model: ModelProto) -> None:

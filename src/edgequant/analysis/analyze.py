@@ -1,0 +1,124 @@
+"""``analyze``: where a quantized model loses accuracy, per tensor and per layer.
+
+Returns an ``ErrorReport``; ``write_report`` (analysis.report) turns it into files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import ModelProto
+
+from edgequant.analysis.graphwise import TensorError, graphwise, tensor_samples
+from edgequant.analysis.layerwise import LayerError, float_cache, layerwise
+from edgequant.analysis.qdq_map import QuantMap, read_quant_map, weight_match_score
+from edgequant.data.inputs import InputSettings, model_inputs
+from edgequant.data.open import open_calibration
+from edgequant.errors import CalibrationDataError, ConfigError, ModelLoadError
+from edgequant.ir.model import ensure_opset, load_model, opset_of
+
+Progress = Callable[[str, int, int], None]
+MODES = ("graphwise", "layerwise", "both")
+
+
+@dataclass
+class ErrorReport:
+    """Per-tensor (graphwise) and per-layer (layerwise) errors of a quantized model.
+
+    ``graphwise``: every quantized activation of the quantized model against float, in graph
+    order (error accumulated along depth). ``layerwise``: each layer quantized alone, the rest
+    float (which layers cause the error). ``outputs``: the model outputs end to end.
+    """
+
+    graphwise: list[TensorError] = field(default_factory=list)
+    layerwise: list[LayerError] = field(default_factory=list)
+    outputs: list[TensorError] = field(default_factory=list)
+    samples: int = 0
+    layerwise_samples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    histograms: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def worst_layers(self, n: int = 10) -> list[LayerError]:
+        """Layers whose own quantization hurts the model output most (lowest output cosine)."""
+        return sorted(self.layerwise, key=lambda r: r.output.badness, reverse=True)[:n]
+
+    def worst_tensors(self, n: int = 10) -> list[TensorError]:
+        return sorted(self.graphwise, key=lambda r: r.metrics.badness, reverse=True)[:n]
+
+    def fixes(self, n: int = 5, precision: str = "int16") -> list[str]:
+        """Overrides for the ``n`` worst flagged layers: ``precision`` (16-bit), or float for a
+        layer whose quantized input makes it produce inf/NaN (a Log of a rounded-to-zero input)."""
+        return [f"{r.node}={'float' if r.output.nonfinite or r.local.nonfinite else precision}"
+                for r in self.worst_layers(n) if r.output.flagged or r.local.flagged]
+
+
+def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.PathLike | ModelProto,
+            calibration, *, mode: str = "both", num_samples: int = 32, histograms: int = 4,
+            input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
+            cache_budget_mb: int = 1024, device: str = "cpu") -> ErrorReport:
+    """Compare ``quant_model`` (QDQ) with ``float_model`` on ``num_samples`` calibration samples.
+
+    ``float_model`` may be the model as given to the quantizer or the prepared one
+    (``QuantizeResult.float_model``); a given model is also prepared the way ``quantize`` does
+    (BatchNorm folded...) and the form whose weights match the quantized model is used.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"analysis mode {mode!r} is not one of {', '.join(MODES)}")
+    if num_samples < 1:
+        raise ConfigError(f"number of analysis samples must be ≥ 1, got {num_samples}")
+    qmodel = load_model(quant_model)
+    fmodel, qmap = _float_side(load_model(float_model), qmodel)
+    if not len(qmap):
+        raise ModelLoadError("the quantized model has no QuantizeLinear/DequantizeLinear on any node of the "
+                             "float model; give the float model it was quantized from")
+    source = open_calibration(calibration, model_inputs(fmodel), input_settings, 1)
+    count = min(num_samples, len(source))
+    if count == 0:
+        raise CalibrationDataError("the calibration data yields 0 samples")
+    report = ErrorReport(samples=count)
+
+    def take(n: int):
+        return itertools.islice(source.samples(), n)
+
+    t0 = time.perf_counter()
+    if mode in ("graphwise", "both"):
+        report.graphwise, report.outputs = graphwise(fmodel, qmodel, qmap, take(count), count, progress, device)
+        worst = [r for r in report.worst_tensors(histograms) if r.metrics.snr > 0]
+        if worst:
+            report.histograms = tensor_samples(fmodel, qmodel, worst, take(min(count, 4)), device=device)
+        report.seconds["graphwise"] = time.perf_counter() - t0
+    if mode in ("layerwise", "both"):
+        t1 = time.perf_counter()
+        cache = float_cache(fmodel, take(count), cache_budget_mb << 20, device)
+        report.layerwise_samples = len(cache)
+        if len(cache) < count:
+            report.notes.append(f"layerwise view on {len(cache)} of {count} samples: the float tensors of more "
+                                f"would exceed the {cache_budget_mb} MB cache")
+        report.layerwise = layerwise(fmodel, qmodel, qmap, cache, progress, device)
+        report.seconds["layerwise"] = time.perf_counter() - t1
+    return report
+
+
+def _float_side(given: ModelProto, qmodel: ModelProto) -> tuple[ModelProto, QuantMap]:
+    """The float model the QDQ model's weights came from: as given, or prepared like quantize."""
+    from edgequant.passes.pipeline import prepare_model
+    from edgequant.planning.plan import name_nodes
+
+    target = opset_of(qmodel)
+    base = ensure_opset(given, target) if opset_of(given) < target else given
+    prepared = ModelProto()
+    prepared.CopyFrom(base)
+    prepare_model(prepared, simplify=True)
+    name_nodes(prepared)
+    candidates = []
+    for model in (base, prepared):
+        qmap = read_quant_map(model, qmodel)
+        candidates.append((weight_match_score(model, qmodel, qmap), len(qmap), model, qmap))
+    best = max(candidates, key=lambda c: (c[0], c[1]))
+    return best[2], best[3]

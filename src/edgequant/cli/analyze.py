@@ -1,0 +1,47 @@
+"""``edgequant analyze``: per-layer error report of a quantized model against its float model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+EXAMPLES = """
+\b
+Examples:
+  edgequant analyze model.onnx model.q.onnx --calib calib_npz/ -o report/
+  edgequant analyze model.onnx model.q.onnx --calib images/ --mean 123.7,116.3,103.5 --mode layerwise
+"""
+
+
+@click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("quant_model", type=click.Path(path_type=Path))
+@click.option("--calib", multiple=True, required=True, help="Samples: folder (npz/npy/images/raw), list file or file; once per input.")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=Path("edgequant-report"),
+              show_default=True, help="Report folder (report.md, report.html, report.json, PNG plots).")
+@click.option("--mode", type=click.Choice(["graphwise", "layerwise", "both"]), default="both", show_default=True,
+              help="graphwise: the quantized model end to end; layerwise: one layer quantized at a time.")
+@click.option("--num-samples", type=int, default=32, show_default=True, help="Samples to analyse.")
+@click.option("--top", type=int, default=5, show_default=True, help="Layers to put in the suggested fix.")
+@click.option("--mean", help="Image mean per channel, e.g. 123.7,116.3,103.5.")
+@click.option("--std", help="Image std per channel.")
+@click.option("--color-format", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def analyze(float_model, quant_model, calib, output, mode, num_samples, top, mean, std, color_format,
+            quiet, debug) -> None:
+    """Show where QUANT_MODEL (QDQ) loses accuracy against FLOAT_MODEL, layer by layer."""
+    from edgequant.analysis.analyze import analyze as run
+    from edgequant.analysis.report import write_report
+    from edgequant.cli.quantize import _floats, image_settings
+    from edgequant.cli.render import print_report, progress_bar
+
+    settings = image_settings(float_model, None, {"mean": _floats(mean), "std": _floats(std),
+                                                  "color_format": color_format})
+    with progress_bar(not quiet) as progress:
+        report = run(str(float_model), str(quant_model), list(calib), mode=mode, num_samples=num_samples,
+                     input_settings=settings, progress=progress)
+    folder = write_report(report, output, top=top)
+    if not quiet:
+        print_report(report, folder, top)

@@ -1,0 +1,85 @@
+"""``analyze``, ``run``, ``compare`` and ``quantize --analyze`` through subprocesses."""
+
+import json
+
+import numpy as np
+import onnx
+
+from edgequant.demo import demo_data
+from tests.cli.test_cli import MODEL, cli, npz_dir  # noqa: F401  (fixture)
+
+
+def one_line_error(r, match):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], r.stderr
+
+
+def test_quantize_with_analyze_and_override(tmp_path, npz_dir):  # noqa: F811
+    out = tmp_path / "m.q.onnx"
+    r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "--analyze")
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "m.q_report"
+    assert {p.name for p in folder.iterdir()} >= {"report.md", "report.html", "report.json", "summary.png"}
+    assert "worst layers" in r.stdout and "report written to" in r.stdout
+    layers = json.loads((folder / "report.json").read_text())["layerwise"]
+    conv = next(row["node"] for row in layers if row["op_type"] == "Conv")
+    out2 = tmp_path / "m2.q.onnx"
+    r = cli("quantize", MODEL, "-o", out2, "--calib", npz_dir, "-q", "--override", f"{conv}=float")
+    assert r.returncode == 0, r.stderr
+    q = onnx.load(str(out2))
+    node = next(n for n in q.graph.node if n.name == conv)
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert producers.get(node.input[1]) is None, "weight stays a float initializer"
+
+
+def test_analyze_command_and_its_errors(tmp_path, npz_dir):  # noqa: F811
+    q = tmp_path / "m.q.onnx"
+    assert cli("quantize", MODEL, "-o", q, "--calib", npz_dir, "-q").returncode == 0
+    r = cli("analyze", MODEL, q, "--calib", npz_dir, "-o", tmp_path / "rep", "--mode", "graphwise",
+            "--num-samples", "8")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["graphwise"] and not data["layerwise"] and data["samples"]["graphwise"] == 8
+    one_line_error(cli("analyze", MODEL, tmp_path / "nope.onnx", "--calib", npz_dir, "-o", tmp_path / "r2"),
+                   "not found")
+    one_line_error(cli("analyze", MODEL, MODEL, "--calib", npz_dir, "-o", tmp_path / "r3"),
+                   "no QuantizeLinear/DequantizeLinear")
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+def test_run_and_compare_follow_the_tolerance(tmp_path, npz_dir):  # noqa: F811
+    q = tmp_path / "m.q.onnx"
+    assert cli("quantize", MODEL, "-o", q, "--calib", npz_dir, "-q").returncode == 0
+    x = tmp_path / "x.npz"
+    np.savez(x, image=demo_data()["test_x"][:4])
+    fa, qa = tmp_path / "f.npz", tmp_path / "q.npz"
+    r = cli("run", MODEL, "--inputs", x, "--dump-all", "-o", fa)
+    assert r.returncode == 0 and "tensors written" in r.stdout, r.stderr
+    assert cli("run", q, "--inputs", x, "--dump-all", "-o", qa, "-q").returncode == 0
+    f_names, q_names = set(np.load(fa).files), set(np.load(qa).files)
+    assert len(f_names) > 5 and len(f_names & q_names) > 5
+    ok = cli("compare", fa, qa, "--tolerance", "0.5,0.0")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "only in the second file" in ok.stdout  # Q/DQ tensors exist only in the quantized dump
+    strict = cli("compare", fa, qa, "--tolerance", "0.99999,0.999")
+    assert strict.returncode == 1 and "FAILED" in strict.stdout
+    logits = onnx.load(str(MODEL)).graph.output[0].name
+    common = sorted(f_names & q_names - {logits})
+    skip = cli("compare", fa, qa, "--tolerance", "1,1", "--except", ",".join(common))
+    assert skip.returncode == 1  # only the logits are compared now, and they differ a little
+    same = cli("compare", fa, fa, "--tolerance", "1,1")
+    assert same.returncode == 0
+    one_line_error(cli("compare", fa, qa, "--tolerance", "0.9"), "COSINE,EUCLIDEAN")
+    one_line_error(cli("compare", fa, tmp_path / "nope.npz"), "file not found")
+    other = tmp_path / "other.npz"
+    np.savez(other, zzz=np.zeros(3))
+    one_line_error(cli("compare", fa, other), "no tensor name in common")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.zeros((1, 3), np.float32))
+    one_line_error(cli("run", MODEL, "--inputs", bad, "-o", tmp_path / "o.npz"), "fails on")
+    np.savez(bad, image=np.full((1, 1, 28, 28), np.nan, np.float32))
+    one_line_error(cli("run", MODEL, "--inputs", bad, "-o", tmp_path / "o.npz"), "NaN")
+    np.savez(bad, imag=np.zeros((1, 1, 28, 28), np.float32), other=np.zeros(1))
+    one_line_error(cli("run", MODEL, "--inputs", bad, "-o", tmp_path / "o.npz"), "no array for model input 'image'")
+    assert not (tmp_path / "o.npz").exists()
