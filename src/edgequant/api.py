@@ -67,6 +67,7 @@ class Summary:
     passes: list[PassResult]
     fidelity: list[OutputFidelity] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    precision: dict[str, str] = field(default_factory=dict)  # node → precision set by an override
 
 
 
@@ -200,7 +201,8 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     else:
         n_calib, n_eval = _split_counts(len(source), opts)
     t0 = time.perf_counter()
-    observers, n_calib = collect_ranges(prepared, plan.roots, source, opts, n_calib, progress)
+    observers, n_calib = collect_ranges(prepared, plan.roots, source, opts, n_calib, progress,
+                                        methods=plan.calibration)
     if n_calib == 0:
         raise CalibrationDataError("the calibration data yields 0 samples")
     calib_seconds = time.perf_counter() - t0
@@ -212,7 +214,7 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
                       n_calib, n_eval or min(n_calib, opts.eval_samples), eval_on_calib,
                       calib_seconds, time.perf_counter() - start, (from_opset, opset_of(qmodel)),
-                      passes, fidelity, notes)
+                      passes, fidelity, notes, dict(plan.precision))
     return QuantizeResult(qmodel, prepared, plan, ranges, params, summary, opts)
 
 

@@ -129,10 +129,29 @@ def test_config_errors(tmp_path, npz_dir):
                "--calib", npz_dir, match="file_type 'mp4' not implemented")
     error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{"dtype": "int8"}]}),
                "--calib", npz_dir, match="config dtype int8 for input 'image' does not match the model's float32")
-    error_case(tmp_path, "-c", cfg(quantization_parameters={"precision_level": 2}), "--calib", npz_dir,
+    error_case(tmp_path, "-c", cfg(quantization_parameters={"finetune_level": 2}), "--calib", npz_dir,
                match="not available in this version yet")
+    error_case(tmp_path, "-c", cfg(quantization_parameters={"truncate_var_names": ["logitz"]}), "--calib", npz_dir,
+               match="'logitz' is not a tensor of the model; closest:")
+    error_case(tmp_path, "-c", cfg(quantization_parameters={"custom_setting": [{"input_names": ["image"]}]}),
+               "--calib", npz_dir, match="output_names")
     error_case(tmp_path, "-c", cfg(quantization_parameters={"overrides": ["Conv"]}), "--calib", npz_dir,
                match="must read SELECTOR=PRECISION")
+
+
+def test_mixed_precision_flags(tmp_path, npz_dir):
+    model = onnx.load(str(MODEL))
+    last = model.graph.node[-1]
+    out = tmp_path / "m.onnx"
+    r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "--float-after", last.input[0], "--precision-level", "1")
+    assert r.returncode == 0, r.stderr
+    assert "overrides" in r.stdout
+    q = onnx.load(str(out))
+    node = next(n for n in q.graph.node if n.name == last.name or (n.op_type == last.op_type and n.output == last.output))
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert producers.get(node.input[0]) != "DequantizeLinear"
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "--float-before", "nope", match="'nope' is not a tensor")
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "--precision-level", "7", match="")
 
 
 def test_override_errors(tmp_path, npz_dir):

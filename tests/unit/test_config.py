@@ -77,16 +77,35 @@ def test_unknown_keys_are_named_with_a_suggestion(section, key, expect):
         load_config(data)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("precision_level", 2), ("finetune_level", 1),
-    ("custom_setting", [{"input_names": ["a"], "output_names": ["b"], "precision_level": 2}]),
-    ("truncate_var_names", ["/Concat_5_output_0"]),
-])
-def test_later_features_are_rejected_not_ignored(key, value):
+def test_later_features_are_rejected_not_ignored():
     data = json.loads(json.dumps(XQUANT))
-    data["quantization_parameters"][key] = value
+    data["quantization_parameters"]["finetune_level"] = 1
     with pytest.raises(NotYetSupportedError, match="not available in this version yet"):
         load_config(data)
+
+
+def test_mixed_precision_keys_become_overrides_in_order():
+    from edgequant.planning.options import Method
+    from edgequant.planning.overrides import FLOAT
+    from edgequant.planning.selectors import After, Between
+
+    data = json.loads(json.dumps(XQUANT))
+    data["quantization_parameters"].update({
+        "precision_level": 1, "truncate_var_names": ["/Concat_5_output_0"], "overrides": ["op:Softmax=float"],
+        "custom_setting": [{"input_names": ["n2", "n7"], "output_names": ["y"], "precision_level": 2,
+                            "max_percentile": 0.999}]})
+    ovs = load_config(data).options.overrides
+    assert [o.level for o in ovs[:2]] == [1, 2]
+    assert ovs[1].selector == Between(("n2", "n7"), ("y",))
+    assert ovs[1].method is Method.PERCENTILE and ovs[1].percentile == pytest.approx(99.9)
+    assert ovs[2].selector == After(("/Concat_5_output_0",)) and ovs[2].precision == FLOAT
+    assert str(ovs[3]) == "op:Softmax=float"
+    for bad in ({"precision_level": 5}, {"custom_setting": [{"input_names": ["a"]}]},
+                {"custom_setting": [{"input_names": ["a"], "output_names": ["b"], "precison_level": 2}]}):
+        data = json.loads(json.dumps(XQUANT))
+        data["quantization_parameters"].update(bad)
+        with pytest.raises(ConfigError):
+            load_config(data)
 
 
 def test_bad_values_and_files(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import edgequant
 from edgequant.errors import ConfigError, TensorNameError
 from edgequant.ir.model import opset_of
+from edgequant.planning.options import Method
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.quant.dtypes import QuantDType
 from tests.unit.test_quantize_graphs import calib, cnn, ops
@@ -20,16 +21,23 @@ def test_parse_and_selectors(rng):
     assert Override.parse("Conv_0=int16") == Override("Conv_0", QuantDType.INT16)
     assert Override.parse(" op:Gemm = float ").precision == FLOAT
     assert str(Override.parse("re:^C=uint16")) == "re:^C=uint16"
-    for bad in ("Conv_0", "=int8", "Conv_0=int4", "Conv_0=fp64"):
+    full = Override.parse("re:head/=int16,weight=int16,percentile=99.9")
+    assert (full.precision, full.weight, full.method, full.percentile) == (
+        QuantDType.INT16, QuantDType.INT16, Method.PERCENTILE, 99.9)
+    assert str(full) == "re:head/=int16,weight=int16,method=percentile,percentile=99.9"
+    assert Override.parse("x=level=2").level == 2 and Override.parse("op:Add=method=minmax").method == Method.MINMAX
+    for bad in ("Conv_0", "=int8", "Conv_0=int4", "Conv_0=fp64", "a=level=7", "a=colour=red", "a=percentile=x"):
         with pytest.raises(ConfigError):
             Override.parse(bad)
     model = edgequant.quantize(cnn(rng), calib(rng)).float_model
     nodes = list(model.graph.node)
     conv = [n.name for n in nodes if n.op_type == "Conv"]
-    assert [n.name for n in Override.parse("op:Conv=int16").select(nodes)] == conv
-    assert [n.name for n in Override.parse("Conv*=int16").select(nodes)] == conv
-    assert [n.name for n in Override.parse("re:^Conv_0$=int16").select(nodes)] == ["Conv_0"]
-    assert [n.name for n in Override.parse("Conv_0=int16").select(nodes)] == ["Conv_0"]
+
+    def picked(text):
+        return [n.name for n in Override.parse(text).selector.select(model)]
+
+    assert picked("op:Conv=int16") == conv and picked("Conv*=int16") == conv
+    assert picked("re:^Conv_0$=int16") == ["Conv_0"] and picked("Conv_0=int16") == ["Conv_0"]
 
 
 def test_an_override_that_matches_nothing_names_the_closest(rng):
@@ -100,3 +108,108 @@ def test_overrides_from_the_config_file(rng, tmp_path):
     assert cfg.options.overrides == (Override("op:Gemm", FLOAT), Override("Conv_0", QuantDType.INT16))
     with pytest.raises(ConfigError):
         load_config({"quantization_parameters": {"overrides": ["op:Gemm"]}})
+
+
+BRANCHY = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 4] x, float[N, 4] bypass) => (float[N, 4] y) {
+    a = MatMul (x, W1)
+    b = Relu (a)
+    side = MatMul (bypass, W2)
+    c = Add (b, side)
+    d = MatMul (c, W3)
+    post = Sigmoid (d)
+    y = Mul (post, post)
+}
+"""
+
+
+def branchy(rng):
+    from onnx import numpy_helper
+
+    from tests.conftest import parse
+
+    m = parse(BRANCHY, check=False)
+    for name in ("W1", "W2", "W3"):
+        m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), name))
+    return m
+
+
+def feeds(rng, n=12):
+    return [{"x": rng.standard_normal((1, 4)).astype(np.float32),
+             "bypass": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(n)]
+
+
+def test_selectors_capture_exact_regions(rng):
+    from edgequant.planning.selectors import After, Before, Between
+
+    model = edgequant.quantize(branchy(rng), feeds(rng)).float_model
+    ops_of = {n.name: n.op_type for n in model.graph.node}
+
+    def pick(sel):
+        return [ops_of[n.name] for n in sel.select(model)]
+
+    # custom_setting: from x to c — the bypass MatMul joins from outside and is not captured
+    assert pick(Between(("x",), ("c",))) == ["MatMul", "Relu", "Add"]
+    assert pick(Between(("c",), ("y",))) == ["MatMul", "Sigmoid", "Mul"]
+    assert pick(After(("d",))) == ["Sigmoid", "Mul"]
+    assert pick(After(("d",), inclusive=True, what="--float-after")) == ["MatMul", "Sigmoid", "Mul"]
+    assert pick(Before("b")) == ["MatMul", "Relu"]
+    with pytest.raises(TensorNameError, match="closest"):
+        Between(("x",), ("cc",)).select(model)
+    with pytest.raises(TensorNameError, match="no path"):
+        Between(("bypass",), ("b",)).select(model)
+    with pytest.raises(ConfigError, match="model output"):
+        After(("y",)).select(model)
+    with pytest.raises(ConfigError, match="model input"):
+        After(("x",)).select(model)
+
+
+def test_region_float_keeps_post_processing_float_and_rest_int8(rng):
+    from edgequant.planning.selectors import After
+
+    m, data = branchy(rng), feeds(rng)
+    r = edgequant.quantize(m, data, overrides=[Override(After(("d",)), FLOAT)])
+    assert "d" not in r.plan.activations and "post" not in r.plan.activations
+    assert {"a", "c"} <= set(r.plan.activations) or "b" in r.plan.activations
+    q = r.model
+    onnx.checker.check_model(q)
+    prod = {o: n.op_type for n in q.graph.node for o in n.output}
+    sig = next(n for n in q.graph.node if n.op_type == "Sigmoid")
+    assert prod[sig.input[0]] == "MatMul"  # reads the MatMul's float output, no DequantizeLinear
+
+
+def test_precision_levels(rng):
+    m, data = branchy(rng), feeds(rng)
+    base = edgequant.quantize(m, data)
+    two = edgequant.quantize(m, data, overrides=[Override("re:.*", level=2)])
+    assert {a.dtype for a in two.plan.activations.values()} == {QuantDType.INT16}
+    assert {w.dtype for w in two.plan.weights.values()} == {QuantDType.INT8}
+    three = edgequant.quantize(m, data, overrides=[Override("re:.*", level=3)])
+    assert {w.dtype for w in three.plan.weights.values()} == {QuantDType.INT16}
+    four = edgequant.quantize(m, data, overrides=[Override("re:.*", level=4)])
+    assert not four.plan.weights and not four.plan.biases
+    assert four.summary.fidelity[0].sqnr_db > two.summary.fidelity[0].sqnr_db > base.summary.fidelity[0].sqnr_db
+    one = edgequant.quantize(m, data, overrides=[Override("re:.*", level=1)])
+    sq = next(n for n in one.float_model.graph.node if n.op_type == "Mul")  # Mul(post, post): a square
+    assert one.plan.activations[sq.input[0]].dtype == QuantDType.INT16
+    conv_in = next(n for n in one.float_model.graph.node if n.op_type == "MatMul").input[0]
+    assert one.plan.activations[conv_in].dtype == QuantDType.UINT8
+    zero = edgequant.quantize(m, data, overrides=[Override("re:.*", level=2), Override("op:Sigmoid", level=0)])
+    sig = next(n for n in zero.float_model.graph.node if n.op_type == "Sigmoid")
+    assert zero.plan.activations[sig.input[0]].dtype == QuantDType.UINT8
+
+
+def test_tensor_selector_and_per_tensor_method(rng):
+    m, data = branchy(rng), feeds(rng)
+    r = edgequant.quantize(m, data, overrides=["tensor:d=uint16", "op:Sigmoid=method=minmax"])
+    assert r.plan.activations["d"].dtype == QuantDType.UINT16
+    root = r.plan.activations["d"].root
+    from edgequant.planning.options import Method
+
+    assert r.plan.calibration[root][0] is Method.MINMAX
+    lo, hi = r.ranges[root]
+    float_d = [edgequant.quantize(m, data, method="minmax").ranges[root]]
+    assert (lo, hi) == float_d[0]
+    with pytest.raises(TensorNameError, match="matches no quantized tensor"):
+        edgequant.quantize(m, data, overrides=["tensor:dd=int16"])

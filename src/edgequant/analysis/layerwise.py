@@ -64,14 +64,14 @@ def float_cache(model: ModelProto, samples: Iterable[Sample], budget_bytes: int,
 def _downstream(model: ModelProto, start: NodeProto) -> list[NodeProto]:
     """``start`` and every node that reads, directly or not, one of its outputs (graph order)."""
     cons = consumers(model.graph)
-    seen = {id(start)}
+    seen = {start.name}  # node names are unique in a planned model
     stack = [o for o in start.output if o]
     while stack:
         for node in cons.get(stack.pop(), []):
-            if id(node) not in seen:
-                seen.add(id(node))
+            if node.name not in seen:
+                seen.add(node.name)
                 stack += [o for o in node.output if o]
-    return [n for n in model.graph.node if id(n) in seen]
+    return [n for n in model.graph.node if n.name in seen]
 
 
 class _SuffixBuilder:
@@ -95,7 +95,7 @@ class _SuffixBuilder:
         head.CopyFrom(layer)
         for e in edges:
             nodes += self._transplant(e, head, scope, new_inits)
-        body = [head] + [n for n in suffix if n is not layer]
+        body = [head] + [n for n in suffix if n.name != layer.name]
         produced = {o for n in body for o in n.output if o} | {o for n in nodes for o in n.output}
         reads = [t for n in nodes + body for t in list(n.input) + sorted(subgraph_inputs(n)) if t]
         boundary = [t for t in dict.fromkeys(reads) if t not in produced and t not in self.finits

@@ -86,13 +86,19 @@ def group_tensors(sizes: list[int], budget: int) -> list[list[int]]:
 
 def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSource,
                    options: QuantOptions, count: int, progress: Progress | None = None,
-                   memory_budget: int = 1 << 30) -> tuple[dict[str, MinMaxObserver], int]:
+                   memory_budget: int = 1 << 30,
+                   methods: dict[str, tuple] | None = None) -> tuple[dict[str, MinMaxObserver], int]:
     """Observe ``roots`` over the first ``count`` samples.
 
+    ``methods`` gives some roots their own (method, percentile) instead of the options'.
     Returns one observer per tensor and the number of samples actually seen (fewer than
     ``count`` when the source runs out).
     """
-    observers = {n: make_observer(options.method, options.percentile) for n in roots}
+    methods = methods or {}
+    observers = {}
+    for n in roots:
+        method, pct = methods.get(n, (None, None))
+        observers[n] = make_observer(method or options.method, pct if pct is not None else options.percentile)
     if not roots:  # nothing to observe (e.g. every quantizable op sits in an If/Loop body)
         return observers, count
     can_batch = all(not s.batch_fixed for s in source.specs)

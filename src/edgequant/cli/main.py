@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line, like every other error
+        where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "edgequant --help"
+        click.echo(f"error: {exc.format_message()} (see {where})", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

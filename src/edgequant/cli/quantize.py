@@ -67,6 +67,9 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--preprocess", help="User function 'file.py:function' turning a batch of paths into an array.")
 @click.option("--override", "overrides", multiple=True, metavar="SELECTOR=PRECISION",
               help="Keep layers in 16-bit or float: node name, glob, re:REGEX or op:TYPE = int8|uint8|int16|uint16|float. Repeatable.")
+@click.option("--float-after", multiple=True, metavar="TENSOR", help="Keep the layer producing TENSOR and everything after it in float. Repeatable.")
+@click.option("--float-before", multiple=True, metavar="TENSOR", help="Keep the layer producing TENSOR and everything before it in float. Repeatable.")
+@click.option("--precision-level", type=click.IntRange(0, 4), help="0 int8, 1 int8 + 16-bit sensitive ops, 2 16-bit activations, 3 16-bit activations and weights, 4 float.")
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
@@ -74,7 +77,8 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def quantize(model, model_opt, output, calib, config, method, percentile, per_channel, activation_dtype,
              weight_dtype, symmetric, batch_size, num_samples, eval_samples, device, file_type, mean, std,
-             color_format, layout, preprocess, overrides, analyze, report_dir, no_simplify, quiet, debug) -> None:
+             color_format, layout, preprocess, overrides, float_after, float_before, precision_level, analyze,
+             report_dir, no_simplify, quiet, debug) -> None:
     """Quantize a float ONNX MODEL with calibration data into a QDQ ONNX model."""
     from edgequant.api import quantize as run
     from edgequant.cli.render import print_summary, progress_bar
@@ -101,8 +105,9 @@ def quantize(model, model_opt, output, calib, config, method, percentile, per_ch
         options["activation_symmetric"] = symmetric in ("activations", "both")
     if no_simplify:
         options["simplify"] = False
-    if overrides:
-        options["overrides"] = (cfg.options.overrides if cfg else ()) + tuple(Override.parse(o) for o in overrides)
+    extra = cli_overrides(overrides, float_after, float_before, precision_level)
+    if extra:
+        options["overrides"] = (cfg.options.overrides if cfg else ()) + extra
     settings = image_settings(model_path, cfg, {
         "file_type": file_type, "mean": _floats(mean), "std": _floats(std), "color_format": color_format,
         "layout": layout, "preprocess": preprocess})
@@ -114,6 +119,17 @@ def quantize(model, model_opt, output, calib, config, method, percentile, per_ch
         print_summary(result.summary, str(saved))
     if analyze or (cfg is not None and cfg.analyze):
         _analyze(result, calib, cfg, settings, report_dir or out.with_name(out.stem + "_report"), quiet)
+
+
+def cli_overrides(overrides, float_after, float_before, precision_level) -> tuple[Override, ...]:
+    """The CLI's mixed-precision flags as overrides: level first, then regions, then --override."""
+    from edgequant.planning.overrides import FLOAT
+    from edgequant.planning.selectors import After, Before
+
+    out = [Override("re:.*", level=precision_level)] if precision_level is not None else []
+    out += [Override(After((t,), inclusive=True, what="--float-after"), FLOAT) for t in float_after]
+    out += [Override(Before(t), FLOAT) for t in float_before]
+    return tuple(out) + tuple(Override.parse(o) for o in overrides)
 
 
 def _analyze(result, calib, cfg, settings, folder: Path, quiet: bool) -> None:

@@ -55,6 +55,11 @@ def print_summary(summary: Summary, output: str | None) -> None:
     t.add_row("left float", f"{nf}: {_fmt_ops(summary.float_ops)}")
     if summary.subgraph_float_ops:
         t.add_row("", f"{summary.subgraph_float_ops} ops inside If/Loop/Scan bodies were left float")
+    if summary.precision:
+        from collections import Counter
+
+        kinds = Counter(summary.precision.values())
+        t.add_row("overrides", f"{len(summary.precision)} layers: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     t.add_row("calibration", f"{summary.calibration_samples} samples in {summary.calibration_seconds:.1f} s")
     where = "calibration samples (too few to hold some out)" if summary.eval_on_calibration else "held-out samples"
     for f in summary.fidelity:

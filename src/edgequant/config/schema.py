@@ -17,7 +17,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from edgequant.data.inputs import InputSettings
 from edgequant.errors import ConfigError, NotYetSupportedError, closest_names
 from edgequant.planning.options import Method, QuantOptions
-from edgequant.planning.overrides import Override
+from edgequant.planning.overrides import FLOAT, Override
+from edgequant.planning.selectors import After, Between
 from edgequant.quant.dtypes import QuantDType
 
 
@@ -54,12 +55,23 @@ class CalibrationParameters(_Strict):
     batch_size: int = Field(1, ge=1, description="edgequant: samples per inference batch")
 
 
+class CustomSetting(_Strict):
+    """A subgraph between boundary edges, with its own precision and calibration."""
+
+    input_names: list[str]
+    output_names: list[str]
+    precision_level: int | None = Field(None, ge=0, le=4)
+    calibration_type: str | None = None
+    max_percentile: float | None = None
+
+
 class QuantizationParameters(_Strict):
     analysis_enable: bool = False
-    precision_level: int = 0
+    precision_level: int = Field(0, ge=0, le=4, description="0 int8, 1 int8 + 16-bit sensitive ops, 2 16-bit "
+                                 "activations, 3 16-bit activations and weights, 4 float")
     finetune_level: int = 0
     max_percentile: float = 0.9999
-    custom_setting: list[dict[str, Any]] | None = None
+    custom_setting: list[CustomSetting] | None = None
     truncate_var_names: list[str] | None = None
     activation_dtype: str = Field("uint8", description="edgequant: int8, uint8, int16, uint16")
     weight_dtype: str = Field("int8", description="edgequant: int8, uint8")
@@ -136,22 +148,31 @@ def read_config_file(source: str | os.PathLike | dict) -> tuple[ConfigFile, Path
 
 
 def _reject_later_features(q: QuantizationParameters) -> None:
-    if q.precision_level != 0:
-        raise NotYetSupportedError(
-            f"quantization_parameters.precision_level {q.precision_level}: mixed precision is not "
-            "available in this version yet; use 0 (or activation_dtype int16 for 16-bit activations)")
     if q.finetune_level != 0:
         raise NotYetSupportedError(
             f"quantization_parameters.finetune_level {q.finetune_level}: fine-tuning (bias "
             "correction, AdaRound) is not available in this version yet; set it to 0")
-    if q.custom_setting:
-        raise NotYetSupportedError(
-            "quantization_parameters.custom_setting: per-subgraph settings are not available in "
-            "this version yet; remove the entries")
+
+
+def _percent(value: float) -> float:
+    return value * 100.0 if value <= 1.0 else value
+
+
+def config_overrides(q: QuantizationParameters) -> tuple[Override, ...]:
+    """precision_level, custom_setting, truncate_var_names and overrides, in that order."""
+    out: list[Override] = []
+    if q.precision_level:
+        out.append(Override("re:.*", level=q.precision_level))
+    for cs in q.custom_setting or []:
+        method = Method.parse(cs.calibration_type) if cs.calibration_type else None
+        pct = _percent(cs.max_percentile) if cs.max_percentile is not None else None
+        if pct is not None and method is None:
+            method = Method.PERCENTILE
+        out.append(Override(Between(tuple(cs.input_names), tuple(cs.output_names)), level=cs.precision_level,
+                            method=method, percentile=pct))
     if q.truncate_var_names:
-        raise NotYetSupportedError(
-            "quantization_parameters.truncate_var_names: keeping post-processing in float is not "
-            "available in this version yet; remove the entries")
+        out.append(Override(After(tuple(q.truncate_var_names)), FLOAT))
+    return tuple(out) + tuple(Override.parse(o) for o in q.overrides)
 
 
 def _resolve_path(text: str, base: Path) -> Path:
@@ -172,7 +193,7 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         folder = _resolve_path(m.working_dir, base) if m.working_dir else model_path.parent
         prefix = m.output_prefix or model_path.stem
         output = folder / (prefix if prefix.endswith(".onnx") else prefix + ".q.onnx")
-    pct = q.max_percentile * 100.0 if q.max_percentile <= 1.0 else q.max_percentile
+    pct = _percent(q.max_percentile)
     options = QuantOptions(
         method=Method.parse(c.calibration_type),
         percentile=pct,
@@ -185,7 +206,7 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         num_samples=c.calibration_step,
         simplify=not m.skip_onnxsim,
         device=c.calibration_device,
-        overrides=tuple(Override.parse(o) for o in q.overrides),
+        overrides=config_overrides(q),
     )
     inputs = c.input_parametres or []
     settings = tuple(_settings(p, base) for p in inputs)

@@ -71,7 +71,10 @@ class QuantOptions:
 
     @property
     def required_opset(self) -> int:
-        dtypes = [self.activation_dtype, self.weight_dtype] + [
-            o.precision for o in self.overrides if isinstance(o.precision, QuantDType)]
+        dtypes = [self.activation_dtype, self.weight_dtype]
+        for o in self.overrides:
+            dtypes += [d for d in (o.precision, o.weight) if isinstance(d, QuantDType)]
+            if o.level in (1, 2, 3):
+                dtypes.append(QuantDType.INT16)
         need = max(d.min_opset for d in dtypes)
         return max(need, 13 if self.per_channel else 10)

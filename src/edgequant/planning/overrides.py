@@ -1,83 +1,123 @@
-"""Per-layer precision overrides: keep chosen layers in 16-bit or float.
+"""Per-layer overrides: keep chosen layers in 16-bit or float, or calibrate them differently.
 
-An override is ``SELECTOR=PRECISION``. The selector picks nodes of the prepared model:
+An override is ``SELECTOR=SPEC``; SELECTOR is described in ``planning.selectors`` (node name,
+glob, ``re:``, ``op:``, ``tensor:``; subgraphs and regions come from the config and CLI).
+SPEC is a comma-separated list of a precision and ``key=value`` items::
 
-* ``Conv_12`` — an exact node name (unnamed nodes are named ``<OpType>_<index>``);
-* ``*/attention/*`` — a glob over node names;
-* ``re:^block[34]/`` — a regular expression searched in node names;
-* ``op:Softmax`` — every node of an op type.
-
-PRECISION is an activation dtype (``int8``, ``uint8``, ``int16``, ``uint16``) or ``float``.
+    Conv_12=int16                  activations read by Conv_12 in int16
+    op:Softmax=float               every Softmax in float
+    re:head/=int16,weight=int16    16-bit activations and weights
+    tensor:logits=uint16           one tensor (and those sharing its parameters)
+    op:Sigmoid=method=minmax       calibration method for the inputs of every Sigmoid
+    op:Add=percentile=99.9         (percentile implies method=percentile)
+    re:decoder=level=2             a precision level (see PRECISION_LEVELS)
 
 Rules, applied to the plan in order (a later override wins):
 
-* a dtype sets the precision of the node's quantized input activations; tensors that share
+* an activation dtype applies to the node's quantized input activations; tensors that share
   parameters (a MaxPool output and its input...) share the dtype, so the whole group changes.
-  Weights keep their dtype (16-bit activations with 8-bit weights, A16W8);
+  Weights keep their dtype unless ``weight=`` is given;
 * ``float`` leaves the node's input activations, weights and bias unquantized. Other readers
-  of those activations read them in float too (one Q/DQ pair per tensor in QDQ models).
+  of those activations read them in float too (one Q/DQ pair per tensor in QDQ models);
+* ``method``/``percentile`` choose how the input activations' ranges are calibrated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from onnx import ModelProto, NodeProto
 
-from edgequant.errors import ConfigError, TensorNameError, closest_names
+from edgequant.errors import ConfigError
+from edgequant.planning.selectors import NamePattern
 from edgequant.quant.dtypes import QuantDType
 
 FLOAT = "float"
 
+PRECISION_LEVELS = {
+    0: "int8 everywhere (the default activation and weight dtypes)",
+    1: "int8, with 16-bit activations for ops known to be sensitive (normalisation, Softmax, Log/Exp, "
+       "Sqrt/Reciprocal/Div/Pow, reductions, squares)",
+    2: "16-bit activations, 8-bit weights",
+    3: "16-bit activations and weights",
+    4: "float",
+}
+SENSITIVE_OPS = {"Softmax", "LogSoftmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
+                 "Log", "Exp", "Sqrt", "Reciprocal", "Div", "Pow", "Erf", "ReduceMean", "ReduceSum",
+                 "ReduceSumSquare", "ReduceL2"}
+
 
 @dataclass(frozen=True)
 class Override:
-    """Keep the nodes picked by ``selector`` at ``precision`` (a QuantDType, or ``"float"``)."""
+    """What to change for the nodes (or tensors) ``selector`` picks; ``None`` leaves a field be."""
 
-    selector: str
-    precision: QuantDType | str
+    selector: object  # a selector of planning.selectors, or its text
+    precision: QuantDType | str | None = None
+    weight: QuantDType | None = None
+    method: object | None = None  # planning.options.Method
+    percentile: float | None = None
+    level: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.selector, str):
+            object.__setattr__(self, "selector", NamePattern(self.selector))
+        if self.level is not None and self.level not in PRECISION_LEVELS:
+            raise ConfigError(f"precision_level {self.level} is not one of 0–4 (0 int8 … 4 float)")
+        if self.percentile is not None and not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"override {self}: percentile must be in (50, 100], got {self.percentile}")
 
     @classmethod
     def parse(cls, text: str) -> Override:
-        selector, sep, precision = text.rpartition("=")
-        if not sep or not selector.strip() or not precision.strip():
+        selector, sep, spec = text.partition("=")
+        if not sep or not selector.strip() or not spec.strip():
             raise ConfigError(f"override {text!r} must read SELECTOR=PRECISION, e.g. Conv_12=int16 or op:Softmax=float")
-        return cls(selector.strip(), parse_precision(precision.strip()))
+        fields: dict = {}
+        for item in (s.strip() for s in spec.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                key, value = "precision", item
+            fields[key.strip()] = _field(key.strip(), value.strip(), text)
+        if fields.get("percentile") is not None and "method" not in fields:
+            from edgequant.planning.options import Method
+
+            fields["method"] = Method.PERCENTILE
+        return cls(selector.strip(), **fields)
 
     def __str__(self) -> str:
-        p = self.precision if isinstance(self.precision, str) else self.precision.value
-        return f"{self.selector}={p}"
+        parts = []
+        if self.precision is not None:
+            parts.append(_name(self.precision))
+        for key in ("weight", "method", "percentile", "level"):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={_name(value)}")
+        return f"{self.selector}={','.join(parts)}"
 
-    def matches(self, node: NodeProto) -> bool:
-        s = self.selector
-        if s.startswith("op:"):
-            return node.op_type == s[3:]
-        if s.startswith("re:"):
-            return re.search(s[3:], node.name) is not None
-        if any(c in s for c in "*?["):
-            return fnmatch.fnmatchcase(node.name, s)
-        return node.name == s
 
-    def select(self, nodes: Iterable[NodeProto]) -> list[NodeProto]:
-        nodes = list(nodes)
-        if self.selector.startswith("re:"):
-            try:
-                re.compile(self.selector[3:])
-            except re.error as exc:
-                raise ConfigError(f"override {self}: bad regular expression ({exc})") from None
-        picked = [n for n in nodes if self.matches(n)]
-        if not picked:
-            if self.selector.startswith("op:"):
-                ops = sorted({n.op_type for n in nodes})
-                raise TensorNameError(f"override {self} matches no node: the model has no {self.selector[3:]!r} op; "
-                                      f"its ops are {closest_names(self.selector[3:], ops)}")
-            raise TensorNameError(f"override {self} matches no node; closest node names: "
-                                  f"{closest_names(self.selector.removeprefix('re:'), [n.name for n in nodes])}")
-        return picked
+def _name(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _field(key: str, value: str, text: str):
+    if key == "precision":
+        return parse_precision(value)
+    if key == "weight":
+        dtype = QuantDType.parse(value)
+        if dtype not in (QuantDType.INT8, QuantDType.UINT8, QuantDType.INT16, QuantDType.UINT16):
+            raise ConfigError(f"override {text!r}: weight must be int8, uint8, int16 or uint16")
+        return dtype
+    if key == "method":
+        from edgequant.planning.options import Method
+
+        return Method.parse(value)
+    if key in ("percentile", "level"):
+        try:
+            return float(value) if key == "percentile" else int(value)
+        except ValueError:
+            raise ConfigError(f"override {text!r}: {key} must be a number, got {value!r}") from None
+    raise ConfigError(f"override {text!r}: unknown item {key!r}; use a precision, weight=, method=, percentile= or level=")
 
 
 def parse_precision(text: str) -> QuantDType | str:
@@ -89,33 +129,84 @@ def parse_precision(text: str) -> QuantDType | str:
         raise ConfigError(f"precision {text!r} is not one of int8, uint8, int16, uint16, float") from None
 
 
-def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override]) -> None:
+def sensitive_nodes(model: ModelProto) -> set[str]:
+    """Nodes precision level 1 keeps in 16-bit: SENSITIVE_OPS, squares ``Mul(x, x)`` and the
+    node computing ``x``, and the nodes that read a Sqrt/Reciprocal/Div output (the scaling step
+    of a decomposed normalisation)."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    names = {n.name for n in model.graph.node if n.op_type in SENSITIVE_OPS}
+    scaled = {o for n in model.graph.node if n.op_type in ("Sqrt", "Reciprocal", "Div") for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]:
+            names.add(n.name)
+            if n.input[0] in prod:
+                names.add(prod[n.input[0]].name)
+        if any(i in scaled for i in n.input):
+            names.add(n.name)
+    return names
+
+
+def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], options) -> None:
     """Change ``plan`` (a QuantPlan) in place as the overrides say; see the module rules."""
-    nodes = list(model.graph.node)
-    producers = {o: n for n in nodes for o in n.output}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sensitive: set[str] | None = None
     for ov in overrides:
-        for node in ov.select(nodes):
+        if isinstance(ov.selector, NamePattern) and ov.selector.tensors:
+            for t in ov.selector.select_tensors(model, list(plan.activations)):
+                _apply_tensors(plan, [t], ov.precision, ov, producers)
+            continue
+        for node in ov.selector.select(model):
+            act, weight = ov.precision, ov.weight
+            if ov.level is not None:
+                if ov.level == 1 and sensitive is None:
+                    sensitive = sensitive_nodes(model)
+                act, weight = _level(ov.level, node, options, sensitive or set())
+                act, weight = ov.precision or act, ov.weight or weight
             inputs = [t for t in dict.fromkeys(node.input) if t in plan.activations]
-            if ov.precision == FLOAT:
+            if act == FLOAT:
                 _keep_float(plan, node, inputs, producers)
             else:
-                roots = {plan.activations[t].root for t in inputs}
-                for name, act in list(plan.activations.items()):
-                    if act.root in roots:
-                        plan.activations[name] = dataclasses.replace(act, dtype=ov.precision)
-            plan.precision[node.name] = str(ov.precision if isinstance(ov.precision, str) else ov.precision.value)
+                _apply_tensors(plan, inputs, act, ov, producers)
+                if weight is not None:
+                    for key, wp in list(plan.weights.items()):
+                        if key[0] == node.name:
+                            plan.weights[key] = dataclasses.replace(wp, dtype=weight)
+            if act is not None or weight is not None:
+                plan.precision[node.name] = ",".join(_name(v) for v in (act, weight) if v is not None)
     _drop_orphan_biases(plan)
+
+
+def _level(level: int, node: NodeProto, options, sensitive: set[str]):
+    if level == 0:
+        return options.activation_dtype, options.weight_dtype
+    if level == 1:
+        return (QuantDType.INT16 if node.name in sensitive else None), None
+    if level == 2:
+        return QuantDType.INT16, None
+    if level == 3:
+        return QuantDType.INT16, QuantDType.INT16
+    return FLOAT, None
+
+
+def _apply_tensors(plan, tensors: list[str], act, ov: Override, producers) -> None:
+    roots = {plan.activations[t].root for t in tensors if t in plan.activations}
+    if act == FLOAT:
+        for t in tensors:
+            _drop_activation(plan, t, producers)
+        return
+    for name, a in list(plan.activations.items()):
+        if a.root in roots and act is not None:
+            plan.activations[name] = dataclasses.replace(a, dtype=act)
+    if ov.method is not None:
+        base = plan.calibration
+        for root in roots:
+            base[root] = (ov.method, ov.percentile if ov.percentile is not None else base.get(root, (None, None))[1])
 
 
 def _keep_float(plan, node: NodeProto, inputs: list[str], producers: dict[str, NodeProto]) -> None:
     was_quantized = any(k[0] == node.name for k in plan.weights) or bool(inputs)
     for t in inputs:
-        del plan.activations[t]
-        relu = producers.get(t)
-        if relu is not None and relu.name in plan.folded_nodes:  # the Relu runs again, in float
-            del plan.folded_nodes[relu.name]
-            _count(plan.quantized_ops, f"{relu.op_type} (folded)", -1)
-            plan.float_ops[relu.op_type] += 1
+        _drop_activation(plan, t, producers)
     for key in [k for k in plan.weights if k[0] == node.name]:
         del plan.weights[key]
     for key in [k for k in plan.biases if k[0] == node.name]:
@@ -123,6 +214,16 @@ def _keep_float(plan, node: NodeProto, inputs: list[str], producers: dict[str, N
     if was_quantized and plan.quantized_ops.get(node.op_type):
         _count(plan.quantized_ops, node.op_type, -1)
         plan.float_ops[node.op_type] += 1
+
+
+def _drop_activation(plan, t: str, producers: dict[str, NodeProto]) -> None:
+    if plan.activations.pop(t, None) is None:
+        return
+    relu = producers.get(t)
+    if relu is not None and relu.name in plan.folded_nodes:  # the Relu runs again, in float
+        del plan.folded_nodes[relu.name]
+        _count(plan.quantized_ops, f"{relu.op_type} (folded)", -1)
+        plan.float_ops[relu.op_type] += 1
 
 
 def _count(counter, key: str, delta: int) -> None:
@@ -134,9 +235,5 @@ def _count(counter, key: str, delta: int) -> None:
 def _drop_orphan_biases(plan) -> None:
     """A bias becomes int32 with the input's scale; without a quantized input it stays float."""
     for key, bp in list(plan.biases.items()):
-        if bp.input_tensor not in plan.activations or (key[0], _weight_slot(plan, key[0])) not in plan.weights:
+        if bp.input_tensor not in plan.activations or not any(k[0] == key[0] for k in plan.weights):
             del plan.biases[key]
-
-
-def _weight_slot(plan, node_name: str) -> int:
-    return next((slot for (n, slot) in plan.weights if n == node_name), -1)

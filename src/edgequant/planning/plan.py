@@ -58,6 +58,7 @@ class QuantPlan:
     float_ops: Counter = field(default_factory=Counter)
     subgraph_float_ops: int = 0
     precision: dict[str, str] = field(default_factory=dict)
+    calibration: dict[str, tuple] = field(default_factory=dict)  # root → (Method, percentile or None)
 
     @property
     def roots(self) -> list[str]:
@@ -234,7 +235,7 @@ def build_plan(model: ModelProto, options: QuantOptions) -> QuantPlan:
     if options.overrides:
         from edgequant.planning.overrides import apply_overrides
 
-        apply_overrides(plan, model, options.overrides)
+        apply_overrides(plan, model, options.overrides, options)
     return plan
 
 
