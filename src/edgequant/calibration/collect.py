@@ -96,9 +96,9 @@ def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSourc
     """
     methods = methods or {}
     observers = {}
-    for n in roots:
-        method, pct = methods.get(n, (None, None))
-        observers[n] = make_observer(method or options.method, pct if pct is not None else options.percentile)
+    for root in roots:
+        method, pct = methods.get(root, (None, None))
+        observers[root] = make_observer(method or options.method, pct if pct is not None else options.percentile)
     if not roots:  # nothing to observe (e.g. every quantizable op sits in an If/Loop body)
         return observers, count
     can_batch = all(not s.batch_fixed for s in source.specs)

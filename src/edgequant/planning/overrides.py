@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from onnx import ModelProto, NodeProto
 
 from edgequant.errors import ConfigError
-from edgequant.planning.selectors import NamePattern
+from edgequant.planning.selectors import NamePattern, Selector
 from edgequant.quant.dtypes import QuantDType
 
 FLOAT = "float"
@@ -53,7 +53,7 @@ SENSITIVE_OPS = {"Softmax", "LogSoftmax", "LayerNormalization", "GroupNormalizat
 class Override:
     """What to change for the nodes (or tensors) ``selector`` picks; ``None`` leaves a field be."""
 
-    selector: object  # a selector of planning.selectors, or its text
+    selector: Selector | str  # a Selector of planning.selectors; text becomes a NamePattern
     precision: QuantDType | str | None = None
     weight: QuantDType | None = None
     method: object | None = None  # planning.options.Method
@@ -151,11 +151,12 @@ def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], opti
     producers = {o: n for n in model.graph.node for o in n.output}
     sensitive: set[str] | None = None
     for ov in overrides:
-        if isinstance(ov.selector, NamePattern) and ov.selector.tensors:
-            for t in ov.selector.select_tensors(model, list(plan.activations)):
+        selector = NamePattern(ov.selector) if isinstance(ov.selector, str) else ov.selector
+        if isinstance(selector, NamePattern) and selector.tensors:
+            for t in selector.select_tensors(model, list(plan.activations)):
                 _apply_tensors(plan, [t], ov.precision, ov, producers)
             continue
-        for node in ov.selector.select(model):
+        for node in selector.select(model):
             act, weight = ov.precision, ov.weight
             if ov.level is not None:
                 if ov.level == 1 and sensitive is None:

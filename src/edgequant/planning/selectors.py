@@ -15,11 +15,16 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 from onnx import ModelProto, NodeProto
 
 from edgequant.errors import ConfigError, TensorNameError, closest_names
 from edgequant.ir.graph import consumers, producers
+
+
+class Selector(Protocol):
+    def select(self, model: ModelProto) -> list[NodeProto]: ...
 
 
 def _tensor_names(model: ModelProto) -> list[str]:
