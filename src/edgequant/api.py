@@ -41,6 +41,7 @@ from edgequant.transform.qdq import insert_qdq
 
 if TYPE_CHECKING:
     from edgequant.config.schema import ResolvedConfig
+    from edgequant.mixed.guard import Collapse
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -68,6 +69,7 @@ class Summary:
     fidelity: list[OutputFidelity] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     precision: dict[str, str] = field(default_factory=dict)  # node → precision set by an override
+    collapse: Collapse | None = None
 
 
 
@@ -162,15 +164,42 @@ def _split_counts(total: int, options: QuantOptions) -> tuple[int, int]:
     return n_calib, n_eval
 
 
-def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
-             config: str | os.PathLike | dict | ResolvedConfig | None = None, options: QuantOptions | None = None,
-             input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
-             **overrides) -> QuantizeResult:
-    """Quantize a float ONNX model with calibration data; see ``QuantOptions`` for overrides.
+@dataclass
+class Calibrated:
+    """The state after calibration, from which models with other plans are assembled cheaply."""
 
-    ``calibration``: a path (folder of .npz/.npy/images/raw, list file, single file), one path
-    per input, or an iterable of arrays (single-input models) or dicts keyed by input name.
-    """
+    prepared: ModelProto
+    plan: QuantPlan
+    observers: dict
+    source: CalibrationSource
+    opts: QuantOptions
+    n_calib: int
+    n_eval: int
+    notes: list[str]
+    passes: list[PassResult]
+    from_opset: int
+    calib_seconds: float
+    start: float
+
+    def assemble(self, plan: QuantPlan) -> tuple[ModelProto, dict[str, QuantParams]]:
+        """The QDQ model for ``plan`` (whose tensors were all observed) without recalibrating."""
+        params = activation_params(plan, self.observers)
+        qmodel = insert_qdq(self.prepared, plan, params)
+        qmodel.producer_name, qmodel.producer_version = "edgequant", _version()
+        return qmodel, params
+
+    def eval_samples(self) -> tuple[int, int]:
+        """(first index, count) of the samples the fidelity check uses."""
+        if self.n_eval == 0:
+            return 0, min(self.n_calib, self.opts.eval_samples)
+        return self.n_calib, self.n_eval
+
+
+def calibrate(model: str | os.PathLike | ModelProto | None, calibration=None, *,
+              config: str | os.PathLike | dict | ResolvedConfig | None = None, options: QuantOptions | None = None,
+              input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
+              min_opset: int = 0, **overrides) -> Calibrated:
+    """Load, prepare, plan and calibrate (the stages before parameters are assigned)."""
     start = time.perf_counter()
     cfg = None
     if config is not None:
@@ -191,7 +220,7 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     except Exception as exc:
         if original.ByteSize() < 2_000_000_000:
             raise ModelLoadError(f"the model is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
-    prepared, opts, notes = _upgrade(original, opts)
+    prepared, opts, notes = _upgrade(original, opts, min_opset)
     del original  # the upgrade made a copy, or ``prepared`` is the same object
     passes = prepare_model(prepared, simplify=opts.simplify)
     plan = build_plan(prepared, opts)
@@ -205,24 +234,52 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
                                         methods=plan.calibration)
     if n_calib == 0:
         raise CalibrationDataError("the calibration data yields 0 samples")
-    calib_seconds = time.perf_counter() - t0
-    params = activation_params(plan, observers)
-    ranges = {a.root: observers[a.root].range(a.dtype, a.symmetric) for a in plan.activations.values()}
-    qmodel = insert_qdq(prepared, plan, params)
-    qmodel.producer_name, qmodel.producer_version = "edgequant", _version()
-    fidelity, eval_on_calib = _evaluate(prepared, qmodel, source, opts, n_calib, n_eval, progress)
+    return Calibrated(prepared, plan, observers, source, opts, n_calib, n_eval, notes, passes, from_opset,
+                      time.perf_counter() - t0, start)
+
+
+def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
+             config: str | os.PathLike | dict | ResolvedConfig | None = None, options: QuantOptions | None = None,
+             input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
+             **overrides) -> QuantizeResult:
+    """Quantize a float ONNX model with calibration data; see ``QuantOptions`` for overrides.
+
+    ``calibration``: a path (folder of .npz/.npy/images/raw, list file, single file), one path
+    per input, or an iterable of arrays (single-input models) or dicts keyed by input name.
+    """
+    state = calibrate(model, calibration, config=config, options=options, input_settings=input_settings,
+                      progress=progress, **overrides)
+    return finish(state, state.plan, progress)
+
+
+def finish(state: Calibrated, plan: QuantPlan, progress: Progress | None = None,
+           notes: list[str] | None = None) -> QuantizeResult:
+    """Assemble ``plan``, check its fidelity on held-out samples (with the collapse guard)."""
+    qmodel, params = state.assemble(plan)
+    opts = state.opts
+    ranges = {a.root: state.observers[a.root].range(a.dtype, a.symmetric) for a in plan.activations.values()}
+    first, count = state.eval_samples()
+    fidelity = _evaluate(state.prepared, qmodel, state.source, opts, first, count, progress)
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
-                      n_calib, n_eval or min(n_calib, opts.eval_samples), eval_on_calib,
-                      calib_seconds, time.perf_counter() - start, (from_opset, opset_of(qmodel)),
-                      passes, fidelity, notes, dict(plan.precision))
-    return QuantizeResult(qmodel, prepared, plan, ranges, params, summary, opts)
+                      state.n_calib, count, state.n_eval == 0, state.calib_seconds, 0.0,
+                      (state.from_opset, opset_of(qmodel)), state.passes, fidelity,
+                      state.notes + (notes or []), dict(plan.precision))
+    result = QuantizeResult(qmodel, state.prepared, plan, ranges, params, summary, opts)
+    if opts.collapse_cosine > 0 and fidelity and min(f.cosine for f in fidelity) < opts.collapse_cosine:
+        from edgequant.mixed.guard import collapse_report
+
+        summary.collapse = collapse_report(state, result, progress)
+        log.warning("quantized outputs collapsed (cosine %.3f < %.2f); most sensitive layers: %s",
+                    summary.collapse.cosine, opts.collapse_cosine, ", ".join(summary.collapse.layers))
+    summary.total_seconds = time.perf_counter() - state.start
+    return result
 
 
-def _upgrade(model: ModelProto, opts: QuantOptions) -> tuple[ModelProto, QuantOptions, list[str]]:
+def _upgrade(model: ModelProto, opts: QuantOptions, min_opset: int = 0) -> tuple[ModelProto, QuantOptions, list[str]]:
     """Upgrade to the opset the options need; if per-channel weights are what cannot be had
     (the converter fails on this model), fall back to per-tensor weights and say so."""
     try:
-        return ensure_opset(model, opts.required_opset), opts, []
+        return ensure_opset(model, max(opts.required_opset, min_opset)), opts, []
     except ModelLoadError as exc:
         fallback = dataclasses.replace(opts, per_channel=False)
         if not opts.per_channel or fallback.required_opset > opset_of(model):
@@ -240,13 +297,10 @@ def _version() -> str:
 
 
 def _evaluate(float_model: ModelProto, qmodel: ModelProto, source: CalibrationSource,
-              opts: QuantOptions, n_calib: int, n_eval: int,
-              progress: Progress | None) -> tuple[list[OutputFidelity], bool]:
-    """Compare float and quantized outputs on held-out samples (calibration ones if none)."""
-    eval_on_calib = n_eval == 0
-    start, count = (0, min(n_calib, opts.eval_samples)) if eval_on_calib else (n_calib, n_eval)
+              opts: QuantOptions, start: int, count: int, progress: Progress | None) -> list[OutputFidelity]:
+    """Compare float and quantized outputs on ``count`` samples from index ``start``."""
     if count == 0:
-        return [], eval_on_calib
+        return []
     fsess = make_session(float_model, device=opts.device)
     qsess = make_session(qmodel, device=opts.device)
     names = [o.name for o in fsess.get_outputs()]
@@ -261,4 +315,4 @@ def _evaluate(float_model: ModelProto, qmodel: ModelProto, source: CalibrationSo
         done += n
         if progress:
             progress("evaluating", done, count)
-    return [OutputFidelity(n, a.cosine, a.sqnr_db) for n, a in acc.items() if a.count], eval_on_calib
+    return [OutputFidelity(n, a.cosine, a.sqnr_db) for n, a in acc.items() if a.count]

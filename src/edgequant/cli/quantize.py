@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -70,6 +71,13 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--float-after", multiple=True, metavar="TENSOR", help="Keep the layer producing TENSOR and everything after it in float. Repeatable.")
 @click.option("--float-before", multiple=True, metavar="TENSOR", help="Keep the layer producing TENSOR and everything before it in float. Repeatable.")
 @click.option("--precision-level", type=click.IntRange(0, 4), help="0 int8, 1 int8 + 16-bit sensitive ops, 2 16-bit activations, 3 16-bit activations and weights, 4 float.")
+@click.option("--override-file", type=click.Path(path_type=Path), help="YAML/JSON with quantization_parameters.overrides (as --auto-mixed writes).")
+@click.option("--auto-mixed", is_flag=True, help="Find the fewest, cheapest layers to keep in --fallback precision until the output fidelity reaches the target.")
+@click.option("--target-cosine", type=float, help="--auto-mixed target: worst output cosine on the worst sample [default: 0.99].")
+@click.option("--target-sqnr", type=float, help="--auto-mixed target in dB instead of cosine.")
+@click.option("--max-high-precision", default="10%", show_default=True, help="--auto-mixed budget: share of MACs allowed in higher precision (10% or 0.1).")
+@click.option("--fallback", type=click.Choice(["int16", "uint16", "float"]), default="int16", show_default=True, help="--auto-mixed precision for the layers it picks.")
+@click.option("--strict", is_flag=True, help="Exit with status 3 when the collapse guard fires (outputs far from float).")
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
@@ -77,7 +85,8 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def quantize(model, model_opt, output, calib, config, method, percentile, per_channel, activation_dtype,
              weight_dtype, symmetric, batch_size, num_samples, eval_samples, device, file_type, mean, std,
-             color_format, layout, preprocess, overrides, float_after, float_before, precision_level, analyze,
+             color_format, layout, preprocess, overrides, float_after, float_before, precision_level, override_file,
+             auto_mixed, target_cosine, target_sqnr, max_high_precision, fallback, strict, analyze,
              report_dir, no_simplify, quiet, debug) -> None:
     """Quantize a float ONNX MODEL with calibration data into a QDQ ONNX model."""
     from edgequant.api import quantize as run
@@ -106,19 +115,65 @@ def quantize(model, model_opt, output, calib, config, method, percentile, per_ch
     if no_simplify:
         options["simplify"] = False
     extra = cli_overrides(overrides, float_after, float_before, precision_level)
+    if override_file:
+        extra = read_override_file(override_file) + extra
     if extra:
         options["overrides"] = (cfg.options.overrides if cfg else ()) + extra
     settings = image_settings(model_path, cfg, {
         "file_type": file_type, "mean": _floats(mean), "std": _floats(std), "color_format": color_format,
         "layout": layout, "preprocess": preprocess})
+    mixed = None
+    logging.getLogger("edgequant.api").setLevel(logging.ERROR)  # the collapse warning is rendered below
     with progress_bar(not quiet) as progress:
-        result = run(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
-                     progress=progress, **options)
+        if auto_mixed:
+            from edgequant.mixed.search import auto_mixed as search
+
+            result, mixed = search(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
+                                   progress=progress, target_cosine=target_cosine, target_sqnr=target_sqnr,
+                                   max_high_precision=_share(max_high_precision), fallback=fallback, **options)
+        else:
+            result = run(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
+                         progress=progress, **options)
     saved = result.save(out)
+    written = [str(saved)]
+    if mixed is not None:
+        written += [str(p) for p in mixed.write(out.with_suffix(""))]
     if not quiet:
-        print_summary(result.summary, str(saved))
+        print_summary(result.summary, ", ".join(written))
+    if result.summary.collapse is not None:
+        from edgequant.cli.render import print_collapse
+
+        print_collapse(result.summary.collapse)
     if analyze or (cfg is not None and cfg.analyze):
         _analyze(result, calib, cfg, settings, report_dir or out.with_name(out.stem + "_report"), quiet)
+    if strict and result.summary.collapse is not None:
+        raise SystemExit(3)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise ConfigError(f"--max-high-precision {text!r} must be a share of MACs like 10% or 0.1") from None
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"--max-high-precision {text!r} must be between 0 and 100%")
+    return value
+
+
+def read_override_file(path: Path) -> tuple[Override, ...]:
+    """Overrides from a YAML/JSON file: ``quantization_parameters.overrides`` or ``overrides``."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"override file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    items = data.get("quantization_parameters", data).get("overrides") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ConfigError(f"override file {path} has no overrides list (quantization_parameters.overrides)")
+    return tuple(Override.parse(str(o)) for o in items)
 
 
 def cli_overrides(overrides, float_after, float_before, precision_level) -> tuple[Override, ...]:

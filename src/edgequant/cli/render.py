@@ -129,3 +129,12 @@ def print_comparison(result, tolerance: tuple[float, float], verbose: bool) -> N
                   + (" ..." if len(result.only_b) > 20 else ""))
     if result.skipped:
         out.print(f"skipped (--except): {len(result.skipped)}")
+
+
+def print_collapse(collapse) -> None:
+    """The collapse guard's warning: loud, on stderr, even with --quiet."""
+    err.print(f"[bold red]WARNING: the quantized model's outputs collapsed[/bold red] (worst output cosine "
+              f"{collapse.cosine:.3f} < {collapse.threshold}).", soft_wrap=True)
+    if collapse.layers:
+        err.print("most sensitive layers: " + ", ".join(collapse.layers), soft_wrap=True)
+    err.print("fix: " + collapse.advice(), soft_wrap=True)

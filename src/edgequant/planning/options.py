@@ -54,6 +54,7 @@ class QuantOptions:
     simplify: bool = True
     device: str = "auto"
     overrides: tuple[Override, ...] = ()
+    collapse_cosine: float = 0.9
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:

@@ -129,21 +129,48 @@ def parse_precision(text: str) -> QuantDType | str:
         raise ConfigError(f"precision {text!r} is not one of int8, uint8, int16, uint16, float") from None
 
 
-def sensitive_nodes(model: ModelProto) -> set[str]:
-    """Nodes precision level 1 keeps in 16-bit: SENSITIVE_OPS, squares ``Mul(x, x)`` and the
-    node computing ``x``, and the nodes that read a Sqrt/Reciprocal/Div output (the scaling step
-    of a decomposed normalisation)."""
-    prod = {o: n for n in model.graph.node for o in n.output}
-    names = {n.name for n in model.graph.node if n.op_type in SENSITIVE_OPS}
-    scaled = {o for n in model.graph.node if n.op_type in ("Sqrt", "Reciprocal", "Div") for o in n.output}
-    for n in model.graph.node:
+def _hops(start: list[str], step, limit: int) -> set[str]:
+    """Node names reachable from ``start`` tensors within ``limit`` nodes; ``step(tensor)``
+    gives (nodes, next tensors of each)."""
+    seen: set[str] = set()
+    frontier = list(start)
+    for _ in range(limit):
+        nxt = []
+        for t in frontier:
+            for node, tensors in step(t):
+                if node.name not in seen:
+                    seen.add(node.name)
+                    nxt += tensors
+        frontier = nxt
+    return seen
+
+
+def sensitive_nodes(model: ModelProto, reach: int = 6) -> set[str]:
+    """Nodes precision level 1 keeps in 16-bit: SENSITIVE_OPS; squares ``Mul(x, x)`` and the
+    node computing ``x``; the nodes that read a Sqrt/Reciprocal/Div output; and the statistics
+    path of a decomposed normalisation — nodes within ``reach`` steps after a reduction and
+    before a Sqrt/Reciprocal (mean, E[x²] − E[x]², + eps…), where int8 loses everything to
+    cancellation."""
+    nodes = list(model.graph.node)
+    prod = {o: n for n in nodes for o in n.output}
+    cons: dict[str, list[NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+    names = {n.name for n in nodes if n.op_type in SENSITIVE_OPS}
+    scaled = {o for n in nodes if n.op_type in ("Sqrt", "Reciprocal", "Div") for o in n.output}
+    for n in nodes:
         if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]:
             names.add(n.name)
             if n.input[0] in prod:
                 names.add(prod[n.input[0]].name)
         if any(i in scaled for i in n.input):
             names.add(n.name)
-    return names
+    reductions = [o for n in nodes if n.op_type.startswith("Reduce") for o in n.output]
+    after = _hops(reductions, lambda t: [(c, list(c.output)) for c in cons.get(t, [])], reach)
+    roots = [i for n in nodes if n.op_type in ("Sqrt", "Reciprocal") for i in n.input]
+    before = _hops(roots, lambda t: [(prod[t], list(prod[t].input))] if t in prod else [], reach)
+    return names | (after & before)
 
 
 def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], options) -> None:

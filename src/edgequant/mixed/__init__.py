@@ -1,0 +1,1 @@
+"""Mixed precision: layer sensitivity, the collapse guard and the automatic search."""

@@ -1,0 +1,231 @@
+"""Automatic mixed precision: move the fewest, cheapest layers to a fallback precision until the
+quantized model reaches a fidelity target on held-out samples.
+
+1. Calibrate once (16-bit ranges come from the same observers), assemble the all-8-bit model.
+2. Rank layers by sensitivity (each quantized alone; analysis.layerwise) and price each by its
+   share of the model's MACs (mixed.cost).
+3. Take layers in order of damage per cost: grow the set geometrically (1, 2, 4, … layers)
+   until the target is met or the budget of MACs is spent, then bisect to the shortest
+   prefix that meets it, then try dropping each chosen layer again. Every step assembles a
+   model from the cached observers and runs it on the cached samples: one quantized
+   evaluation, never a recalibration.
+
+Fidelity is the cosine (default) or SQNR of the worst output on the worst sample — a pooled
+figure hides the rare input that int8 breaks — or a user metric (higher is better).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto
+
+from edgequant.analysis.metrics import FidelityAccumulator
+from edgequant.calibration.collect import run_checked
+from edgequant.errors import ConfigError
+from edgequant.mixed.cost import layer_macs
+from edgequant.mixed.sensitivity import sensitivity
+from edgequant.planning.overrides import Override, parse_precision
+from edgequant.planning.plan import QuantPlan, build_plan
+from edgequant.runtime.session import make_session
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    layers: tuple[str, ...]
+    cost: float
+    score: float
+    reached: bool
+
+
+@dataclass
+class MixedPrecision:
+    """The search's choice, what it costs, and every model it evaluated."""
+
+    overrides: tuple[str, ...]
+    cost: float
+    score: float
+    target: float
+    measure: str
+    reached: bool
+    steps: list[Step] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    candidates: int = 0
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(o.rpartition("=")[0] for o in self.overrides)
+
+    def describe(self) -> str:
+        state = "reached" if self.reached else "NOT reached"
+        return (f"{len(self.overrides)} layers in higher precision ({self.cost:.1%} of MACs); {self.measure} "
+                f"{self.score:.4f}, target {self.target:.4f} {state}; {len(self.steps)} models evaluated")
+
+    def override_file(self) -> str:
+        """A config fragment (``-c`` or ``--override-file``) that reproduces the choice."""
+        head = f"# edgequant --auto-mixed: {self.describe()}\n"
+        items = "".join(f'    - "{o}"\n' for o in self.overrides)
+        return head + "quantization_parameters:\n  overrides:" + (" []\n" if not items else "\n" + items)
+
+    def plot_png(self) -> bytes:
+        from edgequant.analysis.plots import _png, _pyplot
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        steps = sorted(self.steps, key=lambda s: (s.cost, len(s.layers)))
+        ax.plot([s.cost * 100 for s in steps], [s.score for s in steps], "o-", ms=4, lw=0.8)
+        ax.axhline(self.target, color="tab:green", ls=":", label=f"target {self.target:.4g}")
+        ax.plot([self.cost * 100], [self.score], "*", ms=12, color="tab:red", label="chosen")
+        ax.set_xlabel("MACs in higher precision (%)")
+        ax.set_ylabel(self.measure)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return _png(fig)
+
+    def write(self, stem: str | Path) -> tuple[Path, Path]:
+        """``STEM.mixed.yaml`` and ``STEM.mixed.png``."""
+        stem = Path(stem)
+        yaml_path, png_path = stem.with_name(stem.name + ".mixed.yaml"), stem.with_name(stem.name + ".mixed.png")
+        yaml_path.write_text(self.override_file(), encoding="utf-8")
+        png_path.write_bytes(self.plot_png())
+        return yaml_path, png_path
+
+
+class _Scorer:
+    """Scores a plan: assemble from the cached observers, run on the cached float samples."""
+
+    def __init__(self, state, cache: list[dict[str, np.ndarray]], measure: str, metric: Callable | None):
+        self.state, self.cache, self.measure, self.metric = state, cache, measure, metric
+        self.outputs = [o.name for o in state.prepared.graph.output]
+        self.inputs = [i.name for i in state.prepared.graph.input if i.name in cache[0]]
+
+    def __call__(self, plan) -> float:
+        qmodel, _ = self.state.assemble(plan)
+        if self.metric is not None:
+            return float(self.metric(qmodel))
+        sess = make_session(qmodel, device=self.state.opts.device)
+        names = [o.name for o in sess.get_outputs()]
+        worst = float("inf")
+        for i, values in enumerate(self.cache):  # the worst sample counts: rare inputs must survive too
+            got = run_checked(sess, names, {k: values[k] for k in self.inputs}, i)
+            for n, v in zip(names, got):
+                acc = FidelityAccumulator()
+                acc.update(values[n], np.asarray(v))
+                if acc.count:
+                    worst = min(worst, acc.cosine if self.measure == "cosine" else acc.sqnr_db)
+        return worst if worst != float("inf") else 1.0
+
+
+def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, target_cosine: float | None = None,
+               target_sqnr: float | None = None, metric: Callable[[ModelProto], float] | None = None,
+               metric_tolerance: float = 0.01, max_high_precision: float = 0.10, fallback: str = "int16",
+               search_samples: int = 64, progress: Progress | None = None, **kwargs):
+    """Quantize ``model`` and keep the layers it needs in ``fallback`` precision (see module doc).
+
+    Returns ``(QuantizeResult, MixedPrecision)``. ``metric(qmodel) -> float`` (higher is better)
+    searches on the user's own task metric; the target is then the float model's metric minus
+    ``metric_tolerance``. Sensitivity and cosine/SQNR are measured on the first
+    ``search_samples`` samples (calibration and held-out alike: the search picks precisions, it
+    fits nothing); the result's summary reports fidelity on the held-out samples as usual.
+    ``kwargs`` are those of ``quantize`` (config, options, overrides...).
+    """
+    from edgequant.api import calibrate, finish
+    from edgequant.quant.dtypes import QuantDType
+
+    precision = parse_precision(fallback)
+    if precision not in ("float", QuantDType.INT16, QuantDType.UINT16):
+        raise ConfigError(f"fallback {fallback!r} must be int16, uint16 or float")
+    if not 0.0 < max_high_precision <= 1.0:
+        raise ConfigError(f"max high precision must be a share of MACs in (0, 1], got {max_high_precision}")
+    if target_cosine is not None and target_sqnr is not None:
+        raise ConfigError("give --target-cosine or --target-sqnr, not both")
+    t0 = time.perf_counter()
+    state = calibrate(model, calibration, progress=progress, min_opset=21 if precision != "float" else 0, **kwargs)
+    base, _ = state.assemble(state.plan)
+    sens = sensitivity(state, base, progress, samples=search_samples)
+    t1 = time.perf_counter()
+    measure = "metric" if metric else ("sqnr_db" if target_sqnr is not None else "cosine")
+    score = _Scorer(state, sens.cache, measure, metric)
+    if metric is not None:
+        target = float(metric(state.prepared)) - metric_tolerance
+    else:
+        target = target_sqnr if target_sqnr is not None else (target_cosine if target_cosine is not None else 0.99)
+    macs = layer_macs(state.prepared, sens.cache[0], [r.node for r in sens.layers])
+    total = max(sum(macs.values()), 1)
+    ranked = [r for r in sens.ranked() if r.output.nonfinite or r.output.cosine < 1.0 - 1e-7]
+    ranked.sort(key=lambda r: (not r.output.nonfinite, -(1.0 - r.output.cosine) / max(macs[r.node] / total, 1e-4)))
+    tag = precision if isinstance(precision, str) else precision.value
+    search = _Search(state, score, target, {r.node: macs[r.node] / total for r in ranked}, tag, progress)
+    chosen = search.run([r.node for r in ranked], max_high_precision)
+    overrides = tuple(f"{n}={tag}" for n in chosen)
+    plan = search.plan(chosen)
+    result = finish(state, plan, progress)
+    mixed = MixedPrecision(overrides, search.cost(chosen), search.scores[tuple(chosen)], target, measure,
+                           search.scores[tuple(chosen)] >= target, search.steps,
+                           {"sensitivity": t1 - t0 - state.calib_seconds, "search": time.perf_counter() - t1},
+                           len(ranked))
+    result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
+    return result, mixed
+
+
+class _Search:
+    def __init__(self, state, score: _Scorer, target: float, share: dict[str, float], tag: str,
+                 progress: Progress | None):
+        self.state, self.score, self.target, self.share, self.tag = state, score, target, share, tag
+        self.progress = progress
+        self.scores: dict[tuple[str, ...], float] = {}
+        self.steps: list[Step] = []
+
+    def plan(self, layers) -> QuantPlan:
+        extra = tuple(Override(n, parse_precision(self.tag)) for n in layers)
+        opts = dataclasses.replace(self.state.opts, overrides=self.state.opts.overrides + extra)
+        return build_plan(self.state.prepared, opts)
+
+    def cost(self, layers) -> float:
+        return sum(self.share[n] for n in layers)
+
+    def ok(self, layers: list[str]) -> bool:
+        key = tuple(layers)
+        if key not in self.scores:
+            self.scores[key] = self.score(self.plan(layers))
+            self.steps.append(Step(key, self.cost(layers), self.scores[key], self.scores[key] >= self.target))
+            if self.progress:
+                self.progress("mixed search", len(self.steps), len(self.steps))
+        return self.scores[key] >= self.target
+
+    def run(self, order: list[str], budget: float) -> list[str]:
+        if self.ok([]):
+            return []
+        cum = np.cumsum([self.share[n] for n in order]) if order else np.zeros(0)
+        max_k = int(np.searchsorted(cum, budget + 1e-12, side="right"))
+        lo, hi, k = 0, None, 1
+        while k <= max_k:
+            if self.ok(order[:k]):
+                hi = k
+                break
+            lo = k
+            k = max_k if k < max_k < 2 * k else 2 * k
+        if hi is None:  # the budget does not reach the target: best found within it
+            best: tuple[str, ...] = max(self.scores, key=self.scores.__getitem__)
+            return list(best)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.ok(order[:mid]):
+                hi = mid
+            else:
+                lo = mid
+        chosen = order[:hi]
+        for n in reversed(order[:hi]):  # drop what the others made unnecessary
+            trial = [m for m in chosen if m != n]
+            if len(chosen) > 1 and self.ok(trial):
+                chosen = trial
+        return chosen

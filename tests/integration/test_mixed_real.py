@@ -1,0 +1,78 @@
+"""Mixed precision on a real model that int8 breaks: magika (integer input, layer norms, GELU).
+
+Plain int8 collapses it (top-1 ~10 % against 100 % float); the collapse guard must fire and name
+its LayerNorm ops; ``--auto-mixed`` with defaults must bring it back with a tiny share of MACs
+in 16-bit; the override file it writes must reproduce the same model.
+"""
+
+import json
+import random
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+
+import edgequant
+from edgequant.mixed.search import auto_mixed
+from tests.conftest import extract, run, wheel_path
+from tests.integration.realdata import labelled_files
+
+MODEL = ("magika", "magika/models/standard_v3_3/model.onnx")
+
+
+def labels() -> list[str]:
+    with zipfile.ZipFile(wheel_path("magika")) as z:
+        return json.loads(z.read("magika/models/standard_v3_3/config.min.json"))["target_labels_space"]
+
+
+def calibration():
+    data = [{"bytes": x} for _, x in labelled_files(40, part=0)]
+    random.Random(0).shuffle(data)  # held-out samples are the last ones: mix the file kinds
+    return data
+
+
+def accuracy(model, test, names) -> float:
+    return float(np.mean([names[int(run(model, {"bytes": x})[0].argmax())] == y for y, x in test]))
+
+
+def test_guard_fires_and_auto_mixed_restores_magika():
+    model, names, test = extract(*MODEL), labels(), labelled_files(40, part=1)
+    data = calibration()
+    int8 = edgequant.quantize(str(model), data)
+    assert int8.summary.collapse is not None
+    assert int8.summary.collapse.cosine < 0.5 and "--override" in int8.summary.collapse.advice()
+    assert all("LayerNorm" in n for n in int8.summary.collapse.layers[:3])
+    result, mixed = auto_mixed(str(model), data)
+    assert mixed.reached and 0 < len(mixed.overrides) <= 10 and mixed.cost <= 0.10
+    assert result.summary.collapse is None
+    float_acc, int8_acc, mixed_acc = (accuracy(m, test, names) for m in (int8.float_model, int8.model, result.model))
+    assert float_acc == 1.0 and int8_acc < 0.3
+    assert mixed_acc >= float_acc - 0.02, (mixed_acc, mixed.overrides)  # 1 of 62 files flips today
+    level1 = edgequant.quantize(str(model), data, overrides=[edgequant.Override("re:.*", level=1)])
+    assert accuracy(level1.model, test, names) >= float_acc - 0.02
+
+
+def test_cli_strict_auto_mixed_and_override_file(tmp_path):
+    model = extract(*MODEL)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, feed in enumerate(calibration()[:40]):
+        np.savez(calib / f"{i:03d}.npz", **feed)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edgequant", "quantize", str(model), "--calib", str(calib),
+                               "-q", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+    strict = cli("-o", tmp_path / "a.onnx", "--strict")
+    assert strict.returncode == 3 and "collapsed" in strict.stderr and "--override" in strict.stderr
+    assert cli("-o", tmp_path / "b.onnx").returncode == 0  # without --strict: a warning only
+    mixed = cli("-o", tmp_path / "m.onnx", "--auto-mixed", "--strict")
+    assert mixed.returncode == 0, mixed.stderr
+    override_file = tmp_path / "m.mixed.yaml"
+    assert override_file.is_file() and (tmp_path / "m.mixed.png").is_file()
+    again = cli("-o", tmp_path / "r.onnx", "--override-file", override_file)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "r.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
+    bad = cli("-o", tmp_path / "x.onnx", "--auto-mixed", "--max-high-precision", "200%")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and not (tmp_path / "x.onnx").exists()
