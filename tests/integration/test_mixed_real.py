@@ -15,7 +15,7 @@ import numpy as np
 
 import edgequant
 from edgequant.mixed.search import auto_mixed
-from tests.conftest import extract, run, wheel_path
+from tests.conftest import extract, wheel_path
 from tests.integration.realdata import labelled_files
 
 MODEL = ("magika", "magika/models/standard_v3_3/model.onnx")
@@ -33,7 +33,12 @@ def calibration():
 
 
 def accuracy(model, test, names) -> float:
-    return float(np.mean([names[int(run(model, {"bytes": x})[0].argmax())] == y for y, x in test]))
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return float(np.mean([names[int(sess.run(None, {"bytes": x})[0].argmax())] == y for y, x in test]))
 
 
 def test_guard_fires_and_auto_mixed_restores_magika():
@@ -76,3 +81,17 @@ def test_cli_strict_auto_mixed_and_override_file(tmp_path):
     assert (tmp_path / "r.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
     bad = cli("-o", tmp_path / "x.onnx", "--auto-mixed", "--max-high-precision", "200%")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and not (tmp_path / "x.onnx").exists()
+
+
+def test_auto_mixed_on_a_task_metric():
+    model, names = extract(*MODEL), labels()
+    data = calibration()
+    dev = labelled_files(40, part=0)[::2]  # labelled files the user holds out for the search
+
+    def metric(m):
+        return accuracy(m, dev, names)
+
+    result, mixed = auto_mixed(str(model), data, metric=metric, metric_tolerance=0.0)
+    assert mixed.measure == "metric" and mixed.target == 1.0
+    assert mixed.reached and mixed.score == 1.0 and mixed.cost <= 0.10
+    assert accuracy(result.model, dev, names) == 1.0

@@ -38,6 +38,7 @@ def test_mnist_cnn_keeps_99_percent_of_float_accuracy():
     assert float_acc > 0.9
     assert int8_acc >= 0.99 * float_acc, (float_acc, int8_acc)
     assert result.summary.float_ops == {}
+    assert result.summary.collapse is None  # the guard stays quiet on healthy models
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,7 @@ def test_ocr_captcha_model_through_cli_with_npz_folder(ocr_model, tmp_path):
                         "--calib", str(calib)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "LSTM" in r.stdout  # the summary names what stayed float
+    assert "collapsed" not in r.stderr
     quantized = onnx.load(str(out))
     onnx.checker.check_model(quantized)
     charset = ocr_charset()
@@ -98,6 +100,7 @@ def test_orientation_classifier_keeps_accuracy():
     int8_acc = (run(result.model, {"x": x})[0].argmax(1) == y).mean()
     assert float_acc >= 0.95
     assert int8_acc >= float_acc - 0.005, (float_acc, int8_acc)
+    assert result.summary.collapse is None
 
 
 def test_detector_quantizes_without_loss_of_fidelity():
@@ -110,6 +113,7 @@ def test_detector_quantizes_without_loss_of_fidelity():
     result = edgequant.quantize(model, calib)
     assert result.summary.quantized_ops["Conv"] == 83
     assert result.summary.fidelity[0].cosine >= 0.99
+    assert result.summary.collapse is None
 
 
 @pytest.mark.parametrize("member,feeds", [

@@ -180,3 +180,14 @@ def test_report_files_are_complete_and_offline(rng, tmp_path):
     (folder / "keep.txt").write_text("mine")
     edgequant.write_report(report, folder)  # rewriting leaves other files alone
     assert (folder / "keep.txt").read_text() == "mine"
+
+
+def test_report_files_are_reproducible(rng, tmp_path):
+    r = edgequant.quantize(cnn(rng), calib(rng))
+    data = calib(rng, 6)
+    for name in ("a", "b"):
+        rep = edgequant.analyze(r.float_model, r.model, data, num_samples=6)
+        assert all(row.seconds > 0 for row in rep.layerwise)  # timings are in the API, not the files
+        edgequant.write_report(rep, tmp_path / name)
+    for f in ("report.json", "report.md", "report.html", "summary.png"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

@@ -12,6 +12,8 @@ output it damages most (output), both against float.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -42,6 +44,7 @@ class LayerError:
     output: Metrics
     output_name: str
     weight_sqnr_db: float | None
+    seconds: float = 0.0  # time this layer's isolated evaluation took
 
 
 def float_cache(model: ModelProto, samples: Iterable[Sample], budget_bytes: int,
@@ -154,6 +157,7 @@ def layerwise(float_model: ModelProto, qmodel: ModelProto, qmap: QuantMap,
     nodes = [(k, n) for k, n in enumerate(float_model.graph.node) if n.name in qmap.edges]
     rows = []
     for done, (k, node) in enumerate(nodes, 1):
+        t0 = time.perf_counter()
         edges = qmap.edges[node.name]
         model, local, outs = builder.build(node, edges, types)
         sess = make_session(model, device=device)
@@ -164,7 +168,8 @@ def layerwise(float_model: ModelProto, qmodel: ModelProto, qmap: QuantMap,
             got = run_checked(sess, names, {f: values[f] for f in feeds}, i)
             for n, v in zip(names, got):
                 acc[n].update(values[n], np.asarray(v))
-        rows.append(_record(k, node, edges, acc, local, outs, qmodel, builder.finits))
+        rows.append(dataclasses.replace(_record(k, node, edges, acc, local, outs, qmodel, builder.finits),
+                                        seconds=time.perf_counter() - t0))
         if progress:
             progress("layerwise", done, len(nodes))
     return rows
