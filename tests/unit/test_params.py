@@ -86,3 +86,18 @@ def test_dtype_facts():
     assert QuantDType.UINT8.onnx_type == TensorProto.UINT8 and not QuantDType.UINT8.signed
     with pytest.raises(Exception, match="valid: int8"):
         QuantDType.parse("int4")
+
+
+def test_fit_bias_raises_the_scale_of_a_dead_channel_only():
+    from edgequant.quant.dtypes import QuantDType
+    from edgequant.quant.params import QuantParams, fit_bias, quantize_bias
+
+    p = QuantParams(np.array([0.01, 1e-12], np.float32), np.zeros(2, np.int8), QuantDType.INT8, 0)
+    bias = np.array([0.5, 1.0], np.float32)
+    assert quantize_bias(bias, 0.01, p.scale)[2] == 1  # the dead channel's bias would be clipped
+    fitted = fit_bias(p, bias, 0.01)
+    assert fitted.scale[0] == p.scale[0] and fitted.scale[1] > p.scale[1]
+    q, scale, clipped = quantize_bias(bias, 0.01, fitted.scale)
+    assert clipped == 0 and np.allclose(q * scale.astype(np.float64), bias, rtol=1e-6)
+    assert fit_bias(QuantParams(np.array([0.01, 0.02], np.float32), np.zeros(2, np.int8), QuantDType.INT8, 0),
+                    bias, 0.01) is None

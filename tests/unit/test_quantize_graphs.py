@@ -240,3 +240,20 @@ def test_tensor_groups_give_the_same_ranges_as_one_pass(rng):
     assert len(plan.roots) > 2
     for name in plan.roots:
         assert one[name].range(edgequant.QuantDType.UINT8, False) == many[name].range(edgequant.QuantDType.UINT8, False)
+
+
+def test_dead_channel_keeps_its_bias(rng, caplog):
+    model = cnn(rng)
+    w = next(t for t in model.graph.initializer if t.name == "W1")
+    arr = numpy_helper.to_array(w).copy()
+    arr[1] = 1e-11  # a channel pruned to ~0 whose bias still matters
+    w.CopyFrom(numpy_helper.from_array(arr, "W1"))
+    b = next(t for t in model.graph.initializer if t.name == "B1")
+    barr = numpy_helper.to_array(b).copy()
+    barr[1] = 3.0
+    b.CopyFrom(numpy_helper.from_array(barr, "B1"))
+    data = calib(rng)
+    with caplog.at_level("WARNING"):
+        result = edgequant.quantize(model, data)
+    assert "overflowed" not in caplog.text
+    assert result.summary.fidelity[0].cosine > 0.999

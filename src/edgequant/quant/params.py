@@ -94,3 +94,27 @@ def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray
     info = np.iinfo(np.int32)
     clipped = int(np.count_nonzero((q < info.min) | (q > info.max)))
     return np.clip(q, info.min, info.max).astype(np.int32), scale, clipped
+
+
+BIAS_LIMIT = float(np.iinfo(np.int32).max)
+
+
+def fit_bias(params: QuantParams, bias: np.ndarray, input_scale: float) -> QuantParams | None:
+    """Symmetric weight params whose scales are raised where ``bias / (s_in · s_w)`` would
+    overflow int32, or None when nothing overflows.
+
+    A channel with near-zero weights gets a tiny scale; its int32 bias then overflows and a
+    clipped bias shifts the whole channel. Raising that channel's scale to
+    ``|b| / (s_in · (2³¹ − 1))`` keeps the bias exact at the cost of rounding weights that are
+    ~0 anyway. Example: b = 1, s_in = 0.01, s_w = 1e-12 → s_w becomes 1e-12 · (1 / 0.0215) ≈ 4.7e-8.
+    """
+    if np.any(params.zero_point != 0):
+        return None
+    need = np.abs(bias.astype(np.float64)) / (np.float64(input_scale) * BIAS_LIMIT)
+    scale = params.scale.astype(np.float64)
+    if params.axis is None:
+        need = np.asarray(need.max() if need.size else 0.0)
+    if not np.any(need > scale):
+        return None
+    return QuantParams(np.maximum(scale, need * (1 + 1e-6)).astype(np.float32), params.zero_point, params.dtype,
+                       params.axis)

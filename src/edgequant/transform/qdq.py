@@ -22,7 +22,7 @@ from edgequant.ir.graph import NameScope, consumers
 from edgequant.ir.model import copy_fields
 from edgequant.planning.plan import ActivationPlan, QuantPlan
 from edgequant.quant.assign import weight_params
-from edgequant.quant.params import QuantParams, quantize_bias
+from edgequant.quant.params import QuantParams, fit_bias, quantize_array, quantize_bias
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +118,29 @@ class _Inserter:
         for (node_name, slot), wp in self.plan.weights.items():
             if node_name != node.name:
                 continue
-            key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric)
+            bias = self._bias_for(node)
+            key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric) + (bias or ())
             if key not in self.weight_cache:
                 w = numpy_helper.to_array(self.inits[wp.tensor])
                 q, p = weight_params(w, wp)
+                if bias is not None:  # keep the int32 bias from overflowing
+                    fitted = fit_bias(p, numpy_helper.to_array(self.inits[bias[0]]), bias[1])
+                    if fitted is not None:
+                        p, q = fitted, quantize_array(w, fitted)
                 dq_out = self.scope.fresh(f"{wp.tensor}_dequantized")
                 made.append(self.dq_node(wp.tensor, q, p, dq_out))
                 self.weight_cache[key] = (dq_out, p)
             node.input[slot] = self.weight_cache[key][0]
             made += self.bias_nodes(node, key)
         return made
+
+    def _bias_for(self, node: NodeProto) -> tuple[str, float] | None:
+        """(bias tensor, input scale) of the node's int32 bias, if it has one."""
+        for (node_name, _), bp in self.plan.biases.items():
+            if node_name == node.name:
+                root = self.plan.activations[bp.input_tensor].root
+                return bp.tensor, float(np.asarray(self.params[root].scale))
+        return None
 
     def bias_nodes(self, node: NodeProto, wkey: tuple) -> list[NodeProto]:
         made = []
