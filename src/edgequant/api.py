@@ -98,6 +98,10 @@ def make_options(base: QuantOptions | None = None, **overrides) -> QuantOptions:
     unknown = [k for k in overrides if k not in _OPTION_FIELDS]
     if unknown:
         raise ConfigError(f"unknown option {unknown[0]!r}; did you mean {closest_names(unknown[0], _OPTION_FIELDS)}?")
+    if overrides.get("target") is not None:  # the profile first; explicit options below win
+        from edgequant.targets import apply_target
+
+        base = apply_target(base or QuantOptions(), overrides.pop("target"))
     parsed = {}
     for key, value in overrides.items():
         if value is None and key != "num_samples":

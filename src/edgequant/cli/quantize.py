@@ -50,6 +50,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL stem + .q.onnx].")
 @click.option("--calib", multiple=True, help="Calibration data: folder (npz/npy/images/raw), list file or file; once per input.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="Config file (JSON/YAML, XQuant layout).")
+@click.option("--target", help="Target profile: dtypes, symmetry, granularity, power-of-two scales, rounding (edgequant targets).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), help="Activation range method [default: percentile].")
 @click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight granularity [default: per-channel].")
@@ -83,7 +84,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def quantize(model, model_opt, output, calib, config, method, percentile, per_channel, activation_dtype,
+def quantize(model, model_opt, output, calib, config, target, method, percentile, per_channel, activation_dtype,
              weight_dtype, symmetric, batch_size, num_samples, eval_samples, device, file_type, mean, std,
              color_format, layout, preprocess, overrides, float_after, float_before, precision_level, override_file,
              auto_mixed, target_cosine, target_sqnr, max_high_precision, fallback, strict, analyze,
@@ -103,7 +104,7 @@ def quantize(model, model_opt, output, calib, config, method, percentile, per_ch
     out = Path(out) if out else Path(model_path).with_suffix(".q.onnx")
     check_output(out, Path(model_path))
     options = {
-        "method": method, "percentile": percentile, "per_channel": per_channel,
+        "target": target, "method": method, "percentile": percentile, "per_channel": per_channel,
         "activation_dtype": activation_dtype, "weight_dtype": weight_dtype, "batch_size": batch_size,
         "eval_samples": eval_samples, "device": device,
     }

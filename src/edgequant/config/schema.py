@@ -78,6 +78,7 @@ class QuantizationParameters(_Strict):
     per_channel: bool = Field(True, description="edgequant: per-channel weights")
     activation_symmetric: bool = False
     weight_symmetric: bool = True
+    target: str | None = Field(None, description="edgequant: target profile (edgequant targets lists them)")
     overrides: list[str] = Field(
         default_factory=list,
         description="edgequant: per-layer precision, SELECTOR=PRECISION (e.g. Conv_12=int16, op:Softmax=float)")
@@ -194,14 +195,19 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         prefix = m.output_prefix or model_path.stem
         output = folder / (prefix if prefix.endswith(".onnx") else prefix + ".q.onnx")
     pct = _percent(q.max_percentile)
+    numeric: dict[str, Any] = {"activation_dtype": QuantDType.parse(q.activation_dtype), "weight_dtype": QuantDType.parse(q.weight_dtype),
+               "activation_symmetric": q.activation_symmetric, "weight_symmetric": q.weight_symmetric,
+               "per_channel": q.per_channel}
+    if q.target:  # the profile decides what the file does not set explicitly
+        from edgequant.targets import apply_target
+
+        profile = apply_target(QuantOptions(), q.target)
+        numeric = {k: v if k in q.model_fields_set else getattr(profile, k) for k, v in numeric.items()}
+        numeric |= {"scheme": profile.scheme, "target": profile.target}
     options = QuantOptions(
         method=Method.parse(c.calibration_type),
         percentile=pct,
-        activation_dtype=QuantDType.parse(q.activation_dtype),
-        weight_dtype=QuantDType.parse(q.weight_dtype),
-        activation_symmetric=q.activation_symmetric,
-        weight_symmetric=q.weight_symmetric,
-        per_channel=q.per_channel,
+        **numeric,
         batch_size=c.batch_size,
         num_samples=c.calibration_step,
         simplify=not m.skip_onnxsim,

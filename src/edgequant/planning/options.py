@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from edgequant.errors import ConfigError
 from edgequant.planning.overrides import Override
 from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import DEFAULT_SCHEME, Scheme
 
 
 class Method(enum.Enum):
@@ -55,6 +56,8 @@ class QuantOptions:
     device: str = "auto"
     overrides: tuple[Override, ...] = ()
     collapse_cosine: float = 0.9
+    scheme: Scheme = DEFAULT_SCHEME
+    target: str = "generic"
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:

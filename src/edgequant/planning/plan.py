@@ -15,6 +15,7 @@ from edgequant.ir.graph import consumers, count_subgraph_nodes, elem_types, has_
 from edgequant.planning.ops import facts_for, weight_axis
 from edgequant.planning.options import QuantOptions
 from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import DEFAULT_SCHEME, Scheme
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ActivationPlan:
     source: str
     dtype: QuantDType
     symmetric: bool
+    scheme: Scheme = DEFAULT_SCHEME
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class WeightPlan:
     dtype: QuantDType
     symmetric: bool
     axis: int | None
+    scheme: Scheme = DEFAULT_SCHEME
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class _Builder:
             return
         w = self.inits[node.input[slot]]
         axis = weight_axis(node.op_type, len(w.dims), _attrs(node)) if self.opt.per_channel else None
-        wplan = WeightPlan(w.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis)
+        wplan = WeightPlan(w.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis, self.opt.scheme)
         self.plan.weights[(node.name, slot)] = wplan
         b = facts.bias_input
         if b is None or b >= len(node.input) or node.input[b] not in self.inits:
@@ -225,7 +228,7 @@ class _Builder:
                 root = self.root[name]
                 while self.root.get(root, root) != root:
                     root = self.root[root]
-                self.plan.activations[name] = ActivationPlan(name, root, self.source[name], act, sym)
+                self.plan.activations[name] = ActivationPlan(name, root, self.source[name], act, sym, self.opt.scheme)
 
 
 def build_plan(model: ModelProto, options: QuantOptions) -> QuantPlan:

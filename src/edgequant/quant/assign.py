@@ -16,7 +16,7 @@ def activation_params(plan: QuantPlan, observers: dict[str, MinMaxObserver]) -> 
         if act.root in params:
             continue
         lo, hi = observers[act.root].range(act.dtype, act.symmetric)
-        params[act.root] = compute_params(lo, hi, act.dtype, act.symmetric)
+        params[act.root] = compute_params(lo, hi, act.dtype, act.symmetric, scheme=act.scheme)
     return params
 
 
@@ -29,12 +29,17 @@ def _mse_shrink(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, wp: WeightPlan
     best_err = np.full(rows.shape[0], np.inf)
     buf = np.empty_like(rows)
     for a in WEIGHT_ALPHAS:
-        p = compute_params(lo * a, hi * a, wp.dtype, wp.symmetric, 0)
+        p = compute_params(lo * a, hi * a, wp.dtype, wp.symmetric, 0, wp.scheme)
         s, z = p.scale[:, None], p.zero_point.astype(np.float32)[:, None]
         np.divide(rows, s, out=buf)  # buf = dequantize(quantize(rows)) − rows, in place
-        np.rint(buf, out=buf)
+        if wp.scheme.rounding == "half_up":
+            buf += 0.5
+            np.floor(buf, out=buf)
+        else:
+            np.rint(buf, out=buf)
         buf += z
-        np.clip(buf, wp.dtype.qmin, wp.dtype.qmax, out=buf)
+        np.clip(buf, -wp.dtype.qmax if wp.scheme.narrow_range and wp.dtype.signed else wp.dtype.qmin,
+                wp.dtype.qmax, out=buf)
         buf -= z
         buf *= s
         buf -= rows
@@ -57,5 +62,5 @@ def weight_params(w: np.ndarray, wp: WeightPlan) -> tuple[np.ndarray, QuantParam
     lo, hi = lo * alpha, hi * alpha
     if wp.axis is None:
         lo, hi = lo.reshape(()), hi.reshape(())
-    params = compute_params(lo, hi, wp.dtype, wp.symmetric, wp.axis)
-    return quantize_array(w, params), params
+    params = compute_params(lo, hi, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
+    return quantize_array(w, params, wp.scheme), params

@@ -123,10 +123,11 @@ class _Inserter:
             if key not in self.weight_cache:
                 w = numpy_helper.to_array(self.inits[wp.tensor])
                 q, p = weight_params(w, wp)
-                if bias is not None:  # keep the int32 bias from overflowing
-                    fitted = fit_bias(p, numpy_helper.to_array(self.inits[bias[0]]), bias[1])
+                if bias is not None:  # keep the bias from overflowing its accumulator
+                    fitted = fit_bias(p, numpy_helper.to_array(self.inits[bias[0]]), bias[1], wp.scheme)
                     if fitted is not None:
-                        p, q = fitted, quantize_array(w, fitted)
+                        p, q = fitted, quantize_array(w, fitted, wp.scheme)
+                        _check_fit(node, w, q, wp)
                 dq_out = self.scope.fresh(f"{wp.tensor}_dequantized")
                 made.append(self.dq_node(wp.tensor, q, p, dq_out))
                 self.weight_cache[key] = (dq_out, p)
@@ -153,7 +154,8 @@ class _Inserter:
                 b = numpy_helper.to_array(self.inits[bp.tensor])
                 w_scale = self.weight_cache[wkey][1].scale
                 s_in = float(np.asarray(self.params[in_root].scale))
-                q, scale, clipped = quantize_bias(b, s_in, np.asarray(w_scale))
+                q, scale, clipped = quantize_bias(b, s_in, np.asarray(w_scale), self.plan.weights[
+                    next(k for k in self.plan.weights if k[0] == node.name)].scheme)
                 self.clipped_bias += clipped
                 axis = 0 if scale.ndim == 1 and scale.size > 1 else None
                 p = QuantParams(scale if axis is not None else scale.reshape(()),
@@ -176,6 +178,21 @@ class _Inserter:
         if p.axis is not None:
             node.attribute.append(helper.make_attribute("axis", p.axis))
         return node
+
+
+def _check_fit(node: NodeProto, w: np.ndarray, q: np.ndarray, wp) -> None:
+    """Raising a scale for the bias must not wipe out a channel that has real weights."""
+    axis = wp.axis
+    rows_w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
+    rows_q = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1) if axis is not None else q.reshape(1, -1)
+    lost = np.flatnonzero((np.abs(rows_w).max(axis=1) > 0) & ((rows_q != 0).sum(axis=1) == 0))
+    if lost.size and wp.scheme.bias_bits < 32:
+        from edgequant.errors import ConfigError
+
+        raise ConfigError(
+            f"the bias of {node.name} (channel {int(lost[0])}) needs more than {wp.scheme.bias_bits} bits at this "
+            f"input scale: its weights would all round to 0; keep it wider (--override {node.name}=float) or "
+            "use a target with a wider bias")
 
 
 def insert_qdq(model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams]) -> ModelProto:

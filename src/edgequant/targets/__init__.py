@@ -1,0 +1,45 @@
+"""Target profiles: the numeric rules of each NPU family, as data.
+
+A profile is a frozen value (``TargetProfile``); one module per vendor defines its profiles
+and this package collects them. Nothing outside ``targets/`` branches on a target's name:
+the rest of the pipeline reads the profile's fields (dtypes, symmetry, granularity, scheme).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from edgequant.errors import ConfigError, closest_names
+from edgequant.targets.profile import TargetProfile, Violation, check_model
+
+
+def _load() -> dict[str, TargetProfile]:
+    from edgequant.targets import acuity, espdl, generic, neuropilot, spacemit, tpu_mlir
+
+    out: dict[str, TargetProfile] = {}
+    for module in (generic, neuropilot, acuity, espdl, tpu_mlir, spacemit):
+        for p in module.PROFILES:
+            out[p.name] = p
+    return out
+
+
+PROFILES: dict[str, TargetProfile] = _load()
+
+
+def get_target(name: str) -> TargetProfile:
+    try:
+        return PROFILES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown target {name!r}; did you mean {closest_names(name, list(PROFILES))}? "
+                          "(edgequant targets lists them)") from None
+
+
+def apply_target(options, name: str):
+    """QuantOptions with the profile's rules (explicit options given later still win)."""
+    p = get_target(name)
+    return dataclasses.replace(options, target=p.name, activation_dtype=p.activation,
+                               activation_symmetric=p.activation_symmetric, weight_dtype=p.weight,
+                               weight_symmetric=p.weight_symmetric, per_channel=p.per_channel, scheme=p.scheme)
+
+
+__all__ = ["PROFILES", "TargetProfile", "Violation", "apply_target", "check_model", "get_target"]

@@ -1,0 +1,101 @@
+"""The TargetProfile value and the validator that checks a QDQ model obeys it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import ModelProto, numpy_helper
+
+from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import DEFAULT_SCHEME, Scheme
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """What a chip family computes: types, symmetry, granularity and number scheme.
+
+    ``fallback`` lists what a layer may fall back to when int8 is not enough
+    (``int16``, ``float``), so mixed precision only proposes what the chip can run.
+    """
+
+    name: str
+    vendor: str
+    description: str
+    activation: QuantDType
+    activation_symmetric: bool
+    weight: QuantDType
+    weight_symmetric: bool
+    per_channel: bool
+    scheme: Scheme = DEFAULT_SCHEME
+    fallback: tuple[str, ...] = ("int16", "float")
+    notes: tuple[str, ...] = ()
+
+    def rules(self) -> list[tuple[str, str]]:
+        s = self.scheme
+        sym = {True: "symmetric", False: "asymmetric"}
+        return [
+            ("activations", f"{self.activation.value}, {sym[self.activation_symmetric]}, per tensor"),
+            ("weights", f"{self.weight.value}, {sym[self.weight_symmetric]}, "
+                        f"{'per channel' if self.per_channel else 'per tensor'}"
+                        f"{', narrow range' if s.narrow_range else ''}"),
+            ("scales", "powers of two (2^exponent)" if s.power_of_two else "any positive float"),
+            ("rounding", {"half_even": "half to even", "half_up": "half up"}[s.rounding]),
+            ("bias", f"int32 holding at most {s.bias_bits} bits, scale = s_in · s_w"),
+            ("fallback", ", ".join(self.fallback) or "none"),
+        ] + [("note", n) for n in self.notes]
+
+
+@dataclass(frozen=True)
+class Violation:
+    tensor: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.tensor}: {self.rule}"
+
+
+def _dq_params(model: ModelProto):
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
+        data = inits.get(node.input[0])
+        yield node, scale, zp, data
+
+
+def check_model(model: ModelProto, profile: TargetProfile) -> list[Violation]:
+    """Every rule of ``profile`` the QDQ ``model`` breaks (empty when it obeys)."""
+    out: list[Violation] = []
+    s = profile.scheme
+    for node, scale, zp, data in _dq_params(model):
+        name = node.output[0]
+        is_weight = data is not None and data.data_type != 6  # int32 data: a bias
+        is_bias = data is not None and data.data_type == 6
+        if s.power_of_two:
+            exps = np.log2(scale.astype(np.float64))
+            if not np.allclose(exps, np.round(exps), atol=1e-6):
+                out.append(Violation(name, f"scale {float(scale.ravel()[0]):.6g} is not a power of two"))
+        if is_bias:
+            continue
+        want_sym = profile.weight_symmetric if is_weight else profile.activation_symmetric
+        dtype = profile.weight if is_weight else profile.activation
+        if zp is not None and want_sym and dtype.signed and np.any(zp != 0):
+            out.append(Violation(name, "symmetric quantization needs zero point 0"))
+        if is_weight:
+            per_channel = scale.size > 1
+            if profile.per_channel != per_channel and data.dims[0] > 1:
+                out.append(Violation(name, f"weights must be {'per channel' if profile.per_channel else 'per tensor'}"))
+            if s.narrow_range and dtype.signed:
+                q = numpy_helper.to_array(data)
+                if np.any(q == dtype.qmin):
+                    out.append(Violation(name, f"narrow range: weight value {dtype.qmin} is not allowed"))
+        if zp is not None:
+            allowed = {profile.weight.np_dtype} if is_weight else {profile.activation.np_dtype}
+            if "int16" in profile.fallback:
+                allowed |= {np.int16, np.uint16}
+            if zp.dtype.type not in allowed:
+                out.append(Violation(name, f"type {zp.dtype} is not one the target runs"))
+    return out

@@ -1,0 +1,104 @@
+"""Target profiles: scheme maths, the rules they put in the model, validators, and a numpy
+simulation of the integer arithmetic a power-of-two target runs."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import edgequant
+from edgequant.errors import ConfigError
+from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import Scheme, compute_params, quantize_array
+from edgequant.targets import PROFILES, check_model, get_target
+from tests.unit.test_quantize_graphs import calib, cnn
+
+
+def test_scheme_maths():
+    p = compute_params(-1.0, 1.5, QuantDType.INT8, True, scheme=Scheme(power_of_two=True))
+    assert float(p.scale) == 2.0**-6  # 1.5/127 = 0.0118 → rounded up to 2^-6, never clipping
+    narrow = compute_params(-1.0, 1.0, QuantDType.INT8, True, scheme=Scheme(narrow_range=True))
+    assert float(narrow.scale) == pytest.approx(1 / 127)
+    q = quantize_array(np.array([-1.0, 0.5 / 127, 1.5 / 127]), narrow, Scheme(narrow_range=True, rounding="half_up"))
+    assert q.tolist() == [-127, 1, 2]  # half up: 0.5 → 1, 1.5 → 2 (half even would give 0 and 2)
+    assert quantize_array(np.array([0.5 / 127]), narrow).tolist() == [0]
+    with pytest.raises(ConfigError):
+        Scheme(rounding="stochastic")
+
+
+def test_every_profile_quantizes_a_model_that_obeys_it(rng):
+    model, data = cnn(rng), calib(rng)
+    for name in PROFILES:
+        r = edgequant.quantize(model, data, target=name, collapse_cosine=0)
+        onnx.checker.check_model(r.model)
+        assert check_model(r.model, get_target(name)) == [], name
+        assert r.options.target == name
+
+
+def test_validator_finds_broken_rules(rng):
+    model, data = cnn(rng), calib(rng)
+    generic = edgequant.quantize(model, data).model
+    problems = check_model(generic, get_target("espdl"))
+    assert any("power of two" in p.rule for p in problems)
+    assert any("zero point" in p.rule or "type" in p.rule for p in problems)
+    per_tensor = edgequant.quantize(model, data, target="espdl-s3").model
+    assert any("per channel" in p.rule for p in check_model(per_tensor, get_target("espdl")))
+    with pytest.raises(ConfigError, match="did you mean"):
+        get_target("esp-dl")
+
+
+def test_profile_rules_show_in_the_model(rng):
+    model, data = cnn(rng), calib(rng)
+    neuro = edgequant.quantize(model, data, target="neuropilot").model
+    acts = [n for n in neuro.graph.node if n.op_type == "QuantizeLinear"]
+    inits = {t.name: numpy_helper.to_array(t) for t in neuro.graph.initializer}
+    assert acts and all(inits[n.input[2]].dtype == np.uint8 for n in acts)
+    esp = edgequant.quantize(model, data, target="espdl")
+    scales = [numpy_helper.to_array(t) for t in esp.model.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(np.all(np.log2(s) == np.round(np.log2(s))) for s in scales)
+    explicit = edgequant.quantize(model, data, target="espdl", per_channel=False)
+    assert explicit.options.per_channel is False and explicit.options.scheme.power_of_two  # explicit wins
+
+
+def test_power_of_two_conv_matches_integer_arithmetic(rng):
+    """A real Conv layer of an espdl model, computed the way the chip does: int8 × int8 → int32
+    accumulator + int32 bias, then a shift by (e_in + e_w − e_out) with rounding half up, clipped."""
+    from tests.conftest import run
+
+    model, data = cnn(rng), calib(rng)
+    r = edgequant.quantize(model, data, target="espdl")
+    q = r.model
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    prod = {o: n for n in q.graph.node for o in n.output}
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    dq_x, dq_w, dq_b = (prod[i] for i in conv.input)
+    q_x_node = prod[dq_x.input[0]]
+    out_q = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
+    s_x, s_w, s_o = (inits[dq_x.input[1]], inits[dq_w.input[1]], inits[out_q.input[1]])
+    w_int, b_int = inits[dq_w.input[0]].astype(np.int64), inits[dq_b.input[0]].astype(np.int64)
+    x = data[0]
+    # the reference: onnxruntime runs the QDQ model; expose the Conv's quantized input and output
+    m = onnx.ModelProto()
+    m.CopyFrom(q)
+    m.graph.output.extend([onnx.ValueInfoProto(name=q_x_node.output[0]), onnx.ValueInfoProto(name=out_q.output[0])])
+    *_, x_int, y_ort = run(m, {"x": x})
+    acc = np.zeros((1, w_int.shape[0], 8, 8), np.int64)  # 3×3 conv, pads 1, in integers only
+    xp = np.pad(x_int.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for i in range(3):
+        for j in range(3):
+            acc += np.einsum("nchw,oc->nohw", xp[:, :, i:i + 8, j:j + 8], w_int[:, :, i, j])
+    acc += b_int.reshape(1, -1, 1, 1)
+    shift = (np.log2(s_x) + np.log2(s_w) - np.log2(s_o)).astype(np.int64).reshape(1, -1, 1, 1)
+    y_int = np.floor(acc * np.exp2(shift.astype(np.float64)) + 0.5)  # exact: a power-of-two rescale
+    y_int = np.clip(y_int, -128, 127)
+    diff = np.abs(y_int - y_ort.astype(np.int64))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.97  # ties round half up on chip, half even in ORT
+
+
+def test_narrow_bias_accumulator_is_fitted_or_refused(rng):
+    model, data = cnn(rng), calib(rng)
+    r = edgequant.quantize(model, data, scheme=Scheme(bias_bits=16), collapse_cosine=0)
+    biases = [numpy_helper.to_array(t) for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT32]
+    assert biases and all(np.abs(b).max() < 2**15 for b in biases)
+    with pytest.raises(ConfigError, match="needs more than 4 bits"):
+        edgequant.quantize(model, data, scheme=Scheme(bias_bits=4), collapse_cosine=0)
