@@ -234,7 +234,7 @@ def calibrate(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     else:
         n_calib, n_eval = _split_counts(len(source), opts)
     t0 = time.perf_counter()
-    observers, n_calib = collect_ranges(prepared, plan.roots, source, opts, n_calib, progress,
+    observers, n_calib = collect_ranges(prepared, plan.observed, source, opts, n_calib, progress,
                                         methods=plan.calibration)
     if n_calib == 0:
         raise CalibrationDataError("the calibration data yields 0 samples")
@@ -261,7 +261,8 @@ def finish(state: Calibrated, plan: QuantPlan, progress: Progress | None = None,
     """Assemble ``plan``, check its fidelity on held-out samples (with the collapse guard)."""
     qmodel, params = state.assemble(plan)
     opts = state.opts
-    ranges = {a.root: state.observers[a.root].range(a.dtype, a.symmetric) for a in plan.activations.values()}
+    ranges = {a.root: plan.pinned.get(a.root) or state.observers[a.root].range(a.dtype, a.symmetric)
+              for a in plan.activations.values()}
     first, count = state.eval_samples()
     fidelity = _evaluate(state.prepared, qmodel, state.source, opts, first, count, progress)
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,

@@ -83,3 +83,28 @@ def test_run_and_compare_follow_the_tolerance(tmp_path, npz_dir):  # noqa: F811
     np.savez(bad, imag=np.zeros((1, 1, 28, 28), np.float32), other=np.zeros(1))
     one_line_error(cli("run", MODEL, "--inputs", bad, "-o", tmp_path / "o.npz"), "no array for model input 'image'")
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_export_and_import_parameter_files(tmp_path, npz_dir):  # noqa: F811
+    out = tmp_path / "m.q.onnx"
+    r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "-q", "--target", "tpu-mlir",
+            "--export-params", f"edgequant:{tmp_path / 'p.json'}", "--export-params", f"cali-table:{tmp_path / 'cali'}",
+            "--export-params", f"qparams:{tmp_path / 'q.json'}")
+    assert r.returncode == 0, r.stderr
+    assert all((tmp_path / f).is_file() for f in ("p.json", "cali", "q.json"))
+    again = tmp_path / "again.onnx"
+    r = cli("quantize", MODEL, "-o", again, "--import-params", f"edgequant:{tmp_path / 'p.json'}")  # no --calib
+    assert r.returncode == 0, r.stderr
+    assert again.read_bytes() == out.read_bytes()
+    check = cli("check", again, "--target", "tpu-mlir")
+    assert check.returncode == 0 and "obeys" in check.stdout
+    assert cli("check", again, "--target", "espdl").returncode == 1
+    r = cli("quantize", MODEL, "-o", tmp_path / "c.onnx", "--calib", npz_dir, "-q", "--target", "tpu-mlir",
+            "--import-params", f"cali-table:{tmp_path / 'cali'}")
+    assert r.returncode == 0 and (tmp_path / "c.onnx").read_bytes() == out.read_bytes()
+    one_line_error(cli("quantize", MODEL, "-o", tmp_path / "x.onnx", "--calib", npz_dir, "--export-params", "json:x"),
+                   "FORMAT:PATH")
+    one_line_error(cli("quantize", MODEL, "-o", tmp_path / "x.onnx", "--calib", npz_dir, "--target", "esp"),
+                   "unknown target")
+    assert not (tmp_path / "x.onnx").exists()
+    assert "espdl" in cli("targets").stdout and "power" in cli("targets", "show", "espdl").stdout

@@ -79,6 +79,8 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--max-high-precision", default="10%", show_default=True, help="--auto-mixed budget: share of MACs allowed in higher precision (10% or 0.1).")
 @click.option("--fallback", type=click.Choice(["int16", "uint16", "float"]), default="int16", show_default=True, help="--auto-mixed precision for the layers it picks.")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when the collapse guard fires (outputs far from float).")
+@click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON). Repeatable.")
+@click.option("--import-params", multiple=True, metavar="FORMAT:PATH", help="Read parameters (same formats) as overrides; edgequant:PATH re-creates the model without calibration. Repeatable.")
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
@@ -87,7 +89,8 @@ def check_output(path: Path, model: Path | None) -> None:
 def quantize(model, model_opt, output, calib, config, target, method, percentile, per_channel, activation_dtype,
              weight_dtype, symmetric, batch_size, num_samples, eval_samples, device, file_type, mean, std,
              color_format, layout, preprocess, overrides, float_after, float_before, precision_level, override_file,
-             auto_mixed, target_cosine, target_sqnr, max_high_precision, fallback, strict, analyze,
+             auto_mixed, target_cosine, target_sqnr, max_high_precision, fallback, strict, export_params, import_params,
+             analyze,
              report_dir, no_simplify, quiet, debug) -> None:
     """Quantize a float ONNX MODEL with calibration data into a QDQ ONNX model."""
     from edgequant.api import quantize as run
@@ -115,9 +118,20 @@ def quantize(model, model_opt, output, calib, config, target, method, percentile
         options["activation_symmetric"] = symmetric in ("activations", "both")
     if no_simplify:
         options["simplify"] = False
+    from edgequant.export import export_params as write_params
+    from edgequant.export import import_params as read_params
+    from edgequant.export import parse_spec
+
+    exports = [parse_spec(e) for e in export_params]
+    imports = [parse_spec(i) for i in import_params]
+    if any(fmt == "edgequant" for fmt, _ in imports):
+        _recreate(model_path, imports, exports, out, quiet)
+        return
     extra = cli_overrides(overrides, float_after, float_before, precision_level)
     if override_file:
         extra = read_override_file(override_file) + extra
+    for fmt, path in imports:
+        extra = read_params(fmt, path) + extra
     if extra:
         options["overrides"] = (cfg.options.overrides if cfg else ()) + extra
     settings = image_settings(model_path, cfg, {
@@ -136,7 +150,7 @@ def quantize(model, model_opt, output, calib, config, target, method, percentile
             result = run(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
                          progress=progress, **options)
     saved = result.save(out)
-    written = [str(saved)]
+    written = [str(saved)] + [str(write_params(result, fmt, path)) for fmt, path in exports]
     if mixed is not None:
         written += [str(p) for p in mixed.write(out.with_suffix(""))]
     if not quiet:
@@ -149,6 +163,20 @@ def quantize(model, model_opt, output, calib, config, target, method, percentile
         _analyze(result, calib, cfg, settings, report_dir or out.with_name(out.stem + "_report"), quiet)
     if strict and result.summary.collapse is not None:
         raise SystemExit(3)
+
+
+def _recreate(model_path, imports, exports, out: Path, quiet: bool) -> None:
+    from edgequant.cli.render import print_summary
+    from edgequant.export import export_params as write_params
+    from edgequant.export.native import recreate
+
+    if len(imports) != 1:
+        raise ConfigError("--import-params edgequant:PATH describes the whole model: give it alone")
+    result = recreate(model_path, imports[0][1])
+    saved = result.save(out)
+    written = [str(saved)] + [str(write_params(result, fmt, path)) for fmt, path in exports]
+    if not quiet:
+        print_summary(result.summary, ", ".join(written))
 
 
 def _share(text: str) -> float:

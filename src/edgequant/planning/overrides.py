@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from onnx import ModelProto, NodeProto
 
 from edgequant.errors import ConfigError
-from edgequant.planning.selectors import NamePattern, Selector
+from edgequant.planning.selectors import ExactTensor, NamePattern, Selector
 from edgequant.quant.dtypes import QuantDType
 
 FLOAT = "float"
@@ -59,6 +59,8 @@ class Override:
     method: object | None = None  # planning.options.Method
     percentile: float | None = None
     level: int | None = None
+    range: tuple[float, float] | None = None  # pin the calibrated range (imported parameter files)
+    symmetric: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.selector, str):
@@ -179,7 +181,7 @@ def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], opti
     sensitive: set[str] | None = None
     for ov in overrides:
         selector = NamePattern(ov.selector) if isinstance(ov.selector, str) else ov.selector
-        if isinstance(selector, NamePattern) and selector.tensors:
+        if isinstance(selector, (NamePattern, ExactTensor)) and selector.tensors:
             for t in selector.select_tensors(model, list(plan.activations)):
                 _apply_tensors(plan, [t], ov.precision, ov, producers)
             continue
@@ -224,7 +226,12 @@ def _apply_tensors(plan, tensors: list[str], act, ov: Override, producers) -> No
         return
     for name, a in list(plan.activations.items()):
         if a.root in roots and act is not None:
-            plan.activations[name] = dataclasses.replace(a, dtype=act)
+            a = plan.activations[name] = dataclasses.replace(a, dtype=act)
+        if a.root in roots and ov.symmetric is not None:
+            plan.activations[name] = dataclasses.replace(a, symmetric=ov.symmetric)
+    if ov.range is not None:
+        for root in roots:
+            plan.pinned[root] = ov.range
     if ov.method is not None:
         base = plan.calibration
         for root in roots:

@@ -62,6 +62,12 @@ class QuantPlan:
     subgraph_float_ops: int = 0
     precision: dict[str, str] = field(default_factory=dict)
     calibration: dict[str, tuple] = field(default_factory=dict)  # root → (Method, percentile or None)
+    pinned: dict[str, tuple[float, float]] = field(default_factory=dict)  # root → range given by the user
+
+    @property
+    def observed(self) -> list[str]:
+        """Roots whose range calibration must measure (pinned ones are known)."""
+        return [r for r in self.roots if r not in self.pinned]
 
     @property
     def roots(self) -> list[str]:

@@ -121,6 +121,29 @@ class NamePattern:
 
 
 @dataclass(frozen=True)
+class ExactTensor:
+    """One activation tensor by its exact name (names from parameter files may hold glob characters)."""
+
+    name: str
+    tensors = True
+
+    def select(self, model: ModelProto) -> list[NodeProto]:
+        raise ConfigError(f"{self} selects a tensor, not nodes")
+
+    def select_tensors(self, model: ModelProto, candidates: list[str]) -> list[str]:
+        if self.name in candidates:
+            return [self.name]
+        known = set(_tensor_names(model))
+        why = "is not quantized here (a weight, a shape, or left float)" if self.name in known else \
+            "is not a tensor of the model"
+        raise TensorNameError(f"tensor {self.name!r} {why}; closest quantized tensors: "
+                              f"{closest_names(self.name, candidates)}")
+
+    def __str__(self) -> str:
+        return f"tensor {self.name}"
+
+
+@dataclass(frozen=True)
 class Between:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]

@@ -15,7 +15,7 @@ def activation_params(plan: QuantPlan, observers: dict[str, MinMaxObserver]) -> 
     for act in plan.activations.values():
         if act.root in params:
             continue
-        lo, hi = observers[act.root].range(act.dtype, act.symmetric)
+        lo, hi = plan.pinned[act.root] if act.root in plan.pinned else observers[act.root].range(act.dtype, act.symmetric)
         params[act.root] = compute_params(lo, hi, act.dtype, act.symmetric, scheme=act.scheme)
     return params
 

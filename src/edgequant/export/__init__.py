@@ -1,0 +1,68 @@
+"""Parameter files other toolchains read and write: export what edgequant decided, import
+what a user (or another tool) decided, as overrides on the plan.
+
+| format | file | export | import |
+|---|---|---|---|
+| ``qparams`` | NeuroPilot ``export_qparams_config_file`` JSON | activation dtype, symmetry, min/max | ``"FP"`` → float; dtype; min/max pin the range |
+| ``cali-table`` | TPU-MLIR calibration table, ``name threshold min max`` | every activation | pins ranges |
+| ``qtable`` | TPU-MLIR quantize table, ``name MODE`` | layers not in the default precision | F32/F16/BF16 → float, INT8 |
+| ``acuity`` | Acuity ``customized_quantize_layers:`` YAML | every quantized layer's type | ``dynamic_fixed_point-i16`` → int16, ``float32`` → float… |
+| ``edgequant`` | edgequant's own JSON: every tensor's dtype, scale, zero point, axis | all | re-creates the model without calibration |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgequant.errors import ConfigError
+
+FORMATS = ("qparams", "cali-table", "qtable", "acuity", "edgequant")
+
+
+def parse_spec(text: str) -> tuple[str, Path]:
+    """``FORMAT:PATH`` → (format, path)."""
+    fmt, sep, path = text.partition(":")
+    if not sep or fmt not in FORMATS or not path:
+        raise ConfigError(f"{text!r} must read FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
+    return fmt, Path(path)
+
+
+def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
+    """Write ``result``'s parameters in ``fmt`` (atomically)."""
+    from edgequant.export import acuity, native, qparams, tpu_mlir
+
+    writer = {"qparams": qparams.dumps, "cali-table": tpu_mlir.dumps_cali_table, "qtable": tpu_mlir.dumps_qtable,
+              "acuity": acuity.dumps, "edgequant": native.dumps}[fmt]
+    return _write(Path(path), writer(result))
+
+
+def import_params(fmt: str, path: str | os.PathLike) -> tuple:
+    """Overrides from a parameter file (``edgequant`` files are read by ``native.recreate``)."""
+    from edgequant.export import acuity, qparams, tpu_mlir
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"parameter file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    reader = {"qparams": qparams.loads, "cali-table": tpu_mlir.loads_cali_table, "qtable": tpu_mlir.loads_qtable,
+              "acuity": acuity.loads}.get(fmt)
+    if reader is None:
+        raise ConfigError(f"{fmt} files re-create a model by themselves: edgequant quantize MODEL --import-params "
+                          f"{fmt}:{p} (no calibration needed), alone")
+    return reader(text, str(p))
+
+
+def _write(path: Path, text: str) -> Path:
+    import tempfile
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        from edgequant.errors import OutputError
+
+        raise OutputError(f"output folder does not exist: {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=".params-", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path

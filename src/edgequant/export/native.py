@@ -1,0 +1,154 @@
+"""edgequant's own parameter file: the whole plan and every tensor's parameters, as JSON.
+
+It re-creates the quantized model from the float model without calibration data
+(``recreate``): same plan, same activation parameters; weights are re-quantized from the
+float weights and checked against the scales in the file, so a file applied to another model
+is refused rather than silently wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+
+import numpy as np
+from onnx import ModelProto, numpy_helper
+
+from edgequant.errors import ConfigError
+from edgequant.planning.plan import ActivationPlan, BiasPlan, QuantPlan, WeightPlan
+from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import QuantParams, Scheme
+
+FORMAT = "edgequant-params"
+VERSION = 1
+
+
+def _scheme(s: Scheme) -> dict:
+    return dataclasses.asdict(s)
+
+
+def _list(a) -> list | float | int:
+    arr = np.asarray(a)
+    return arr.tolist()
+
+
+def dumps(result) -> str:
+    plan: QuantPlan = result.plan
+    weights = _weight_params(result.model)
+    data = {
+        "format": FORMAT, "version": VERSION,
+        "model": {"opset": result.summary.opset[1], "simplify": result.options.simplify,
+                  "nodes": len(result.float_model.graph.node), "target": result.options.target},
+        "activations": [{"tensor": a.tensor, "root": a.root, "source": a.source, "dtype": a.dtype.value,
+                         "symmetric": a.symmetric, "scheme": _scheme(a.scheme)} for a in plan.activations.values()],
+        "params": {root: {"scale": _list(p.scale), "zero_point": _list(p.zero_point), "dtype": p.dtype.value}
+                   for root, p in result.params.items()},
+        "weights": [{"node": k[0], "slot": k[1], "tensor": w.tensor, "dtype": w.dtype.value, "symmetric": w.symmetric,
+                     "axis": w.axis, "scheme": _scheme(w.scheme), **weights.get((k[0], k[1]), {})}
+                    for k, w in plan.weights.items()],
+        "biases": [{"node": k[0], "slot": k[1], "tensor": b.tensor, "input": b.input_tensor} for k, b in plan.biases.items()],
+        "folded": plan.folded_nodes, "precision": plan.precision,
+        "quantized_ops": dict(plan.quantized_ops), "float_ops": dict(plan.float_ops),
+        "subgraph_float_ops": plan.subgraph_float_ops,
+    }
+    return json.dumps(data, indent=1) + "\n"
+
+
+def _weight_params(qmodel: ModelProto) -> dict[tuple[str, int], dict]:
+    """(node, slot) → scale/zero point of the weight DequantizeLinear feeding it."""
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    prod = {o: n for n in qmodel.graph.node for o in n.output}
+    out = {}
+    for node in qmodel.graph.node:
+        for slot, name in enumerate(node.input):
+            dq = prod.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+                continue
+            if inits[dq.input[0]].data_type == 6:
+                continue
+            out[(node.name, slot)] = {"scale": _list(numpy_helper.to_array(inits[dq.input[1]])),
+                                      "zero_point": _list(numpy_helper.to_array(inits[dq.input[2]]))}
+    return out
+
+
+def _read(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"parameter file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not an edgequant parameter file (format {FORMAT!r})")
+    if data.get("version") != VERSION:
+        raise ConfigError(f"{path} has version {data.get('version')}; this edgequant reads version {VERSION}")
+    return data
+
+
+def _plan(data: dict) -> QuantPlan:
+    plan = QuantPlan()
+    for a in data["activations"]:
+        plan.activations[a["tensor"]] = ActivationPlan(a["tensor"], a["root"], a["source"], QuantDType(a["dtype"]),
+                                                       a["symmetric"], Scheme(**a["scheme"]))
+    for w in data["weights"]:
+        plan.weights[(w["node"], w["slot"])] = WeightPlan(w["tensor"], QuantDType(w["dtype"]), w["symmetric"],
+                                                           w["axis"], Scheme(**w["scheme"]))
+    for b in data["biases"]:
+        wp = next(v for k, v in plan.weights.items() if k[0] == b["node"])
+        plan.biases[(b["node"], b["slot"])] = BiasPlan(b["tensor"], b["input"], wp)
+    plan.folded_nodes = dict(data["folded"])
+    plan.precision = dict(data["precision"])
+    plan.quantized_ops, plan.float_ops = Counter(data["quantized_ops"]), Counter(data["float_ops"])
+    plan.subgraph_float_ops = data["subgraph_float_ops"]
+    return plan
+
+
+def recreate(model: str | os.PathLike | ModelProto, path: str | os.PathLike):
+    """The quantized model the file describes, from ``model`` (float), without calibration."""
+    import time
+
+    from edgequant.api import QuantizeResult, Summary, _version
+    from edgequant.ir.model import ensure_opset, load_model, opset_of
+    from edgequant.passes.pipeline import prepare_model
+    from edgequant.planning.options import QuantOptions
+    from edgequant.planning.plan import name_nodes
+    from edgequant.transform.qdq import insert_qdq
+
+    start = time.perf_counter()
+    data = _read(path)
+    original = load_model(model)
+    from_opset = opset_of(original)
+    prepared = ensure_opset(original, data["model"]["opset"])
+    passes = prepare_model(prepared, simplify=data["model"]["simplify"])
+    name_nodes(prepared)
+    names = {n.name for n in prepared.graph.node}
+    tensors = {i.name for i in prepared.graph.input} | {o for n in prepared.graph.node for o in n.output}
+    plan = _plan(data)
+    missing = [k[0] for k in plan.weights if k[0] not in names] + [t for t in plan.activations if t not in tensors]
+    if missing or len(prepared.graph.node) != data["model"]["nodes"]:
+        raise ConfigError(f"{path} was made for another model ({missing[0] if missing else 'node count differs'} "
+                          "is not in this one)")
+    params = {r: QuantParams(np.asarray(p["scale"], np.float32), np.asarray(p["zero_point"], QuantDType(p["dtype"]).np_dtype),
+                             QuantDType(p["dtype"])) for r, p in data["params"].items()}
+    qmodel = insert_qdq(prepared, plan, params)
+    qmodel.producer_name, qmodel.producer_version = "edgequant", _version()
+    _check_weights(qmodel, data, path)
+    ranges = {a.root: (float("nan"), float("nan")) for a in plan.activations.values()}
+    summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops, 0, 0, False, 0.0,
+                      time.perf_counter() - start, (from_opset, opset_of(qmodel)), passes,
+                      notes=[f"parameters from {path}; no calibration"], precision=dict(plan.precision))
+    return QuantizeResult(qmodel, prepared, plan, ranges, params, summary, QuantOptions(target=data["model"]["target"]))
+
+
+def _check_weights(qmodel: ModelProto, data: dict, path) -> None:
+    got = _weight_params(qmodel)
+    for w in data["weights"]:
+        have = got.get((w["node"], w["slot"]))
+        if have is None or "scale" not in w:
+            continue
+        if not np.allclose(np.asarray(have["scale"]), np.asarray(w["scale"]), rtol=1e-6):
+            raise ConfigError(f"{path}: the weights of {w['node']} differ from those the file was made from; "
+                              "use the float model it came from")
