@@ -87,3 +87,8 @@ def test_auto_mixed_on_a_healthy_model_keeps_it_int8(rng):
     assert mixed.reached and mixed.overrides == () and mixed.cost == 0
     assert result.summary.collapse is None
     assert edgequant.quantize(model, data).summary.collapse is None
+
+
+def test_auto_mixed_respects_the_target_fallbacks(rng):
+    with pytest.raises(ConfigError, match="cannot run float layers"):
+        auto_mixed(cnn(rng), calib(rng), target="espdl", fallback="float")

@@ -102,3 +102,35 @@ def test_narrow_bias_accumulator_is_fitted_or_refused(rng):
     assert biases and all(np.abs(b).max() < 2**15 for b in biases)
     with pytest.raises(ConfigError, match="needs more than 4 bits"):
         edgequant.quantize(model, data, scheme=Scheme(bias_bits=4), collapse_cosine=0)
+
+
+def test_int4_weights_w4a8_and_w4a16(rng):
+    from tests.conftest import run
+
+    model, data = cnn(rng), calib(rng)
+    for act in ("uint8", "int16"):
+        r = edgequant.quantize(model, data, weight_dtype="int4", activation_dtype=act)
+        onnx.checker.check_model(r.model, full_check=True)
+        packed = [t for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+        assert packed and r.summary.opset[1] >= 21
+        w = numpy_helper.to_array(packed[0])
+        assert w.min() >= -8 and w.max() <= 7
+        assert r.summary.fidelity[0].cosine > 0.99
+        out = run(r.model, {"x": data[0]})[0]
+        assert np.isfinite(out).all()
+    wide = edgequant.quantize(model, data, overrides=["op:Gemm=weight=int4"])
+    assert [w.dtype for k, w in wide.plan.weights.items() if k[0].startswith("Gemm")] == [QuantDType.INT4]
+    with pytest.raises(ConfigError, match="4-bit types are for weights"):
+        edgequant.quantize(model, data, activation_dtype="int4")
+    with pytest.raises(ConfigError, match="4-bit is for weights"):
+        edgequant.quantize(model, data, overrides=["Conv_0=int4"])
+
+
+def test_granularity_by_op_type(rng):
+    model, data = cnn(rng), calib(rng)
+    r = edgequant.quantize(model, data, target="acuity-perchannel")
+    axes = {k[0].split("_")[0]: w.axis for k, w in r.plan.weights.items()}
+    assert axes["Conv"] == 0 and axes["Gemm"] is None
+    assert check_model(r.model, get_target("acuity-perchannel")) == []
+    assert any("per tensor" in v.rule for v in check_model(edgequant.quantize(model, data).model,
+                                                               get_target("acuity-perchannel")))

@@ -55,7 +55,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight granularity [default: per-channel].")
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8", "uint16", "int16"]), help="[default: uint8]")
-@click.option("--weight-dtype", type=click.Choice(["int8", "uint8"]), help="[default: int8]")
+@click.option("--weight-dtype", type=click.Choice(["int8", "uint8", "int4", "uint4"]), help="[default: int8; int4/uint4: W4A8, W4A16 at opset 21]")
 @click.option("--symmetric", type=click.Choice(["weights", "activations", "both", "none"]), help="Symmetric ranges for [default: weights].")
 @click.option("--batch-size", type=int, help="Samples per inference batch [default: 1].")
 @click.option("--num-samples", type=int, help="Calibration samples to use [default: 100].")

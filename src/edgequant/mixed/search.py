@@ -150,6 +150,13 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
         raise ConfigError("give --target-cosine or --target-sqnr, not both")
     t0 = time.perf_counter()
     state = calibrate(model, calibration, progress=progress, min_opset=21 if precision != "float" else 0, **kwargs)
+    from edgequant.targets import get_target
+
+    profile = get_target(state.opts.target)
+    tag = precision if isinstance(precision, str) else precision.value
+    if tag not in profile.fallback and not (tag == "uint16" and "int16" in profile.fallback):
+        raise ConfigError(f"target {profile.name} cannot run {tag} layers (its fallbacks: "
+                          f"{', '.join(profile.fallback) or 'none'}); choose --fallback accordingly")
     base, _ = state.assemble(state.plan)
     sens = sensitivity(state, base, progress, samples=search_samples)
     t1 = time.perf_counter()
@@ -163,7 +170,6 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     total = max(sum(macs.values()), 1)
     ranked = [r for r in sens.ranked() if r.output.nonfinite or r.output.cosine < 1.0 - 1e-7]
     ranked.sort(key=lambda r: (not r.output.nonfinite, -(1.0 - r.output.cosine) / max(macs[r.node] / total, 1e-4)))
-    tag = precision if isinstance(precision, str) else precision.value
     search = _Search(state, score, target, {r.node: macs[r.node] / total for r in ranked}, tag, progress)
     chosen = search.run([r.node for r in ranked], max_high_precision)
     overrides = tuple(f"{n}={tag}" for n in chosen)

@@ -58,6 +58,7 @@ class QuantOptions:
     collapse_cosine: float = 0.9
     scheme: Scheme = DEFAULT_SCHEME
     target: str = "generic"
+    per_channel_ops: tuple[str, ...] | None = None  # with per_channel: only these op types (None: all)
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -70,6 +71,8 @@ class QuantOptions:
             raise ConfigError(f"number of samples must be ≥ 1, got {self.num_samples}")
         if self.eval_samples < 0:
             raise ConfigError(f"eval samples must be ≥ 0, got {self.eval_samples}")
+        if self.activation_dtype.bits == 4:
+            raise ConfigError("4-bit types are for weights (W4A8, W4A16); use int8/uint8/int16/uint16 activations")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"calibration device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -107,8 +107,9 @@ def _field(key: str, value: str, text: str):
         return parse_precision(value)
     if key == "weight":
         dtype = QuantDType.parse(value)
-        if dtype not in (QuantDType.INT8, QuantDType.UINT8, QuantDType.INT16, QuantDType.UINT16):
-            raise ConfigError(f"override {text!r}: weight must be int8, uint8, int16 or uint16")
+        if dtype not in (QuantDType.INT8, QuantDType.UINT8, QuantDType.INT16, QuantDType.UINT16, QuantDType.INT4,
+                         QuantDType.UINT4):
+            raise ConfigError(f"override {text!r}: weight must be int4, uint4, int8, uint8, int16 or uint16")
         return dtype
     if key == "method":
         from edgequant.planning.options import Method
@@ -126,9 +127,13 @@ def parse_precision(text: str) -> QuantDType | str:
     if text.lower() in ("float", "fp32", "float32", "fp"):
         return FLOAT
     try:
-        return QuantDType.parse(text)
+        dtype = QuantDType.parse(text)
     except ConfigError:
-        raise ConfigError(f"precision {text!r} is not one of int8, uint8, int16, uint16, float") from None
+        dtype = None
+    if dtype is None or dtype.bits == 4:
+        raise ConfigError(f"precision {text!r} is not one of int8, uint8, int16, uint16, float "
+                          "(4-bit is for weights: weight=int4)")
+    return dtype
 
 
 def _hops(start: list[str], step, limit: int) -> set[str]:

@@ -208,7 +208,8 @@ class _Builder:
         if slot is None:
             return
         w = self.inits[node.input[slot]]
-        axis = weight_axis(node.op_type, len(w.dims), _attrs(node)) if self.opt.per_channel else None
+        per_channel = self.opt.per_channel and (self.opt.per_channel_ops is None or node.op_type in self.opt.per_channel_ops)
+        axis = weight_axis(node.op_type, len(w.dims), _attrs(node)) if per_channel else None
         wplan = WeightPlan(w.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis, self.opt.scheme)
         self.plan.weights[(node.name, slot)] = wplan
         b = facts.bias_input

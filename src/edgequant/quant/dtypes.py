@@ -15,12 +15,13 @@ class QuantDType(enum.Enum):
     UINT8 = "uint8"
     INT16 = "int16"
     UINT16 = "uint16"
+    INT4 = "int4"  # weights only (W4A8, W4A16), stored one value per int8 in numpy
+    UINT4 = "uint4"
 
     @property
     def np_dtype(self) -> type:
-        return {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}[
-            self.value
-        ]
+        return {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16,
+                "int4": np.int8, "uint4": np.uint8}[self.value]
 
     @property
     def onnx_type(self) -> int:
@@ -29,15 +30,17 @@ class QuantDType(enum.Enum):
             "uint8": TensorProto.UINT8,
             "int16": TensorProto.INT16,
             "uint16": TensorProto.UINT16,
+            "int4": TensorProto.INT4,
+            "uint4": TensorProto.UINT4,
         }[self.value]
 
     @property
     def qmin(self) -> int:
-        return int(np.iinfo(self.np_dtype).min)
+        return {"int4": -8, "uint4": 0}.get(self.value, int(np.iinfo(self.np_dtype).min))
 
     @property
     def qmax(self) -> int:
-        return int(np.iinfo(self.np_dtype).max)
+        return {"int4": 7, "uint4": 15}.get(self.value, int(np.iinfo(self.np_dtype).max))
 
     @property
     def signed(self) -> bool:
@@ -45,12 +48,21 @@ class QuantDType(enum.Enum):
 
     @property
     def bits(self) -> int:
-        return int(np.iinfo(self.np_dtype).bits)
+        return 4 if self.value in ("int4", "uint4") else int(np.iinfo(self.np_dtype).bits)
 
     @property
     def min_opset(self) -> int:
         """Lowest ai.onnx opset whose QuantizeLinear accepts this type."""
-        return 21 if self.bits == 16 else 10
+        return 21 if self.bits in (4, 16) else 10
+
+    def tensor(self, name: str, values: np.ndarray) -> TensorProto:
+        """An initializer of this type (4-bit values are packed two per byte by onnx)."""
+        from onnx import helper, numpy_helper
+
+        if self.bits == 4:
+            arr = np.asarray(values)
+            return helper.make_tensor(name, self.onnx_type, list(arr.shape), arr.astype(np.int32).ravel().tolist())
+        return numpy_helper.from_array(np.asarray(values, self.np_dtype), name)
 
     @classmethod
     def parse(cls, text: str) -> QuantDType:

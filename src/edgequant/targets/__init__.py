@@ -39,7 +39,8 @@ def apply_target(options, name: str):
     p = get_target(name)
     return dataclasses.replace(options, target=p.name, activation_dtype=p.activation,
                                activation_symmetric=p.activation_symmetric, weight_dtype=p.weight,
-                               weight_symmetric=p.weight_symmetric, per_channel=p.per_channel, scheme=p.scheme)
+                               weight_symmetric=p.weight_symmetric, per_channel=p.per_channel, scheme=p.scheme,
+                               per_channel_ops=p.per_channel_ops)
 
 
 __all__ = ["PROFILES", "TargetProfile", "Violation", "apply_target", "check_model", "get_target"]

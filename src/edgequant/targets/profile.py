@@ -30,6 +30,7 @@ class TargetProfile:
     scheme: Scheme = DEFAULT_SCHEME
     fallback: tuple[str, ...] = ("int16", "float")
     notes: tuple[str, ...] = ()
+    per_channel_ops: tuple[str, ...] | None = None  # per-channel weights only for these op types
 
     def rules(self) -> list[tuple[str, str]]:
         s = self.scheme
@@ -38,6 +39,7 @@ class TargetProfile:
             ("activations", f"{self.activation.value}, {sym[self.activation_symmetric]}, per tensor"),
             ("weights", f"{self.weight.value}, {sym[self.weight_symmetric]}, "
                         f"{'per channel' if self.per_channel else 'per tensor'}"
+                        f"{' (' + ', '.join(self.per_channel_ops) + ' only)' if self.per_channel and self.per_channel_ops else ''}"
                         f"{', narrow range' if s.narrow_range else ''}"),
             ("scales", "powers of two (2^exponent)" if s.power_of_two else "any positive float"),
             ("rounding", {"half_even": "half to even", "half_up": "half up"}[s.rounding]),
@@ -86,8 +88,10 @@ def check_model(model: ModelProto, profile: TargetProfile) -> list[Violation]:
             out.append(Violation(name, "symmetric quantization needs zero point 0"))
         if is_weight:
             per_channel = scale.size > 1
-            if profile.per_channel != per_channel and data.dims[0] > 1:
-                out.append(Violation(name, f"weights must be {'per channel' if profile.per_channel else 'per tensor'}"))
+            consumer_ops = {c.op_type for c in model.graph.node if name in c.input}
+            wants = profile.per_channel and (profile.per_channel_ops is None or bool(consumer_ops & set(profile.per_channel_ops)))
+            if wants != per_channel and data.dims[0] > 1:
+                out.append(Violation(name, f"weights must be {'per channel' if wants else 'per tensor'}"))
             if s.narrow_range and dtype.signed:
                 q = numpy_helper.to_array(data)
                 if np.any(q == dtype.qmin):

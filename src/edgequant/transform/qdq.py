@@ -167,12 +167,24 @@ class _Inserter:
             node.input[slot] = self.bias_cache[key]
         return made
 
+    def typed_const(self, base: str, arr: np.ndarray, dtype) -> str:
+        name = self.scope.fresh(base)
+        self.new_inits.append(dtype.tensor(name, arr))
+        return name
+
     def dq_node(self, base: str, q: np.ndarray, p: QuantParams, out: str) -> NodeProto:
-        q_name = self.const(f"{base}_quantized", q)
         scale = np.asarray(p.scale, np.float32)
         zp = np.asarray(p.zero_point)
+        if p.dtype is not None and p.dtype.bits == 4:  # packed 4-bit initializers
+            q_name = self.typed_const(f"{base}_quantized", q, p.dtype)
+        else:
+            q_name = self.const(f"{base}_quantized", q)
         s_name = self.const(f"{base}_scale", scale if p.axis is not None else scale.reshape(()))
-        z_name = self.const(f"{base}_zero_point", zp if p.axis is not None else zp.reshape(()))
+        zp = zp if p.axis is not None else zp.reshape(())
+        if p.dtype is not None and p.dtype.bits == 4:
+            z_name = self.typed_const(f"{base}_zero_point", zp, p.dtype)
+        else:
+            z_name = self.const(f"{base}_zero_point", zp)
         node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
                                 name=self.scope.fresh(f"{base}_DequantizeLinear"))
         if p.axis is not None:
