@@ -84,8 +84,10 @@ def test_bias_scale_is_input_times_weight():
 def test_dtype_facts():
     assert (QuantDType.INT16.qmin, QuantDType.INT16.qmax, QuantDType.INT16.min_opset) == (-32768, 32767, 21)
     assert QuantDType.UINT8.onnx_type == TensorProto.UINT8 and not QuantDType.UINT8.signed
+    assert (QuantDType.INT4.qmin, QuantDType.INT4.qmax, QuantDType.INT4.bits, QuantDType.INT4.min_opset) == (-8, 7, 4, 21)
+    assert QuantDType.UINT4.onnx_type == TensorProto.UINT4 and QuantDType.UINT4.qmax == 15
     with pytest.raises(Exception, match="valid: int8"):
-        QuantDType.parse("int4")
+        QuantDType.parse("int3")
 
 
 def test_fit_bias_raises_the_scale_of_a_dead_channel_only():
