@@ -256,8 +256,7 @@ def quantize(model: str | os.PathLike | ModelProto | None, calibration=None, *,
     return finish(state, state.plan, progress)
 
 
-def finish(state: Calibrated, plan: QuantPlan, progress: Progress | None = None,
-           notes: list[str] | None = None) -> QuantizeResult:
+def finish(state: Calibrated, plan: QuantPlan, progress: Progress | None = None) -> QuantizeResult:
     """Assemble ``plan``, check its fidelity on held-out samples (with the collapse guard)."""
     qmodel, params = state.assemble(plan)
     opts = state.opts
@@ -268,7 +267,7 @@ def finish(state: Calibrated, plan: QuantPlan, progress: Progress | None = None,
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
                       state.n_calib, count, state.n_eval == 0, state.calib_seconds, 0.0,
                       (state.from_opset, opset_of(qmodel)), state.passes, fidelity,
-                      state.notes + (notes or []), dict(plan.precision))
+                      list(state.notes), dict(plan.precision))
     result = QuantizeResult(qmodel, state.prepared, plan, ranges, params, summary, opts)
     if opts.collapse_cosine > 0 and fidelity and min(f.cosine for f in fidelity) < opts.collapse_cosine:
         from edgequant.mixed.guard import collapse_report

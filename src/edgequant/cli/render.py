@@ -76,11 +76,9 @@ def print_summary(summary: Summary, output: str | None) -> None:
 
 
 def _f(x: float, spec: str = ".4f") -> str:
-    if x != x:
-        return "nan"
-    if x in (float("inf"), float("-inf")):
-        return "inf" if x > 0 else "-inf"
-    return format(x, spec)
+    from edgequant.analysis.report import _fmt
+
+    return {"∞": "inf", "−∞": "-inf"}.get(_fmt(x, spec), _fmt(x, spec))
 
 
 def print_report(report, folder, top: int) -> None:

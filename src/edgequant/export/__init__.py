@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from edgequant.errors import ConfigError
+from edgequant.ir.model import write_atomic
 
 FORMATS = ("qparams", "cali-table", "qtable", "acuity", "edgequant")
 
@@ -34,7 +35,7 @@ def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
 
     writer = {"qparams": qparams.dumps, "cali-table": tpu_mlir.dumps_cali_table, "qtable": tpu_mlir.dumps_qtable,
               "acuity": acuity.dumps, "edgequant": native.dumps}[fmt]
-    return _write(Path(path), writer(result))
+    return write_atomic(path, writer(result))
 
 
 def import_params(fmt: str, path: str | os.PathLike) -> tuple:
@@ -51,18 +52,3 @@ def import_params(fmt: str, path: str | os.PathLike) -> tuple:
         raise ConfigError(f"{fmt} files re-create a model by themselves: edgequant quantize MODEL --import-params "
                           f"{fmt}:{p} (no calibration needed), alone")
     return reader(text, str(p))
-
-
-def _write(path: Path, text: str) -> Path:
-    import tempfile
-
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        from edgequant.errors import OutputError
-
-        raise OutputError(f"output folder does not exist: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=".params-", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path

@@ -76,15 +76,33 @@ def save_model(model: ModelProto, path: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder is not writable: {folder}; choose another -o")
     large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+
+    def write(tmp: str) -> None:
+        if large:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, tmp)
+
+    return _replace_atomically(out, folder, write)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a file atomically (temporary file in the same folder, then rename)."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder does not exist: {folder}; create it or choose another path")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return _replace_atomically(out, folder, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def _replace_atomically(out: Path, folder: Path, write) -> Path:
+    """``write(tmp)`` into a temporary file beside ``out``, then rename it over ``out``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        if large:
-            data_name = out.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, tmp)
+        write(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

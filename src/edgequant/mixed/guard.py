@@ -25,12 +25,12 @@ class Collapse:
 
 def collapse_report(state, result, progress=None, top: int = 5) -> Collapse:
     """Rank layers on the held-out samples and suggest overrides for the worst ``top``."""
+    from edgequant.analysis.analyze import suggest_overrides
     from edgequant.targets import get_target
 
     can_float = "float" in get_target(state.opts.target).fallback
     sens = sensitivity(state, result.model, progress)
-    worst = [r for r in sens.ranked()[:top] if r.output.flagged or r.local.flagged]
-    overrides = tuple(f"{r.node}={'float' if can_float and (r.output.nonfinite or r.local.nonfinite) else 'int16'}"
-                      for r in worst)
+    overrides = tuple(suggest_overrides(sens.ranked()[:top], "int16", can_float))
     cosine = min(f.cosine for f in result.summary.fidelity)
-    return Collapse(cosine, state.opts.collapse_cosine, tuple(r.node for r in worst), overrides)
+    layers = tuple(o.rpartition("=")[0] for o in overrides)
+    return Collapse(cosine, state.opts.collapse_cosine, layers, overrides)

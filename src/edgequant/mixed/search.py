@@ -29,6 +29,7 @@ from onnx import ModelProto
 from edgequant.analysis.metrics import FidelityAccumulator
 from edgequant.calibration.collect import run_checked
 from edgequant.errors import ConfigError
+from edgequant.ir.model import write_atomic
 from edgequant.mixed.cost import layer_macs
 from edgequant.mixed.sensitivity import sensitivity
 from edgequant.planning.overrides import Override, parse_precision
@@ -95,8 +96,8 @@ class MixedPrecision:
         """``STEM.mixed.yaml`` and ``STEM.mixed.png``."""
         stem = Path(stem)
         yaml_path, png_path = stem.with_name(stem.name + ".mixed.yaml"), stem.with_name(stem.name + ".mixed.png")
-        yaml_path.write_text(self.override_file(), encoding="utf-8")
-        png_path.write_bytes(self.plot_png())
+        write_atomic(yaml_path, self.override_file())
+        write_atomic(png_path, self.plot_png())
         return yaml_path, png_path
 
 

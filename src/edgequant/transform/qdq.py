@@ -132,7 +132,7 @@ class _Inserter:
                 made.append(self.dq_node(wp.tensor, q, p, dq_out))
                 self.weight_cache[key] = (dq_out, p)
             node.input[slot] = self.weight_cache[key][0]
-            made += self.bias_nodes(node, key)
+            made += self.bias_nodes(node, key, wp.scheme)
         return made
 
     def _bias_for(self, node: NodeProto) -> tuple[str, float] | None:
@@ -143,7 +143,7 @@ class _Inserter:
                 return bp.tensor, float(np.asarray(self.params[root].scale))
         return None
 
-    def bias_nodes(self, node: NodeProto, wkey: tuple) -> list[NodeProto]:
+    def bias_nodes(self, node: NodeProto, wkey: tuple, scheme) -> list[NodeProto]:
         made = []
         for (node_name, slot), bp in self.plan.biases.items():
             if node_name != node.name:
@@ -154,8 +154,7 @@ class _Inserter:
                 b = numpy_helper.to_array(self.inits[bp.tensor])
                 w_scale = self.weight_cache[wkey][1].scale
                 s_in = float(np.asarray(self.params[in_root].scale))
-                q, scale, clipped = quantize_bias(b, s_in, np.asarray(w_scale), self.plan.weights[
-                    next(k for k in self.plan.weights if k[0] == node.name)].scheme)
+                q, scale, clipped = quantize_bias(b, s_in, np.asarray(w_scale), scheme)
                 self.clipped_bias += clipped
                 axis = 0 if scale.ndim == 1 and scale.size > 1 else None
                 p = QuantParams(scale if axis is not None else scale.reshape(()),
