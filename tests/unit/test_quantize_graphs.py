@@ -257,3 +257,41 @@ def test_dead_channel_keeps_its_bias(rng, caplog):
         result = edgequant.quantize(model, data)
     assert "overflowed" not in caplog.text
     assert result.summary.fidelity[0].cosine > 0.999
+
+
+RNNS = {
+    "LSTM": (4, """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[5, 1, 6] x, float[1, 1, 8] h0, float[1, 1, 8] c0) => (float[5, 1, 1, 8] y, float[1, 1, 8] h, float[1, 1, 8] c) {
+    y, h, c = LSTM <hidden_size = 8> (x, W, R, B, , h0, c0)
+}
+"""),
+    "GRU": (3, """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[5, 1, 6] x, float[1, 1, 8] h0) => (float[5, 1, 1, 8] y, float[1, 1, 8] h) {
+    y, h = GRU <hidden_size = 8, linear_before_reset = 1> (x, W, R, B, , h0)
+}
+"""),
+}
+
+
+@pytest.mark.parametrize("op", sorted(RNNS))
+def test_recurrent_weights_and_states_are_quantized(op, rng):
+    gates, text = RNNS[op]
+    model = with_weights(text, rng, W=(1, gates * 8, 6), R=(1, gates * 8, 8), B=(1, 2 * gates * 8))
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 0.3, t.name))
+    inputs = [i.name for i in model.graph.input]
+    data = [{n: rng.standard_normal((5, 1, 6) if n == "x" else (1, 1, 8)).astype(np.float32) for n in inputs}
+            for _ in range(20)]
+    q = edgequant.quantize(model, data).model
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    cell = next(n for n in q.graph.node if n.op_type == op)
+    for slot in (1, 2):  # W and R: per output row (gate × hidden), axis 1
+        node = dq[cell.input[slot]]
+        assert helper.get_attribute_value(node.attribute[0]) == 1
+    assert cell.input[3] == "B"  # the bias is added inside the cell: stays float
+    assert all(cell.input[i] in dq for i in [0] + list(range(5, len(cell.input))) if cell.input[i])
+    feed = data[0]
+    for ref, got in zip(run(model, feed), run(q, feed)):
+        assert np.abs(ref - got).max() < 0.05

@@ -1,7 +1,8 @@
 """What a layer costs: multiply-accumulates, from the shapes the float model actually ran with.
 
 Conv/ConvTranspose: output elements × (input channels / group) × kernel area;
-Gemm/MatMul: output elements × the reduced dimension; any other op: its output elements
+Gemm/MatMul: output elements × the reduced dimension; LSTM/GRU/RNN: steps × batch ×
+directions × gates·hidden × (inputs + hidden); any other op: its output elements
 (one operation each). The share of a set of layers is their MACs over all quantized layers'.
 """
 
@@ -36,6 +37,10 @@ def node_macs(node: NodeProto, values: dict[str, np.ndarray], inits: dict) -> in
             return n_out * math.prod(w[1:])
         cin = _shape(node.input[0], values, inits)  # W: [Cin, Cout/group, k...]
         return (math.prod(cin) if cin else n_out) * math.prod(w[1:])
+    if node.op_type in ("LSTM", "GRU", "RNN") and len(node.input) > 2:
+        x, w = _shape(node.input[0], values, inits), _shape(node.input[1], values, inits)
+        if x and w and len(x) == 3 and len(w) == 3:  # X: [steps, batch, in] (or batch first); W: [dirs, gH, in]
+            return x[0] * x[1] * w[0] * w[1] * (w[2] + w[1] // {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op_type])
     if node.op_type in ("Gemm", "MatMul") and node.input:
         a = _shape(node.input[0], values, inits)
         if a:

@@ -2,6 +2,8 @@
 
 kinds:
 * ``weighted`` – has a weight (and maybe bias) initializer; activations in ``act_inputs``.
+  Recurrent ops (LSTM/GRU/RNN) have two weights (input W, recurrent R); their bias stays
+  float (it is added inside the cell), their initial states are activations.
 * ``compute``  – its float inputs in ``act_inputs`` and its output get their own parameters.
 * ``shared``   – output is a view/subset of input 0 (reshape, pooling max...): shares its params.
 * ``relu``     – Relu/Clip: folded into the producer's output quantization when exact.
@@ -19,6 +21,7 @@ class OpFacts:
     act_inputs: tuple[int, ...] = (0,)
     weight_input: int | None = None
     bias_input: int | None = None
+    extra_weights: tuple[int, ...] = ()
 
 
 ALL = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
@@ -28,6 +31,9 @@ OP_FACTS: dict[str, OpFacts] = {
     "ConvTranspose": OpFacts("weighted", (0,), 1, 2),
     "Gemm": OpFacts("weighted", (0,), 1, 2),
     "MatMul": OpFacts("weighted", (0, 1), 1, None),
+    "LSTM": OpFacts("weighted", (0, 5, 6), 1, None, (2,)),
+    "GRU": OpFacts("weighted", (0, 5), 1, None, (2,)),
+    "RNN": OpFacts("weighted", (0, 5), 1, None, (2,)),
     "Add": OpFacts("compute", (0, 1)),
     "Mul": OpFacts("compute", (0, 1)),
     "Concat": OpFacts("compute", ALL),
@@ -84,4 +90,6 @@ def weight_axis(op_type: str, ndim: int, attrs: dict) -> int | None:
         return 0 if attrs.get("transB", 0) else 1
     if op_type == "MatMul":
         return ndim - 1 if ndim >= 2 else None
+    if op_type in ("LSTM", "GRU", "RNN"):  # W/R: [directions, gates × hidden, inputs]
+        return 1 if ndim == 3 else None
     return None

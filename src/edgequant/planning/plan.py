@@ -207,11 +207,19 @@ class _Builder:
         slot = self._weight_slot(node, facts)
         if slot is None:
             return
-        w = self.inits[node.input[slot]]
         per_channel = self.opt.per_channel and (self.opt.per_channel_ops is None or node.op_type in self.opt.per_channel_ops)
-        axis = weight_axis(node.op_type, len(w.dims), _attrs(node)) if per_channel else None
-        wplan = WeightPlan(w.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis, self.opt.scheme)
-        self.plan.weights[(node.name, slot)] = wplan
+        attrs = _attrs(node)
+        wplan = None
+        for s in (slot, *facts.extra_weights):
+            t = self.inits.get(node.input[s]) if s < len(node.input) else None
+            if t is None or t.data_type != TensorProto.FLOAT:
+                continue
+            axis = weight_axis(node.op_type, len(t.dims), attrs) if per_channel else None
+            self.plan.weights[(node.name, s)] = WeightPlan(t.name, self.opt.weight_dtype, self.opt.weight_symmetric,
+                                                           axis, self.opt.scheme)
+            wplan = wplan or self.plan.weights[(node.name, s)]
+        assert wplan is not None
+        w, axis = self.inits[node.input[slot]], wplan.axis
         b = facts.bias_input
         if b is None or b >= len(node.input) or node.input[b] not in self.inits:
             return
