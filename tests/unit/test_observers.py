@@ -53,6 +53,14 @@ def test_percentile_close_to_numpy(rng):
     assert lo == pytest.approx(np.percentile(x, 0.1), abs=2 * width)
 
 
+def test_percentile_keeps_the_full_range_at_16_bits(rng):
+    x = rng.standard_normal(50_000).astype(np.float32)
+    obs = HistogramObserver(Method.PERCENTILE, percentile=99.0)
+    obs.update(x)
+    assert obs.range(QuantDType.INT16, True) == (float(x.min()), float(x.max()))
+    assert obs.range(QuantDType.INT8, True)[1] < 0.9 * float(x.max())  # 8 bits clip the tail
+
+
 def test_percentile_of_empty_histogram():
     assert percentile_range(np.zeros(8, np.int64), np.linspace(-1, 1, 9), 99.0) == (0.0, 0.0)
 

@@ -98,6 +98,8 @@ class HistogramObserver(MinMaxObserver):
             return (0.0, 0.0)
         if self.radius == 0.0:
             return (self.min, self.max)
+        if self.method is Method.PERCENTILE and dtype.bits >= 16:
+            return (self.min, self.max)  # 65536 levels resolve the full range: clipping only loses
         edges = np.linspace(-self.radius, self.radius, self.bins + 1)
         if self.method is Method.PERCENTILE:
             lo, hi = percentile_range(self.hist, edges, self.percentile)
