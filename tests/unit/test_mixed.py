@@ -5,9 +5,10 @@ import pytest
 from onnx import numpy_helper
 
 import edgequant
+from edgequant.analysis.metrics import FidelityAccumulator
 from edgequant.errors import ConfigError
-from edgequant.mixed.cost import layer_macs
-from edgequant.mixed.search import MixedPrecision, Step, _Search, auto_mixed
+from edgequant.mixed.cost import layer_macs, node_macs
+from edgequant.mixed.search import MixedPrecision, Step, _Search, auto_mixed, worst_sample_score
 from tests.conftest import parse
 from tests.unit.test_quantize_graphs import calib, cnn
 
@@ -37,22 +38,51 @@ def test_macs_follow_the_formulas(rng):
     assert macs["Flatten_2"] == 512 and macs["Gemm_3"] == 5 * 512
 
 
+def test_recurrent_macs_count_every_step_and_gate():
+    from onnx import helper
+
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=8)
+    values = {"x": np.zeros((5, 2, 6)), "y": np.zeros((5, 1, 2, 8)), "W": np.zeros((1, 32, 6)),
+              "R": np.zeros((1, 32, 8))}
+    assert node_macs(node, values, {}) == 5 * 2 * 32 * (6 + 8)
+
+
+def _acc(ref, test):
+    a = FidelityAccumulator()
+    a.update(np.asarray(ref, np.float32), np.asarray(test, np.float32))
+    return a
+
+
+def test_worst_sample_score_judges_scalars_and_quiet_samples_pooled(rng):
+    # one probability per sample: each sample's cosine is 1 whatever it says; pooled it is not
+    probs = [_acc([[p]], [[q]]) for p, q in [(0.9, 0.9), (0.05, 0.7), (0.95, 0.93)]]
+    assert worst_sample_score(probs, "cosine") < 0.9
+    # a near-zero state among loud ones: its cosine is noise, judged within the pool
+    loud = [rng.standard_normal(64) for _ in range(5)]
+    accs = [_acc(x, x + 0.01 * rng.standard_normal(64)) for x in loud]
+    quiet = rng.standard_normal(64) * 1e-3
+    accs.append(_acc(quiet, quiet + 0.01 * rng.standard_normal(64)))
+    assert worst_sample_score(accs, "cosine") > 0.999
+    # a loud sample that int8 breaks still decides the score
+    accs.append(_acc(loud[0], -loud[0]))
+    assert worst_sample_score(accs, "cosine") < 0
+
+
 class FakeSearch(_Search):
-    """The search strategy alone: a plan is the set of layers; the score counts the needed ones."""
+    """The search strategy alone: a plan is the set of layers; the score is the share of the
+    needed layers present (those in ``need_float`` count only in float)."""
 
-    def __init__(self, needed, share):
+    def __init__(self, needed, share, need_float=()):
         super().__init__(None, None, 1.0, share, "int16", None)
-        self.needed = set(needed)
+        self.needed, self.need_float = set(needed), set(need_float)
 
-    def plan(self, layers):
-        return tuple(layers)
-
-    def ok(self, layers):
-        key = tuple(layers)
+    def value(self, layers):
+        key = self.overrides(layers)
         if key not in self.scores:
-            self.scores[key] = len(self.needed & set(layers)) / max(len(self.needed), 1)
+            got = {n for n in layers if n not in self.need_float or self.precision.get(n) == "float"}
+            self.scores[key] = len(self.needed & got) / max(len(self.needed), 1)
             self.steps.append(Step(key, self.cost(layers), self.scores[key], self.scores[key] >= 1))
-        return self.scores[key] >= 1
+        return self.scores[key]
 
 
 def test_search_finds_a_small_sufficient_set_within_budget():
@@ -63,9 +93,27 @@ def test_search_finds_a_small_sufficient_set_within_budget():
     assert set(chosen) == {"L0", "L5", "L6"}
     assert len(s.steps) < 20  # geometric growth + bisection + pruning, not one model per layer
     over = FakeSearch({"L0", "L19"}, share)
-    best = over.run(order, budget=0.05)  # L19 is beyond the budget: best found within it
-    assert "L19" not in best and over.cost(best) <= 0.05 + 1e-9
+    best = over.run(order, budget=0.05)  # L19 is beyond the budget: the best found within it
+    assert "L19" not in best and "L0" in best and over.cost(best) <= 0.05 + 1e-9
     assert FakeSearch(set(), share).run(order, 0.1) == []
+
+
+def test_search_skips_a_layer_too_dear_for_the_budget():
+    order = ["A", "BIG", "C"]
+    s = FakeSearch({"A", "C"}, {"A": 0.01, "BIG": 0.5, "C": 0.01})
+    assert s.run(order, budget=0.1) == ["A", "C"]
+
+
+def test_search_escalates_to_float_what_16_bits_do_not_rescue():
+    order = [f"L{i}" for i in range(8)]
+    share = {n: 0.01 for n in order}
+    s = FakeSearch({"L1", "L2", "L4"}, share, need_float={"L1", "L2"})  # a pair: neither helps alone
+    chosen = s.run(order, budget=0.5, escalate=True)
+    assert set(chosen) == {"L1", "L2", "L4"}
+    assert set(s.overrides(chosen)) == {"L1=float", "L2=float", "L4=int16"}  # only what needs it
+    assert s.value(chosen) == 1.0
+    no = FakeSearch({"L1", "L2", "L4"}, share, need_float={"L1", "L2"})
+    assert no.value(no.run(order, budget=0.5)) < 1.0  # without escalation (target without float)
 
 
 def test_result_files_and_argument_checks(tmp_path):

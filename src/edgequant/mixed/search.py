@@ -11,7 +11,9 @@ quantized model reaches a fidelity target on held-out samples.
    evaluation, never a recalibration.
 
 Fidelity is the cosine (default) or SQNR of the worst output on the worst sample — a pooled
-figure hides the rare input that int8 breaks — or a user metric (higher is better).
+figure hides the rare input that int8 breaks — or a user metric (higher is better). Outputs of
+a few elements (a probability, a score) and samples whose output is near zero (a recurrent
+state at rest) are judged pooled over the samples instead, where a cosine means something.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ class MixedPrecision:
 
     def describe(self) -> str:
         state = "reached" if self.reached else "NOT reached"
-        return (f"{len(self.overrides)} layers in higher precision ({self.cost:.1%} of MACs); {self.measure} "
+        floats = sum(o.endswith("=float") for o in self.overrides)
+        extra = f", {floats} of them float" if floats and floats < len(self.overrides) else ""
+        return (f"{len(self.overrides)} layers in higher precision{extra} ({self.cost:.1%} of MACs); {self.measure} "
                 f"{self.score:.4f}, target {self.target:.4f} {state}; {len(self.steps)} models evaluated")
 
     def override_file(self) -> str:
@@ -115,15 +119,39 @@ class _Scorer:
             return float(self.metric(qmodel))
         sess = make_session(qmodel, device=self.state.opts.device)
         names = [o.name for o in sess.get_outputs()]
-        worst = float("inf")
-        for i, values in enumerate(self.cache):  # the worst sample counts: rare inputs must survive too
+        pairs: dict[str, list[FidelityAccumulator]] = {n: [] for n in names}
+        for i, values in enumerate(self.cache):
             got = run_checked(sess, names, {k: values[k] for k in self.inputs}, i)
             for n, v in zip(names, got):
                 acc = FidelityAccumulator()
                 acc.update(values[n], np.asarray(v))
                 if acc.count:
-                    worst = min(worst, acc.cosine if self.measure == "cosine" else acc.sqnr_db)
-        return worst if worst != float("inf") else 1.0
+                    pairs[n].append(acc)
+        scores = [worst_sample_score(accs, self.measure) for accs in pairs.values() if accs]
+        return min(scores) if scores else 1.0
+
+
+#: Below this many elements per sample an output is judged pooled over the samples (the cosine
+#: of one probability is always 1); a sample whose output has less than this share of the
+#: mean power is judged pooled too (a near-zero state's cosine is noise, not damage).
+POOL_BELOW_ELEMENTS = 16
+POOL_BELOW_POWER = 0.1
+
+
+def worst_sample_score(accs: list[FidelityAccumulator], measure: str) -> float:
+    """Fidelity of one output over samples: the pooled figure, and each substantial sample's."""
+    pooled = FidelityAccumulator()
+    for a in accs:
+        for f in ("dot", "ref2", "test2", "noise", "elements", "nonfinite", "count"):
+            setattr(pooled, f, getattr(pooled, f) + getattr(a, f))
+    def value(a: FidelityAccumulator) -> float:
+        return a.cosine if measure == "cosine" else a.sqnr_db
+    worst = value(pooled) if not pooled.nonfinite else -1.0
+    mean_power = pooled.ref2 / len(accs)
+    for a in accs:
+        if a.elements >= POOL_BELOW_ELEMENTS and a.ref2 >= POOL_BELOW_POWER * mean_power:
+            worst = min(worst, value(a))
+    return worst
 
 
 def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, target_cosine: float | None = None,
@@ -172,12 +200,13 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     ranked = [r for r in sens.ranked() if r.output.nonfinite or r.output.cosine < 1.0 - 1e-7]
     ranked.sort(key=lambda r: (not r.output.nonfinite, -(1.0 - r.output.cosine) / max(macs[r.node] / total, 1e-4)))
     search = _Search(state, score, target, {r.node: macs[r.node] / total for r in ranked}, tag, progress)
-    chosen = search.run([r.node for r in ranked], max_high_precision)
-    overrides = tuple(f"{n}={tag}" for n in chosen)
+    chosen = search.run([r.node for r in ranked], max_high_precision,
+                        escalate=tag != "float" and "float" in profile.fallback)
+    overrides = search.overrides(chosen)
     plan = search.plan(chosen)
     result = finish(state, plan, progress)
-    mixed = MixedPrecision(overrides, search.cost(chosen), search.scores[tuple(chosen)], target, measure,
-                           search.scores[tuple(chosen)] >= target, search.steps,
+    mixed = MixedPrecision(overrides, search.cost(chosen), search.value(chosen), target, measure,
+                           search.value(chosen) >= target, search.steps,
                            {"sensitivity": t1 - t0 - state.calib_seconds, "search": time.perf_counter() - t1},
                            len(ranked))
     result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
@@ -185,35 +214,68 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
 
 
 class _Search:
+    """Layers are taken in ``order``; each goes to ``tag`` unless escalated to float."""
+
     def __init__(self, state, score: _Scorer, target: float, share: dict[str, float], tag: str,
                  progress: Progress | None):
         self.state, self.score, self.target, self.share, self.tag = state, score, target, share, tag
         self.progress = progress
+        self.precision: dict[str, str] = {}  # layers escalated beyond ``tag``
         self.scores: dict[tuple[str, ...], float] = {}
         self.steps: list[Step] = []
 
+    def overrides(self, layers) -> tuple[str, ...]:
+        return tuple(f"{n}={self.precision.get(n, self.tag)}" for n in layers)
+
     def plan(self, layers) -> QuantPlan:
-        extra = tuple(Override(n, parse_precision(self.tag)) for n in layers)
+        extra = tuple(Override(n, parse_precision(self.precision.get(n, self.tag))) for n in layers)
         opts = dataclasses.replace(self.state.opts, overrides=self.state.opts.overrides + extra)
         return build_plan(self.state.prepared, opts)
 
     def cost(self, layers) -> float:
         return sum(self.share[n] for n in layers)
 
-    def ok(self, layers: list[str]) -> bool:
-        key = tuple(layers)
+    def value(self, layers) -> float:
+        key = self.overrides(layers)
         if key not in self.scores:
             self.scores[key] = self.score(self.plan(layers))
             self.steps.append(Step(key, self.cost(layers), self.scores[key], self.scores[key] >= self.target))
             if self.progress:
                 self.progress("mixed search", len(self.steps), len(self.steps))
-        return self.scores[key] >= self.target
+        return self.scores[key]
 
-    def run(self, order: list[str], budget: float) -> list[str]:
+    def ok(self, layers: list[str]) -> bool:
+        return self.value(layers) >= self.target
+
+    def run(self, order: list[str], budget: float, escalate: bool = False) -> list[str]:
+        """The shortest prefix of ``order`` within ``budget`` that meets the target, pruned.
+
+        With ``escalate``, when no prefix meets it, the layers of the best prefix go to float
+        (16 bits do not rescue ranges no fixed-point grid spans: a power spectrum, a
+        variance), the search runs again, and each float layer it keeps goes back to ``tag``
+        where the target still holds.
+        """
+        chosen = self._run(order, budget)
+        if escalate and chosen and not self.ok(chosen):
+            self.precision = {n: "float" for n in chosen}
+            chosen = self._run(order, budget)
+            for n in chosen:
+                if n in self.precision and self.ok(chosen):
+                    del self.precision[n]
+                    if not self.ok(chosen):
+                        self.precision[n] = "float"
+            self.precision = {n: p for n, p in self.precision.items() if n in chosen}
+        return chosen
+
+    def _run(self, order: list[str], budget: float) -> list[str]:
         if self.ok([]):
             return []
-        cum = np.cumsum([self.share[n] for n in order]) if order else np.zeros(0)
-        max_k = int(np.searchsorted(cum, budget + 1e-12, side="right"))
+        fits, spent = [], 0.0
+        for n in order:  # a layer too dear for what is left is skipped, not the end of the list
+            if spent + self.share[n] <= budget + 1e-12:
+                fits.append(n)
+                spent += self.share[n]
+        order, max_k = fits, len(fits)
         lo, hi, k = 0, None, 1
         while k <= max_k:
             if self.ok(order[:k]):
@@ -221,9 +283,9 @@ class _Search:
                 break
             lo = k
             k = max_k if k < max_k < 2 * k else 2 * k
-        if hi is None:  # the budget does not reach the target: best found within it
-            best: tuple[str, ...] = max(self.scores, key=self.scores.__getitem__)
-            return list(best)
+        if hi is None:  # the budget does not reach the target: the best prefix found within it
+            tried = [order[:k] for k in range(max_k + 1) if self.overrides(order[:k]) in self.scores]
+            return max(tried, key=lambda layers: (self.value(layers), -len(layers)))
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if self.ok(order[:mid]):
