@@ -8,7 +8,14 @@ import edgequant
 from edgequant.analysis.metrics import FidelityAccumulator
 from edgequant.errors import ConfigError
 from edgequant.mixed.cost import layer_macs, node_macs
-from edgequant.mixed.search import MixedPrecision, Step, _Search, auto_mixed, worst_sample_score
+from edgequant.mixed.search import (
+    MixedPrecision,
+    Step,
+    _Search,
+    auto_mixed,
+    is_distribution,
+    worst_sample_score,
+)
 from tests.conftest import parse
 from tests.unit.test_quantize_graphs import calib, cnn
 
@@ -66,6 +73,15 @@ def test_worst_sample_score_judges_scalars_and_quiet_samples_pooled(rng):
     # a loud sample that int8 breaks still decides the score
     accs.append(_acc(loud[0], -loud[0]))
     assert worst_sample_score(accs, "cosine") < 0
+
+
+def test_class_probabilities_are_recognised_for_the_top1_check(rng):
+    logits = rng.standard_normal((1, 40, 30)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert is_distribution(probs)
+    assert not is_distribution(logits)  # raw scores: cosine only
+    assert not is_distribution(np.array([[0.7]], np.float32))  # one probability: no top-1
+    assert not is_distribution(np.abs(logits) / 100)  # in [0, 1] but rows do not sum to 1
 
 
 class FakeSearch(_Search):

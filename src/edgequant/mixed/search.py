@@ -14,6 +14,8 @@ Fidelity is the cosine (default) or SQNR of the worst output on the worst sample
 figure hides the rare input that int8 breaks — or a user metric (higher is better). Outputs of
 a few elements (a probability, a score) and samples whose output is near zero (a recurrent
 state at rest) are judged pooled over the samples instead, where a cosine means something.
+Outputs that are class probabilities (rows in [0, 1] summing to 1) must also keep their top-1
+decision: the share of rows whose argmax agrees with float counts against the same target.
 """
 
 from __future__ import annotations
@@ -110,8 +112,10 @@ class _Scorer:
 
     def __init__(self, state, cache: list[dict[str, np.ndarray]], measure: str, metric: Callable | None):
         self.state, self.cache, self.measure, self.metric = state, cache, measure, metric
-        self.outputs = [o.name for o in state.prepared.graph.output]
         self.inputs = [i.name for i in state.prepared.graph.input if i.name in cache[0]]
+        outputs = [o.name for o in state.prepared.graph.output]
+        # class probabilities: the decision (top-1 per row) must survive too, not only the cosine
+        self.decisions = [n for n in outputs if measure == "cosine" and all(is_distribution(v.get(n)) for v in cache)]
 
     def __call__(self, plan) -> float:
         qmodel, _ = self.state.assemble(plan)
@@ -120,6 +124,7 @@ class _Scorer:
         sess = make_session(qmodel, device=self.state.opts.device)
         names = [o.name for o in sess.get_outputs()]
         pairs: dict[str, list[FidelityAccumulator]] = {n: [] for n in names}
+        same = {n: [0, 0] for n in self.decisions}
         for i, values in enumerate(self.cache):
             got = run_checked(sess, names, {k: values[k] for k in self.inputs}, i)
             for n, v in zip(names, got):
@@ -127,8 +132,20 @@ class _Scorer:
                 acc.update(values[n], np.asarray(v))
                 if acc.count:
                     pairs[n].append(acc)
+                if n in same and np.shape(v) == values[n].shape:
+                    agree = np.argmax(values[n], axis=-1) == np.argmax(np.asarray(v), axis=-1)
+                    same[n][0] += int(agree.sum())
+                    same[n][1] += agree.size
         scores = [worst_sample_score(accs, self.measure) for accs in pairs.values() if accs]
+        scores += [a / b for a, b in same.values() if b]
         return min(scores) if scores else 1.0
+
+
+def is_distribution(x: np.ndarray | None) -> bool:
+    """Rows of class probabilities along the last axis (a softmax output)?"""
+    if x is None or x.dtype.kind != "f" or x.ndim == 0 or x.shape[-1] < 2 or not x.size:
+        return False
+    return bool(np.all(x >= 0) and np.all(x <= 1) and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3))
 
 
 #: Below this many elements per sample an output is judged pooled over the samples (the cosine
@@ -191,6 +208,8 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     t1 = time.perf_counter()
     measure = "metric" if metric else ("sqnr_db" if target_sqnr is not None else "cosine")
     score = _Scorer(state, sens.cache, measure, metric)
+    if score.decisions:
+        measure = "cosine, top-1"
     if metric is not None:
         target = float(metric(state.prepared)) - metric_tolerance
     else:
@@ -211,6 +230,10 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
                            len(ranked))
     result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
     return result, mixed
+
+
+#: Most single-layer trials (pruning, moving a float layer back to 16 bits) in one search.
+PRUNE_TRIALS = 16
 
 
 class _Search:
@@ -252,15 +275,29 @@ class _Search:
 
         With ``escalate``, when no prefix meets it, the layers of the best prefix go to float
         (16 bits do not rescue ranges no fixed-point grid spans: a power spectrum, a
-        variance), the search runs again, and each float layer it keeps goes back to ``tag``
-        where the target still holds.
+        variance) and the search runs again; then the fewest float layers, in rank order,
+        that still meet the target are found by bisection (the rest go back to ``tag``), and
+        the dearest of those are tried back one by one. Single-layer trials (here and in the
+        pruning) are capped at ``PRUNE_TRIALS``, so a search costs tens of models, not one per
+        layer.
         """
         chosen = self._run(order, budget)
         if escalate and chosen and not self.ok(chosen):
             self.precision = {n: "float" for n in chosen}
             chosen = self._run(order, budget)
-            for n in chosen:
-                if n in self.precision and self.ok(chosen):
+            floats = [n for n in chosen if n in self.precision]
+            if self.ok(chosen) and floats:
+                def keep(j: int) -> bool:
+                    self.precision = {n: "float" for n in floats[:j]}
+                    return self.ok(chosen)
+                lo, hi = 0, len(floats)  # keep(hi) holds; find the smallest j that does
+                if keep(0):
+                    hi = 0
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if keep(mid) else (mid, hi)
+                keep(hi)
+                for n in sorted(floats[:hi], key=lambda n: -self.share[n])[:PRUNE_TRIALS]:
                     del self.precision[n]
                     if not self.ok(chosen):
                         self.precision[n] = "float"
@@ -293,7 +330,8 @@ class _Search:
             else:
                 lo = mid
         chosen = order[:hi]
-        for n in reversed(order[:hi]):  # drop what the others made unnecessary
+        # drop what the others made unnecessary, dearest first
+        for n in sorted(order[:hi], key=lambda n: (-self.share[n], -order.index(n)))[:PRUNE_TRIALS]:
             trial = [m for m in chosen if m != n]
             if len(chosen) > 1 and self.ok(trial):
                 chosen = trial
