@@ -156,3 +156,20 @@ def test_auto_mixed_on_a_healthy_model_keeps_it_int8(rng):
 def test_auto_mixed_respects_the_target_fallbacks(rng):
     with pytest.raises(ConfigError, match="cannot run float layers"):
         auto_mixed(cnn(rng), calib(rng), target="espdl", fallback="float")
+
+
+def test_search_judges_every_sample_when_the_layer_cache_is_cut_short(rng, monkeypatch):
+    from edgequant.mixed import search
+
+    real = search.sensitivity
+    monkeypatch.setattr(search, "sensitivity", lambda *a, **k: real(*a, **k, cache_budget_mb=0))
+    seen = []
+    init = search._Scorer.__init__
+
+    def spy(self, state, cache, *args):
+        seen.append(len(cache))
+        init(self, state, cache, *args)
+
+    monkeypatch.setattr(search._Scorer, "__init__", spy)
+    auto_mixed(cnn(rng), calib(rng, 30))
+    assert seen == [30]  # the layerwise cache held one sample; the search still sees all 30

@@ -48,9 +48,11 @@ class LayerError:
 
 
 def float_cache(model: ModelProto, samples: Iterable[Sample], budget_bytes: int,
-                device: str = "cpu") -> list[dict[str, np.ndarray]]:
-    """Every top-level tensor of the float model for each sample, until the budget is spent."""
-    names = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
+                device: str = "cpu", outputs_only: bool = False) -> list[dict[str, np.ndarray]]:
+    """Every top-level tensor of the float model (or only its outputs) for each sample, with
+    the sample's inputs, until the budget is spent."""
+    names = ([o.name for o in model.graph.output] if outputs_only else
+             list(dict.fromkeys(o for n in model.graph.node for o in n.output if o)))
     sess = make_session(model, names, device=device)
     cache: list[dict[str, np.ndarray]] = []
     used = 0

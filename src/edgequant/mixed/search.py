@@ -207,7 +207,7 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     sens = sensitivity(state, base, progress, samples=search_samples)
     t1 = time.perf_counter()
     measure = "metric" if metric else ("sqnr_db" if target_sqnr is not None else "cosine")
-    score = _Scorer(state, sens.cache, measure, metric)
+    score = _Scorer(state, _output_cache(state, sens, search_samples), measure, metric)
     if score.decisions:
         measure = "cosine, top-1"
     if metric is not None:
@@ -234,6 +234,21 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
 
 #: Most single-layer trials (pruning, moving a float layer back to 16 bits) in one search.
 PRUNE_TRIALS = 16
+
+
+def _output_cache(state, sens, samples: int) -> list[dict[str, np.ndarray]]:
+    """Inputs and float outputs of the first ``samples`` samples. The layerwise cache keeps every
+    tensor and stops at its memory budget (a few samples of a large model); the search must
+    judge every sample, or it fits the few it sees."""
+    import itertools
+
+    from edgequant.analysis.layerwise import float_cache
+
+    count = min(samples, state.n_calib + state.n_eval)
+    if len(sens.cache) >= count:
+        return sens.cache
+    return float_cache(state.prepared, itertools.islice(state.source.samples(), 0, count), 1 << 30,
+                       state.opts.device, outputs_only=True)
 
 
 class _Search:
