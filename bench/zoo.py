@@ -128,13 +128,10 @@ def _magika() -> ZooModel:
 
 def _vad() -> ZooModel:
     from tests.conftest import extract
-    from tests.integration.realdata import vad_scenes, vad_stream
+    from tests.integration.realdata import vad_calibration, vad_scenes, vad_stream
 
     def calib(n):
-        feeds: list[dict] = []
-        sess = _session(str(extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx")))
-        for x, _ in vad_scenes(8, seed=1):  # each chunk with the state float silero carried into it
-            vad_stream(sess, x, feeds)
+        feeds = vad_calibration(extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx"))
         return feeds[:: max(1, len(feeds) // n)][:n]
 
     def evaluate(sess):

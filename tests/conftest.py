@@ -35,11 +35,15 @@ def parse(text: str, check: bool = True) -> onnx.ModelProto:
     return model
 
 
-def run(model: onnx.ModelProto | str, feeds: dict) -> list[np.ndarray]:
+def session(model: onnx.ModelProto | str | Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto | str | Path, feeds: dict) -> list[np.ndarray]:
+    return session(model).run(None, feeds)
 
 
 def wheel_path(key: str) -> Path:

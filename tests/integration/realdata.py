@@ -330,3 +330,14 @@ def vad_stream(session, signal: np.ndarray, feeds: list | None = None) -> np.nda
         probs.append(float(np.asarray(p).ravel()[0]))
         context = chunk[-64:]
     return np.array(probs)
+
+
+def vad_calibration(model, scenes: int = 8, seed: int = 1) -> list[dict]:
+    """Every chunk of ``scenes`` noisy scenes, each with the state float silero carried into it."""
+    from tests.conftest import session
+
+    feeds: list[dict] = []
+    sess = session(model)
+    for x, _ in vad_scenes(scenes, seed):
+        vad_stream(sess, x, feeds)
+    return feeds

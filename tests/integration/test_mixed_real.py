@@ -19,8 +19,8 @@ import numpy as np
 
 import edgequant
 from edgequant.mixed.search import auto_mixed
-from tests.conftest import extract, wheel_path
-from tests.integration.realdata import labelled_files, vad_scenes, vad_stream
+from tests.conftest import extract, session, wheel_path
+from tests.integration.realdata import labelled_files, vad_calibration, vad_scenes, vad_stream
 
 MODEL = ("magika", "magika/models/standard_v3_3/model.onnx")
 
@@ -102,21 +102,13 @@ def test_auto_mixed_on_a_task_metric():
 
 
 def vad_accuracy(model, scenes) -> float:
-    from tests.integration.test_sequence_and_integer_models import session
-
     sess = session(model)
     return float(np.mean(np.concatenate([(vad_stream(sess, x) > 0.5) == y for x, y in scenes])))
 
 
 def test_auto_mixed_restores_the_streaming_voice_activity_lstm():
-    from tests.integration.test_sequence_and_integer_models import session
-
     model = extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx")
-    feeds: list[dict] = []
-    sess = session(model)
-    for x, _ in vad_scenes(8, seed=1):  # each chunk with the state float silero carried into it
-        vad_stream(sess, x, feeds)
-    data = feeds[::6]
+    data = vad_calibration(model)[::6]
     test = vad_scenes(40, seed=7)
     int8 = edgequant.quantize(str(model), data)
     assert int8.summary.collapse is not None and int8.summary.quantized_ops["LSTM"] == 1

@@ -22,15 +22,6 @@ from tests.conftest import extract, run
 from tests.integration.realdata import labelled_files
 
 
-def session(model):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-
 def audio_chunks(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     t = np.arange(512) / 16000.0

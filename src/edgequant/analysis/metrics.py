@@ -114,6 +114,12 @@ class FidelityAccumulator:
             self.max_abs = max(self.max_abs, float(np.abs(d).max()))
         self.count += 1
 
+    def merge(self, other: FidelityAccumulator) -> None:
+        """Add ``other``'s sums: the figures of both sample sets pooled."""
+        for f in ("dot", "ref2", "test2", "noise", "elements", "nonfinite", "count"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.max_abs = max(self.max_abs, other.max_abs)
+
     @property
     def cosine(self) -> float:
         if self.ref2 == 0 and self.test2 == 0:

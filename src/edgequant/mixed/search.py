@@ -159,8 +159,8 @@ def worst_sample_score(accs: list[FidelityAccumulator], measure: str) -> float:
     """Fidelity of one output over samples: the pooled figure, and each substantial sample's."""
     pooled = FidelityAccumulator()
     for a in accs:
-        for f in ("dot", "ref2", "test2", "noise", "elements", "nonfinite", "count"):
-            setattr(pooled, f, getattr(pooled, f) + getattr(a, f))
+        pooled.merge(a)
+
     def value(a: FidelityAccumulator) -> float:
         return a.cosine if measure == "cosine" else a.sqnr_db
     worst = value(pooled) if not pooled.nonfinite else -1.0
