@@ -24,6 +24,7 @@ WHEELS = {
     "mediapipe": "mediapipe==0.10.14",
     "scikit_image": "scikit-image==0.26.0",
     "facenet_pytorch": "facenet-pytorch==2.6.0",
+    "rapidocr_onnxruntime": "rapidocr-onnxruntime==1.4.4",
     "pysptk": "pysptk==1.0.1",  # a source archive: read for its example speech recording only
 }
 

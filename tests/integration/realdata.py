@@ -106,6 +106,34 @@ def text_page(rng: random.Random) -> Image.Image:
     return im
 
 
+def ppocr_charset(model) -> list[str]:
+    """PP-OCR recognizer classes: CTC blank, the dictionary in the model's metadata, space."""
+    chars = next(p.value for p in model.metadata_props if p.key == "character").splitlines()
+    return ["blank", *chars, " "]
+
+
+def text_lines(n: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """(text, PP-OCR recognizer input): one to three words, half the time with a number, dark on
+    a light background at a random size; resized to height 48 (width at most 320), scaled to
+    [-1, 1] and padded to 320 columns."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.5:
+            words.append(str(rng.randint(10, 9999)))
+        text = " ".join(words)
+        font = _font(rng.randint(22, 30))
+        im = Image.new("RGB", (int(font.getlength(text)) + 16, 40), (rng.randint(200, 255),) * 3)
+        ImageDraw.Draw(im).text((8, 4), text, fill=(rng.randint(0, 60),) * 3, font=font)
+        width = min(320, int(np.ceil(48 * im.size[0] / im.size[1])))
+        a = np.asarray(im.resize((width, 48)), np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        x = np.zeros((1, 3, 48, 320), np.float32)
+        x[0, :, :, :width] = a
+        out.append((text, x))
+    return out
+
+
 def orientation_pages(n: int, seed: int) -> list[tuple[int, np.ndarray]]:
     """(label index, NCHW float input) with PP-LCNet preprocessing: short side 256, crop 224."""
     rng = random.Random(seed)

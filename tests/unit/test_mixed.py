@@ -13,9 +13,11 @@ from edgequant.mixed.search import (
     Step,
     _Search,
     auto_mixed,
+    decisions_agree,
     is_distribution,
     worst_sample_score,
 )
+from edgequant.quant.dtypes import QuantDType
 from tests.conftest import parse
 from tests.unit.test_quantize_graphs import calib, cnn
 
@@ -84,6 +86,17 @@ def test_class_probabilities_are_recognised_for_the_top1_check(rng):
     assert not is_distribution(np.abs(logits) / 100)  # in [0, 1] but rows do not sum to 1
 
 
+def test_a_sample_keeps_its_decisions_only_when_every_decided_row_does():
+    ref = np.array([[[0.9, 0.05, 0.05], [0.2, 0.75, 0.05], [0.48, 0.47, 0.05]]], np.float32)  # 3 frames
+    assert decisions_agree(ref, ref + 0.01)
+    flipped_tie = ref.copy()
+    flipped_tie[0, 2] = [0.46, 0.49, 0.05]  # the float model was undecided there: no decision lost
+    assert decisions_agree(ref, flipped_tie)
+    flipped = ref.copy()
+    flipped[0, 1] = [0.6, 0.35, 0.05]  # one decided frame of three changes its class
+    assert not decisions_agree(ref, flipped)
+
+
 class FakeSearch(_Search):
     """The search strategy alone: a plan is the set of layers; the score is the share of the
     needed layers present (those in ``need_float`` count only in float)."""
@@ -126,7 +139,7 @@ def test_search_escalates_to_float_what_16_bits_do_not_rescue():
     s = FakeSearch({"L1", "L2", "L4"}, share, need_float={"L1", "L2"})  # a pair: neither helps alone
     chosen = s.run(order, budget=0.5, escalate=True)
     assert set(chosen) == {"L1", "L2", "L4"}
-    assert set(s.overrides(chosen)) == {"L1=float", "L2=float", "L4=int16"}  # only what needs it
+    assert set(s.overrides(chosen)) == {"L1=float", "L2=float", "L4=int16,weight=int16"}  # only what needs it
     assert s.value(chosen) == 1.0
     no = FakeSearch({"L1", "L2", "L4"}, share, need_float={"L1", "L2"})
     assert no.value(no.run(order, budget=0.5)) < 1.0  # without escalation (target without float)
@@ -173,3 +186,14 @@ def test_search_judges_every_sample_when_the_layer_cache_is_cut_short(rng, monke
     monkeypatch.setattr(search._Scorer, "__init__", spy)
     auto_mixed(cnn(rng), calib(rng, 30))
     assert seen == [30]  # the layerwise cache held one sample; the search still sees all 30
+
+
+def test_a_16_bit_fallback_widens_weights_only_where_the_target_runs_them():
+    wide = FakeSearch(set(), {"L0": 0.1})
+    assert wide.overrides(["L0"]) == ("L0=int16,weight=int16",)
+    narrow = _Search(None, None, 1.0, {"L0": 0.1}, "int16", None, QuantDType.INT8)  # NeuroPilot 8w16a
+    assert narrow.overrides(["L0"]) == ("L0=int16",)
+    from edgequant.targets import get_target
+
+    assert get_target("neuropilot").fallback_weight == QuantDType.INT8
+    assert get_target("espdl").fallback_weight == QuantDType.INT16

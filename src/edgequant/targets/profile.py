@@ -16,7 +16,9 @@ class TargetProfile:
     """What a chip family computes: types, symmetry, granularity and number scheme.
 
     ``fallback`` lists what a layer may fall back to when int8 is not enough
-    (``int16``, ``float``), so mixed precision only proposes what the chip can run.
+    (``int16``, ``float``), so mixed precision only proposes what the chip can run;
+    ``fallback_weight`` is the weight dtype of a 16-bit layer (int16, or int8 where the chip
+    runs 16-bit activations with 8-bit weights only, as NeuroPilot's 8w16a).
     """
 
     name: str
@@ -31,6 +33,7 @@ class TargetProfile:
     fallback: tuple[str, ...] = ("int16", "float")
     notes: tuple[str, ...] = ()
     per_channel_ops: tuple[str, ...] | None = None  # per-channel weights only for these op types
+    fallback_weight: QuantDType = QuantDType.INT16
 
     def rules(self) -> list[tuple[str, str]]:
         s = self.scheme
@@ -44,7 +47,8 @@ class TargetProfile:
             ("scales", "powers of two (2^exponent)" if s.power_of_two else "any positive float"),
             ("rounding", {"half_even": "half to even", "half_up": "half up"}[s.rounding]),
             ("bias", f"int32 holding at most {s.bias_bits} bits, scale = s_in · s_w"),
-            ("fallback", ", ".join(self.fallback) or "none"),
+            ("fallback", ", ".join(f"{f} (weights {self.fallback_weight.value})" if f == "int16" else f
+                                   for f in self.fallback) or "none"),
         ] + [("note", n) for n in self.notes]
 
 
