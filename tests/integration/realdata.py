@@ -161,16 +161,19 @@ def magika_features(data: bytes) -> np.ndarray:
     return feat[None]
 
 
-def labelled_files(n_per_kind: int, part: int) -> list[tuple[str, np.ndarray]]:
+def labelled_files(n_per_kind: int, part: int, seed: int | None = None) -> list[tuple[str, np.ndarray]]:
     """(magika label, features) for Python sources, ELF libraries and C headers shipped with numpy.
 
-    ``part`` 0 and 1 are disjoint halves (calibration / evaluation).
+    ``part`` 0 and 1 are disjoint halves (calibration / evaluation). The first ``n_per_kind``
+    files in path order, or with ``seed`` a random sample of them (all sizes: the first files
+    in path order hold no tiny module, and a file of a few hundred bytes is mostly padding).
     """
     root = Path(np.__file__).parent
     kinds = {"python": "*.py", "elf": "*.so", "c": "*.h"}
     out = []
     for label, pattern in kinds.items():
-        files = sorted(root.rglob(pattern))[part::2][:n_per_kind]
+        files = sorted(root.rglob(pattern))[part::2]
+        files = files[:n_per_kind] if seed is None else random.Random(seed).sample(files, min(n_per_kind, len(files)))
         out += [(label, magika_features(f.read_bytes())) for f in files]
     return out
 
