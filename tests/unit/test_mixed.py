@@ -197,3 +197,20 @@ def test_a_16_bit_fallback_widens_weights_only_where_the_target_runs_them():
 
     assert get_target("neuropilot").fallback_weight == QuantDType.INT8
     assert get_target("espdl").fallback_weight == QuantDType.INT16
+
+
+def test_search_keeps_16_bits_when_float_scores_no_better():
+    class FloatHurts(FakeSearch):  # float costs fidelity here (int8 clipping hid damage downstream)
+        def value(self, layers):
+            key = self.overrides(layers)
+            if key not in self.scores:
+                floats = sum(self.precision.get(n) == "float" for n in layers)
+                self.scores[key] = 0.5 * len(self.needed & set(layers)) / len(self.needed) - 0.1 * floats
+                self.steps.append(Step(key, self.cost(layers), self.scores[key], False))
+            return self.scores[key]
+
+    order = [f"L{i}" for i in range(6)]
+    s = FloatHurts({"L0", "L1"}, {n: 0.01 for n in order})
+    chosen = s.run(order, budget=0.5, escalate=True)
+    assert set(chosen) >= {"L0", "L1"} and not s.precision  # unreached either way: the better choice
+    assert all(o.endswith("=int16,weight=int16") for o in s.overrides(chosen))

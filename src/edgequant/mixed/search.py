@@ -317,7 +317,8 @@ class _Search:
 
         With ``escalate``, when no prefix meets it, the layers of the best prefix go to float
         (16 bits do not rescue ranges no fixed-point grid spans: a power spectrum, a
-        variance) and the search runs again; then the fewest float layers, in rank order,
+        variance) and the search runs again (when that scores no better, the 16-bit choice
+        stays); then the fewest float layers, in rank order,
         that still meet the target are found by bisection (the rest go back to ``tag``), and
         the dearest of those are tried back one by one. Single-layer trials (here and in the
         pruning) are capped at ``PRUNE_TRIALS``, so a search costs tens of models, not one per
@@ -325,8 +326,12 @@ class _Search:
         """
         chosen = self._run(order, budget)
         if escalate and chosen and not self.ok(chosen):
+            narrow, narrow_value = chosen, self.value(chosen)
             self.precision = {n: "float" for n in chosen}
             chosen = self._run(order, budget)
+            if not self.ok(chosen) and self.value(chosen) <= narrow_value:  # float bought nothing
+                self.precision = {}
+                return narrow
             floats = [n for n in chosen if n in self.precision]
             if self.ok(chosen) and floats:
                 def keep(j: int) -> bool:
