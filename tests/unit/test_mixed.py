@@ -214,3 +214,11 @@ def test_search_keeps_16_bits_when_float_scores_no_better():
     chosen = s.run(order, budget=0.5, escalate=True)
     assert set(chosen) >= {"L0", "L1"} and not s.precision  # unreached either way: the better choice
     assert all(o.endswith("=int16,weight=int16") for o in s.overrides(chosen))
+
+
+def test_search_out_of_reach_keeps_only_the_float_layers_that_score():
+    order = [f"L{i}" for i in range(8)]
+    s = FakeSearch({"L1", "L2", "L4", "X"}, {n: 0.01 for n in order}, need_float={"L1"})  # X: never offered
+    chosen = s.run(order, budget=0.5, escalate=True)
+    assert {"L1", "L2", "L4"} <= set(chosen) and s.value(chosen) == 0.75
+    assert {o for o in s.overrides(chosen) if o.endswith("=float")} == {"L1=float"}

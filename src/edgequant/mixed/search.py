@@ -318,9 +318,9 @@ class _Search:
         With ``escalate``, when no prefix meets it, the layers of the best prefix go to float
         (16 bits do not rescue ranges no fixed-point grid spans: a power spectrum, a
         variance) and the search runs again (when that scores no better, the 16-bit choice
-        stays); then the fewest float layers, in rank order,
-        that still meet the target are found by bisection (the rest go back to ``tag``), and
-        the dearest of those are tried back one by one. Single-layer trials (here and in the
+        stays); then the fewest float layers, in rank order, that still meet the target (or,
+        out of reach, still score the best found) are found by bisection (the rest go back to
+        ``tag``), and the dearest of those are tried back one by one. Single-layer trials (here and in the
         pruning) are capped at ``PRUNE_TRIALS``, so a search costs tens of models, not one per
         layer.
         """
@@ -333,10 +333,14 @@ class _Search:
                 self.precision = {}
                 return narrow
             floats = [n for n in chosen if n in self.precision]
-            if self.ok(chosen) and floats:
+            goal = min(self.target, self.value(chosen))  # out of reach: keep the best score found
+            if floats:
+                def good() -> bool:
+                    return self.value(chosen) >= goal
+
                 def keep(j: int) -> bool:
                     self.precision = {n: "float" for n in floats[:j]}
-                    return self.ok(chosen)
+                    return good()
                 lo, hi = 0, len(floats)  # keep(hi) holds; find the smallest j that does
                 if keep(0):
                     hi = 0
@@ -346,7 +350,7 @@ class _Search:
                 keep(hi)
                 for n in sorted(floats[:hi], key=lambda n: -self.share[n])[:PRUNE_TRIALS]:
                     del self.precision[n]
-                    if not self.ok(chosen):
+                    if not good():
                         self.precision[n] = "float"
             self.precision = {n: p for n, p in self.precision.items() if n in chosen}
         return chosen
