@@ -225,7 +225,7 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     measure = "metric" if metric else ("sqnr_db" if target_sqnr is not None else "cosine")
     score = _Scorer(state, _output_cache(state, sens, search_samples), measure, metric)
     if score.decisions:
-        measure = "cosine, top-1"
+        measure = "cosine, samples keeping their decisions"
     if metric is not None:
         target = float(metric(state.prepared)) - metric_tolerance
     else:
