@@ -193,6 +193,8 @@ def test_a_16_bit_fallback_widens_weights_only_where_the_target_runs_them():
     assert wide.overrides(["L0"]) == ("L0=int16,weight=int16",)
     narrow = _Search(None, None, 1.0, {"L0": 0.1}, "int16", None, QuantDType.INT8)  # NeuroPilot 8w16a
     assert narrow.overrides(["L0"]) == ("L0=int16",)
+    mixed = MixedPrecision(wide.overrides(["L0"]) + ("L1=float",), 0.1, 1.0, 0.99, "cosine", True)
+    assert mixed.layers == ("L0", "L1")
     from edgequant.targets import get_target
 
     assert get_target("neuropilot").fallback_weight == QuantDType.INT8

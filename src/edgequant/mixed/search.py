@@ -69,7 +69,7 @@ class MixedPrecision:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return tuple(o.rsplit("=", 2 if ",weight=" in o else 1)[0] for o in self.overrides)
+        return tuple(o.partition("=")[0] for o in self.overrides)  # as Override.parse reads them
 
     def describe(self) -> str:
         state = "reached" if self.reached else "NOT reached"
@@ -320,9 +320,9 @@ class _Search:
         variance) and the search runs again (when that scores no better, the 16-bit choice
         stays); then the fewest float layers, in rank order, that still meet the target (or,
         out of reach, still score the best found) are found by bisection (the rest go back to
-        ``tag``), and the dearest of those are tried back one by one. Single-layer trials (here and in the
-        pruning) are capped at ``PRUNE_TRIALS``, so a search costs tens of models, not one per
-        layer.
+        ``tag``), and the dearest of those are tried back one by one. Single-layer trials
+        (here and in the pruning) are capped at ``PRUNE_TRIALS``, so a search costs tens of
+        models, not one per layer.
         """
         chosen = self._run(order, budget)
         if escalate and chosen and not self.ok(chosen):
