@@ -1,11 +1,13 @@
 """edgequant: post-training quantization of ONNX models for edge NPUs."""
 
+from edgequant._version import __version__
 from edgequant.analysis.analyze import ErrorReport, analyze
 from edgequant.analysis.graphwise import TensorError
 from edgequant.analysis.layerwise import LayerError
 from edgequant.analysis.metrics import Metrics
 from edgequant.analysis.report import write_report
 from edgequant.api import OutputFidelity, QuantizeResult, Summary, make_options, quantize
+from edgequant.calibration.method import Method
 from edgequant.data.inputs import InputSettings
 from edgequant.errors import (
     CalibrationDataError,
@@ -16,11 +18,10 @@ from edgequant.errors import (
     OutputError,
     TensorNameError,
 )
-from edgequant.planning.options import Method, QuantOptions
+from edgequant.mixed.search import auto_mixed
+from edgequant.planning.options import QuantOptions
 from edgequant.planning.overrides import Override
 from edgequant.quant.dtypes import QuantDType
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CalibrationDataError",
@@ -44,6 +45,7 @@ __all__ = [
     "TensorNameError",
     "__version__",
     "analyze",
+    "auto_mixed",
     "make_options",
     "quantize",
     "write_report",

@@ -14,6 +14,7 @@ from edgequant.analysis.metrics import FidelityAccumulator, compare
 from edgequant.analysis.qdq_map import read_quant_map
 from edgequant.data.npz import load_npz, save_npz
 from edgequant.errors import ConfigError
+from edgequant.planning.overrides import Override
 from tests.conftest import parse
 from tests.unit.test_quantize_graphs import calib, cnn
 
@@ -132,7 +133,7 @@ def test_fixes_prefer_float_where_quantization_makes_inf():
             LayerError("c", "Log", 3, (), (), ok, inf, "y", None)]
     rep = ErrorReport(layerwise=rows)
     assert [r.node for r in rep.worst_layers(3)] == ["c", "b", "a"]
-    assert rep.fixes(5) == ["c=float", "b=int16"]
+    assert rep.fixes(5) == [Override.parse("c=float"), Override.parse("b=int16")]  # values, text at the files
 
 
 def test_compare_dumps_statuses_and_tolerance(rng):

@@ -12,7 +12,7 @@ EXPECTED = {
     "CalibrationDataError", "ConfigError", "EdgequantError", "InputSettings", "Method", "ModelLoadError",
     "NotYetSupportedError", "OutputError", "OutputFidelity", "QuantDType", "QuantOptions", "QuantizeResult",
     "Summary", "TensorNameError", "__version__", "make_options", "quantize",
-    "ErrorReport", "LayerError", "Metrics", "Override", "TensorError", "analyze", "write_report",
+    "ErrorReport", "LayerError", "Metrics", "Override", "TensorError", "analyze", "write_report", "auto_mixed",
 }
 
 
@@ -66,7 +66,7 @@ def test_int32_inputs(rng):
 
 
 def test_failed_opset_upgrade_falls_back_to_per_tensor(rng, monkeypatch):
-    import edgequant.api as api
+    import edgequant.pipeline as pipeline
     from edgequant.errors import ModelLoadError
 
     def refuse(model, minimum):
@@ -74,7 +74,7 @@ def test_failed_opset_upgrade_falls_back_to_per_tensor(rng, monkeypatch):
             raise ModelLoadError("cannot upgrade (test)")
         return model
 
-    monkeypatch.setattr(api, "ensure_opset", refuse)
+    monkeypatch.setattr(pipeline, "ensure_opset", refuse)
     m = cnn(rng)
     m.opset_import[0].version = 11
     r = edgequant.quantize(m, calib(rng))
@@ -99,3 +99,53 @@ def test_model_failing_on_the_data_is_a_one_line_data_error(rng):
     bad = good + [rng.standard_normal((1, 7)).astype(np.float32)]
     with pytest.raises(edgequant.CalibrationDataError, match=r"fails on calibration sample 4 \(x \[1, 7\]\)"):
         edgequant.quantize(m, bad, eval_samples=0)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_the_same_files_under_shuffled_names_give_identical_bytes(method, tmp_path):
+    """Calibration files read in another order (renamed) give the same model, for every method."""
+    from edgequant.demo import asset, demo_data
+
+    x = demo_data()["calib_x"][:40]
+    models = set()
+    for seed in range(3):
+        folder = tmp_path / f"order{seed}"
+        folder.mkdir()
+        for rank, i in enumerate(np.random.default_rng(seed).permutation(len(x))):
+            np.savez(folder / f"{rank:03d}.npz", image=x[i : i + 1])
+        r = edgequant.quantize(asset("mnist_cnn.onnx"), folder, method=method, eval_samples=0)
+        models.add(r.model.SerializeToString())
+    assert len(models) == 1
+
+
+def test_pre_ir4_models_quantize_to_a_model_the_checker_accepts(rng):
+    from onnx import helper, numpy_helper
+
+    W = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")
+    B = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8]),
+              helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [4, 3, 3, 3]),
+              helper.make_tensor_value_info("B", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], initializer=[W, B])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 7)])
+    m.ir_version = 3
+    r = edgequant.quantize(m, [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(10)])
+    for model in (r.float_model, r.model):
+        onnx.checker.check_model(model, full_check=True)
+    assert r.model.ir_version >= 4 and r.summary.fidelity[0].cosine > 0.999
+
+
+def test_options_are_parsed_once_with_one_line_errors():
+    opts = edgequant.make_options(method="entropy", activation_dtype="int16", overrides={"Conv_0": "float"})
+    assert opts.method is edgequant.Method.ENTROPY and opts.activation_dtype is edgequant.QuantDType.INT16
+    assert opts.overrides == (edgequant.Override.parse("Conv_0=float"),)
+    assert edgequant.make_options(num_samples=None).num_samples is None  # all samples
+    assert edgequant.make_options(percentile=99).percentile == 99.0
+    for bad, match in (({"method": None}, "cannot be None"), ({"batch_size": "4"}, "must be int"),
+                       ({"per_channel": 1}, "must be bool"), ({"share_concat": True}, "unknown option")):
+        with pytest.raises(edgequant.ConfigError, match=match):
+            edgequant.make_options(**bad)
+    espdl = edgequant.make_options(target="espdl", per_channel=False)  # the profile first, explicit options win
+    assert espdl.scheme.power_of_two and not espdl.per_channel

@@ -5,9 +5,9 @@ from importlib import resources
 
 import pytest
 
+from edgequant.calibration.method import Method
 from edgequant.config.schema import json_schema, load_config
 from edgequant.errors import ConfigError, NotYetSupportedError
-from edgequant.planning.options import Method
 
 XQUANT = {
     "model_parameters": {"onnx_model": "", "output_prefix": "", "working_dir": "", "skip_onnxsim": False},
@@ -85,7 +85,7 @@ def test_later_features_are_rejected_not_ignored():
 
 
 def test_mixed_precision_keys_become_overrides_in_order():
-    from edgequant.planning.options import Method
+    from edgequant.calibration.method import Method
     from edgequant.planning.overrides import FLOAT
     from edgequant.planning.selectors import After, Between
 

@@ -147,3 +147,32 @@ def test_state_and_scalar_inputs_are_not_split(rng):
     with pytest.raises(CalibrationDataError, match="different numbers of samples"):
         samples(open_calibration([{"a": np.zeros((2, 4)), "b": np.zeros((3, 4))}], specs2))
     assert bad
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def test_a_range_of_samples_equals_the_slice_of_all_and_sources_pickle(tmp_path, rng):
+    """Shards read ``samples(start, stop)``: the same samples as slicing one pass, from every
+    source kind, also after a round trip through pickle (a worker process)."""
+    import pickle
+
+    spec = InputSpec("x", (None, 3, 4, 6), np.dtype(np.float32))
+    npz, npy, img = tmp_path / "npz", tmp_path / "npy", tmp_path / "img"
+    for d in (npz, npy, img):
+        d.mkdir()
+    for i, n in enumerate((1, 3, 1, 2)):
+        np.savez(npz / f"{i}.npz", x=rng.standard_normal((n, 3, 4, 6)).astype(np.float32))
+        np.save(npy / f"{i}.npy", rng.standard_normal((n, 3, 4, 6)).astype(np.float32))
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (4, 6, 3), dtype=np.uint8)).save(img / f"{i}.png")
+    arrays = [rng.standard_normal((n, 3, 4, 6)).astype(np.float32) for n in (2, 1, 3)]
+    for src in (open_calibration(npz, [spec]), open_calibration(npy, [spec]), open_calibration(img, [spec]),
+                open_calibration(arrays, [spec])):
+        every = list(src.samples())
+        again = pickle.loads(pickle.dumps(src))
+        for start, stop in ((0, 2), (1, 4), (3, 6), (5, 100), (2, 2)):
+            assert _same(list(src.samples(start, stop)), every[start:stop]), (type(src).__name__, start, stop)
+            assert _same(list(again.samples(start, stop)), every[start:stop])

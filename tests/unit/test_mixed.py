@@ -17,6 +17,7 @@ from edgequant.mixed.search import (
     is_distribution,
     worst_sample_score,
 )
+from edgequant.planning.overrides import Override
 from edgequant.quant.dtypes import QuantDType
 from tests.conftest import parse
 from tests.unit.test_quantize_graphs import calib, cnn
@@ -139,15 +140,15 @@ def test_search_escalates_to_float_what_16_bits_do_not_rescue():
     s = FakeSearch({"L1", "L2", "L4"}, share, need_float={"L1", "L2"})  # a pair: neither helps alone
     chosen = s.run(order, budget=0.5, escalate=True)
     assert set(chosen) == {"L1", "L2", "L4"}
-    assert set(s.overrides(chosen)) == {"L1=float", "L2=float", "L4=int16,weight=int16"}  # only what needs it
+    assert {str(o) for o in s.overrides(chosen)} == {"L1=float", "L2=float", "L4=int16,weight=int16"}  # only what needs it
     assert s.value(chosen) == 1.0
     no = FakeSearch({"L1", "L2", "L4"}, share, need_float={"L1", "L2"})
     assert no.value(no.run(order, budget=0.5)) < 1.0  # without escalation (target without float)
 
 
 def test_result_files_and_argument_checks(tmp_path):
-    mp = MixedPrecision(("Conv_0=int16",), 0.02, 0.995, 0.99, "cosine", True,
-                        [Step((), 0.0, 0.5, False), Step(("Conv_0",), 0.02, 0.995, True)])
+    one = (Override.parse("Conv_0=int16"),)
+    mp = MixedPrecision(one, 0.02, 0.995, 0.99, "cosine", True, [Step((), 0.0, 0.5, False), Step(one, 0.02, 0.995, True)])
     yaml_path, png = mp.write(tmp_path / "m")
     assert yaml_path.name == "m.mixed.yaml" and png.read_bytes()[:4] == b"\x89PNG"
     import yaml
@@ -179,9 +180,9 @@ def test_search_judges_every_sample_when_the_layer_cache_is_cut_short(rng, monke
     seen = []
     init = search._Scorer.__init__
 
-    def spy(self, state, cache, *args):
-        seen.append(len(cache))
-        init(self, state, cache, *args)
+    def spy(self, state, job, *args):
+        seen.append(len(job.references))
+        init(self, state, job, *args)
 
     monkeypatch.setattr(search._Scorer, "__init__", spy)
     auto_mixed(cnn(rng), calib(rng, 30))
@@ -190,10 +191,10 @@ def test_search_judges_every_sample_when_the_layer_cache_is_cut_short(rng, monke
 
 def test_a_16_bit_fallback_widens_weights_only_where_the_target_runs_them():
     wide = FakeSearch(set(), {"L0": 0.1})
-    assert wide.overrides(["L0"]) == ("L0=int16,weight=int16",)
+    assert wide.overrides(["L0"]) == (Override.parse("L0=int16,weight=int16"),)
     narrow = _Search(None, None, 1.0, {"L0": 0.1}, "int16", None, QuantDType.INT8)  # NeuroPilot 8w16a
-    assert narrow.overrides(["L0"]) == ("L0=int16",)
-    mixed = MixedPrecision(wide.overrides(["L0"]) + ("L1=float",), 0.1, 1.0, 0.99, "cosine", True)
+    assert narrow.overrides(["L0"]) == (Override.parse("L0=int16"),)
+    mixed = MixedPrecision(wide.overrides(["L0"]) + (Override.parse("L1=float"),), 0.1, 1.0, 0.99, "cosine", True)
     assert mixed.layers == ("L0", "L1")
     from edgequant.targets import get_target
 
@@ -215,7 +216,7 @@ def test_search_keeps_16_bits_when_float_scores_no_better():
     s = FloatHurts({"L0", "L1"}, {n: 0.01 for n in order})
     chosen = s.run(order, budget=0.5, escalate=True)
     assert set(chosen) >= {"L0", "L1"} and not s.precision  # unreached either way: the better choice
-    assert all(o.endswith("=int16,weight=int16") for o in s.overrides(chosen))
+    assert all(str(o).endswith("=int16,weight=int16") for o in s.overrides(chosen))
 
 
 def test_search_out_of_reach_keeps_only_the_float_layers_that_score():
@@ -223,4 +224,4 @@ def test_search_out_of_reach_keeps_only_the_float_layers_that_score():
     s = FakeSearch({"L1", "L2", "L4", "X"}, {n: 0.01 for n in order}, need_float={"L1"})  # X: never offered
     chosen = s.run(order, budget=0.5, escalate=True)
     assert {"L1", "L2", "L4"} <= set(chosen) and s.value(chosen) == 0.75
-    assert {o for o in s.overrides(chosen) if o.endswith("=float")} == {"L1=float"}
+    assert {str(o) for o in s.overrides(chosen) if o.precision == "float"} == {"L1=float"}

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from edgequant.calibration.method import Method
 from edgequant.calibration.observers import HistogramObserver, MinMaxObserver
 from edgequant.calibration.search import percentile_range
-from edgequant.planning.options import Method
 from edgequant.quant.dtypes import QuantDType
 from edgequant.quant.params import compute_params, dequantize_array, quantize_array
 
@@ -31,6 +31,59 @@ def test_histogram_widening_equals_one_shot(rng):
     assert obs.radius >= np.abs(allx).max()
     assert obs.hist.sum() == allx.size
     np.testing.assert_array_equal(obs.hist, expected)
+
+
+def _state(obs):
+    return (obs.min, obs.max, obs.radius, obs.pending_zeros, obs.hist.tobytes())
+
+
+@pytest.mark.parametrize("method", [Method.PERCENTILE, Method.ENTROPY, Method.MSE])
+def test_histogram_is_the_same_for_any_order_of_the_batches(method, rng):
+    """The grid is fixed by the data's magnitude alone: permuted batches give identical state."""
+    chunks = [rng.standard_normal(300).astype(np.float32) * s for s in (0.01, 7.0, 0.3, 130.0, 1.0)]
+    chunks.insert(2, np.zeros(40, np.float32))
+    states = set()
+    for order in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [2, 0, 4, 1, 5, 3], [3, 5, 0, 2, 4, 1]):
+        obs = HistogramObserver(method)
+        for k in order:
+            obs.update(chunks[k])
+        states.add(_state(obs))
+        assert obs.range(QuantDType.UINT8, False) == obs.range(QuantDType.UINT8, False)
+    assert len(states) == 1
+    obs = HistogramObserver(method)
+    obs.update(np.concatenate(chunks))
+    assert {_state(obs)} == states  # and equal to one batch of everything
+    amax = max(float(np.abs(c).max()) for c in chunks)
+    assert obs.radius / 2 <= amax < obs.radius  # the smallest power of two above max |x|
+
+
+@pytest.mark.parametrize("kind", ["minmax", "histogram"])
+def test_observers_of_two_shards_merge_into_the_observer_of_the_whole(kind, rng):
+    def new():
+        return MinMaxObserver() if kind == "minmax" else HistogramObserver(Method.PERCENTILE)
+
+    data = [rng.standard_normal(100).astype(np.float32) * s for s in (1, 50, 0.2, 3, 900, 0.5)]
+    whole, left, right = new(), new(), new()
+    for x in data:
+        whole.update(x)
+    for x in data[:2]:
+        left.update(x)
+    for x in data[2:]:
+        right.update(x)
+    left.merge(right)
+    if kind == "minmax":
+        assert (left.min, left.max) == (whole.min, whole.max)
+    else:
+        assert _state(left) == _state(whole)
+        both = new()  # a shard of zeros only (no radius yet) merges either way round
+        both.update(np.zeros(7, np.float32))
+        both.update(data[0])
+        for first, second in ((np.zeros(7, np.float32), data[0]), (data[0], np.zeros(7, np.float32))):
+            a, b = new(), new()
+            a.update(first)
+            b.update(second)
+            a.merge(b)
+            assert _state(a) == _state(both)
 
 
 def test_histogram_handles_varying_shapes_and_zeros(rng):

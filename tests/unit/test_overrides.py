@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 import edgequant
+from edgequant.calibration.method import Method
 from edgequant.errors import ConfigError, TensorNameError
 from edgequant.ir.model import opset_of
-from edgequant.planning.options import Method
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.quant.dtypes import QuantDType
 from tests.unit.test_quantize_graphs import calib, cnn, ops
@@ -55,8 +55,7 @@ def test_float_layer_keeps_its_inputs_and_weights_float(rng):
     gemm = next(n for n in base.float_model.graph.node if n.op_type == "Gemm")
     r = edgequant.quantize(model, data, overrides=[f"{gemm.name}=float"])
     assert gemm.input[0] not in r.plan.activations and gemm.input[0] in base.plan.activations
-    assert not [k for k in r.plan.weights if k[0] == gemm.name]
-    assert not [k for k in r.plan.biases if k[0] == gemm.name]
+    assert gemm.name not in r.plan.weights and gemm.name not in r.plan.biases
     assert r.plan.precision == {gemm.name: "float"}
     assert r.plan.float_ops["Gemm"] == 1 and "Gemm" not in r.plan.quantized_ops
     q = r.model
@@ -184,9 +183,9 @@ def test_precision_levels(rng):
     base = edgequant.quantize(m, data)
     two = edgequant.quantize(m, data, overrides=[Override("re:.*", level=2)])
     assert {a.dtype for a in two.plan.activations.values()} == {QuantDType.INT16}
-    assert {w.dtype for w in two.plan.weights.values()} == {QuantDType.INT8}
+    assert {w.dtype for _, w in two.plan.weight_items()} == {QuantDType.INT8}
     three = edgequant.quantize(m, data, overrides=[Override("re:.*", level=3)])
-    assert {w.dtype for w in three.plan.weights.values()} == {QuantDType.INT16}
+    assert {w.dtype for _, w in three.plan.weight_items()} == {QuantDType.INT16}
     four = edgequant.quantize(m, data, overrides=[Override("re:.*", level=4)])
     assert not four.plan.weights and not four.plan.biases
     assert four.summary.fidelity[0].sqnr_db > two.summary.fidelity[0].sqnr_db > base.summary.fidelity[0].sqnr_db
@@ -205,7 +204,7 @@ def test_tensor_selector_and_per_tensor_method(rng):
     r = edgequant.quantize(m, data, overrides=["tensor:d=uint16", "op:Sigmoid=method=minmax"])
     assert r.plan.activations["d"].dtype == QuantDType.UINT16
     root = r.plan.activations["d"].root
-    from edgequant.planning.options import Method
+    from edgequant.calibration.method import Method
 
     assert r.plan.calibration[root][0] is Method.MINMAX
     lo, hi = r.ranges[root]

@@ -163,6 +163,59 @@ def test_remove_identity_keeps_input_to_output_identity_and_dropout_mask():
     assert RemoveIdentity()(m) is False
 
 
+IF_CAPTURE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[2, 3] x, bool c) => (float[2, 3] z) {
+    a = Identity (x)
+    r = Relu (a)
+    z = If (c) <
+        then_branch = t () => (float[2, 3] out_t) { out_t = Add (r, a) },
+        else_branch = e () => (float[2, 3] out_e) {
+            k = Neg (a)
+            out_e = If (c) <
+                then_branch = t2 () => (float[2, 3] o2) { o2 = Mul (k, a) },
+                else_branch = e2 () => (float[2, 3] o3) { o3 = Identity (r) }
+            >
+        }
+    >
+}"""
+
+
+def test_remove_identity_follows_captures_into_if_bodies(rng):
+    """An If body (two levels deep) reading the removed Identity's output reads its input."""
+    m = parse(IF_CAPTURE)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    before = [run(m, {"x": x, "c": np.array(c)})[0] for c in (True, False)]
+    assert RemoveIdentity()(m) is True
+    assert ops(m) == ["Relu", "If"]
+    onnx.checker.check_model(m, full_check=True)
+    after = [run(m, {"x": x, "c": np.array(c)})[0] for c in (True, False)]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    body_ids = [n.op_type for n in m.graph.node[1].attribute[1].g.node[1].attribute[1].g.node]
+    assert body_ids == ["Identity"]  # an Identity inside a body passes a value through: it stays
+
+
+def test_pre_ir4_models_get_initializers_out_of_their_inputs(rng):
+    from edgequant.passes import RaiseIRVersion
+
+    W = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8]),
+         onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [4, 3, 3, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], initializer=[W])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 7)])
+    m.ir_version = 3
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    before = run(m, {"x": x})[0]
+    assert RaiseIRVersion()(m) is True and RaiseIRVersion()(m) is False
+    assert m.ir_version == 4 and [i.name for i in m.graph.input] == ["x"]
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "added_later"))
+    onnx.checker.check_model(m, full_check=True)  # IR 3 would want "added_later" among the inputs
+    np.testing.assert_array_equal(run(m, {"x": x})[0], before)
+
+
 def test_infer_shapes_fills_value_info():
     m = parse("""
     <ir_version: 8, opset_import: ["" : 13]>
@@ -177,7 +230,7 @@ def test_infer_shapes_fills_value_info():
 def test_prepare_pipeline_reports_each_pass(rng):
     m = conv_bn()
     results = prepare_model(m)
-    assert [r.name for r in results][:2] == ["constants-to-initializers", "remove-identity"]
+    assert [r.name for r in results][:3] == ["raise-ir-version", "constants-to-initializers", "remove-identity"]
     assert any(r.name == "fold-batchnorm" and r.changed for r in results)
     assert not any(r.name == "fold-batchnorm" for r in prepare_model(conv_bn(), simplify=False))
 

@@ -8,6 +8,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import edgequant
+from edgequant.calibration.method import Method
 from edgequant.ir.model import opset_of
 from edgequant.passes import prepare_model
 from edgequant.planning import QuantOptions, build_plan
@@ -220,7 +221,7 @@ def test_constant_node_weights_are_quantized_as_weights(rng):
                           [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4, 8, 8])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
     r = edgequant.quantize(m, calib(rng))
-    assert [w.tensor for w in r.plan.weights.values()] == ["W"]
+    assert [w.tensor for _, w in r.plan.weight_items()] == ["W"]
     int8 = {t.name: tuple(t.dims) for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
     assert int8["W_quantized"] == (4, 3, 3, 3)
 
@@ -234,8 +235,8 @@ def test_tensor_groups_give_the_same_ranges_as_one_pass(rng):
     prepare_model(m)
     plan = build_plan(m, QuantOptions())
     src = open_calibration(calib(rng, 12), model_inputs(m))
-    one, n1 = collect_ranges(m, plan.roots, src, QuantOptions(), 12)
-    many, n2 = collect_ranges(m, plan.roots, src, QuantOptions(), 12, memory_budget=1)
+    one, n1 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12)
+    many, n2 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12, budget=1)  # one tensor a group
     assert n1 == n2 == 12
     assert len(plan.roots) > 2
     for name in plan.roots:

@@ -96,7 +96,7 @@ def test_int4_weights_w4a8_and_w4a16(rng):
         out = run(r.model, {"x": data[0]})[0]
         assert np.isfinite(out).all()
     wide = edgequant.quantize(model, data, overrides=["op:Gemm=weight=int4"])
-    assert [w.dtype for k, w in wide.plan.weights.items() if k[0].startswith("Gemm")] == [QuantDType.INT4]
+    assert [w.dtype for k, w in wide.plan.weight_items() if k[0].startswith("Gemm")] == [QuantDType.INT4]
     with pytest.raises(ConfigError, match="4-bit types are for weights"):
         edgequant.quantize(model, data, activation_dtype="int4")
     with pytest.raises(ConfigError, match="4-bit is for weights"):
@@ -106,7 +106,7 @@ def test_int4_weights_w4a8_and_w4a16(rng):
 def test_granularity_by_op_type(rng):
     model, data = cnn(rng), calib(rng)
     r = edgequant.quantize(model, data, target="acuity-perchannel")
-    axes = {k[0].split("_")[0]: w.axis for k, w in r.plan.weights.items()}
+    axes = {k[0].split("_")[0]: w.axis for k, w in r.plan.weight_items()}
     assert axes["Conv"] == 0 and axes["Gemm"] is None
     assert check_model(r.model, get_target("acuity-perchannel")) == []
     assert any("per tensor" in v.rule for v in check_model(edgequant.quantize(model, data).model,

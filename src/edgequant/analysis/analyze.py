@@ -5,7 +5,6 @@ Returns an ``ErrorReport``; ``write_report`` (analysis.report) turns it into fil
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +20,10 @@ from edgequant.data.inputs import InputSettings, model_inputs
 from edgequant.data.open import open_calibration
 from edgequant.errors import CalibrationDataError, ConfigError, ModelLoadError
 from edgequant.ir.model import ensure_opset, load_model, opset_of
+from edgequant.passes.pipeline import prepare_model
+from edgequant.planning.overrides import FLOAT, Override
+from edgequant.planning.plan import name_nodes
+from edgequant.quant.dtypes import QuantDType
 
 Progress = Callable[[str, int, int], None]
 MODES = ("graphwise", "layerwise", "both")
@@ -51,16 +54,17 @@ class ErrorReport:
     def worst_tensors(self, n: int = 10) -> list[TensorError]:
         return sorted(self.graphwise, key=lambda r: r.metrics.badness, reverse=True)[:n]
 
-    def fixes(self, n: int = 5, precision: str = "int16", can_float: bool = True) -> list[str]:
+    def fixes(self, n: int = 5, precision: QuantDType = QuantDType.INT16, can_float: bool = True) -> list[Override]:
         """Overrides for the ``n`` worst flagged layers (see ``suggest_overrides``)."""
         return suggest_overrides(self.worst_layers(n), precision, can_float)
 
 
-def suggest_overrides(ranked: list[LayerError], precision: str = "int16", can_float: bool = True) -> list[str]:
+def suggest_overrides(ranked: list[LayerError], precision: QuantDType = QuantDType.INT16,
+                      can_float: bool = True) -> list[Override]:
     """``NODE=PRECISION`` for each flagged layer of ``ranked`` (worst first): ``precision``
     (16-bit), or float — where the target runs float — for a layer whose quantized input makes
     it produce inf/NaN (a Log or Rsqrt of an input rounded to zero)."""
-    return [f"{r.node}={'float' if can_float and (r.output.nonfinite or r.local.nonfinite) else precision}"
+    return [Override(r.node, FLOAT if can_float and (r.output.nonfinite or r.local.nonfinite) else precision)
             for r in ranked if r.output.flagged or r.local.flagged]
 
 
@@ -90,7 +94,7 @@ def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.P
     report = ErrorReport(samples=count)
 
     def take(n: int):
-        return itertools.islice(source.samples(), n)
+        return source.samples(0, n)
 
     t0 = time.perf_counter()
     if mode in ("graphwise", "both"):
@@ -113,9 +117,6 @@ def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.P
 
 def _float_side(given: ModelProto, qmodel: ModelProto) -> tuple[ModelProto, QuantMap]:
     """The float model the QDQ model's weights came from: as given, or prepared like quantize."""
-    from edgequant.passes.pipeline import prepare_model
-    from edgequant.planning.plan import name_nodes
-
     target = opset_of(qmodel)
     base = ensure_opset(given, target) if opset_of(given) < target else given
     prepared = ModelProto()

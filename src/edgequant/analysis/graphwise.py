@@ -15,8 +15,8 @@ from onnx import ModelProto
 
 from edgequant.analysis.metrics import FidelityAccumulator, Metrics
 from edgequant.analysis.qdq_map import QuantMap
-from edgequant.calibration.collect import run_checked
 from edgequant.data.sources import Sample
+from edgequant.runtime.feed import run_checked
 from edgequant.runtime.session import make_session
 
 Progress = Callable[[str, int, int], None]

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, TensorProto, helper
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from edgequant.analysis.metrics import FidelityAccumulator, Metrics, sqnr_db
 from edgequant.analysis.qdq_map import EdgeQuant, QuantMap, dequantized_weight
-from edgequant.calibration.collect import run_checked
 from edgequant.data.sources import Sample
 from edgequant.ir.graph import NameScope, consumers, initializers, subgraph_inputs
+from edgequant.runtime.executor import Executor, InProcess
+from edgequant.runtime.feed import run_checked
 from edgequant.runtime.session import make_session
 
 Progress = Callable[[str, int, int], None]
@@ -66,9 +67,8 @@ def float_cache(model: ModelProto, samples: Iterable[Sample], budget_bytes: int,
     return cache
 
 
-def _downstream(model: ModelProto, start: NodeProto) -> list[NodeProto]:
+def _downstream(model: ModelProto, start: NodeProto, cons: dict[str, list[NodeProto]]) -> list[NodeProto]:
     """``start`` and every node that reads, directly or not, one of its outputs (graph order)."""
-    cons = consumers(model.graph)
     seen = {start.name}  # node names are unique in a planned model
     stack = [o for o in start.output if o]
     while stack:
@@ -88,6 +88,7 @@ class _SuffixBuilder:
         self.qinits = initializers(qmodel.graph)
         self.qnodes = {n.name: n for n in qmodel.graph.node}
         self.outputs = [o.name for o in float_model.graph.output]
+        self.consumers = consumers(float_model.graph)
 
     def build(self, layer: NodeProto, edges: list[EdgeQuant],
               types: dict[str, int]) -> tuple[ModelProto, list[str], list[str]]:
@@ -95,7 +96,7 @@ class _SuffixBuilder:
         scope = NameScope(self.fm.graph)
         scope.taken |= set(self.qinits)
         new_inits: dict[str, TensorProto] = {}
-        suffix = _downstream(self.fm, layer)
+        suffix = _downstream(self.fm, layer, self.consumers)
         head = onnx.NodeProto()
         head.CopyFrom(layer)
         for e in edges:
@@ -150,37 +151,63 @@ class _SuffixBuilder:
         return made
 
 
-def layerwise(float_model: ModelProto, qmodel: ModelProto, qmap: QuantMap,
-              cache: list[dict[str, np.ndarray]], progress: Progress | None = None,
-              device: str = "cpu") -> list[LayerError]:
-    """One ``LayerError`` per quantized float node, in graph order."""
-    builder = _SuffixBuilder(float_model, qmodel)
-    types = {k: int(helper.np_dtype_to_tensor_dtype(v.dtype)) for k, v in cache[0].items()}
-    nodes = [(k, n) for k, n in enumerate(float_model.graph.node) if n.name in qmap.edges]
+@dataclass(frozen=True)
+class _LayerJob:
+    """What every chunk of layers needs (picklable: it travels once to each worker)."""
+
+    float_model: ModelProto
+    qmodel: ModelProto
+    qmap: QuantMap
+    cache: list[dict[str, np.ndarray]]
+    device: str
+    progress: Progress | None  # only when the chunks run in this process
+    total: int
+
+
+def _layer_rows(job: _LayerJob, chunk: list[int]) -> list[LayerError]:
+    """The ``LayerError`` of the float nodes at positions ``chunk`` (a work unit)."""
+    builder = _SuffixBuilder(job.float_model, job.qmodel)
+    types = {k: int(helper.np_dtype_to_tensor_dtype(v.dtype)) for k, v in job.cache[0].items()}
     rows = []
-    for done, (k, node) in enumerate(nodes, 1):
+    for k in chunk:
+        node = job.float_model.graph.node[k]
         t0 = time.perf_counter()
-        edges = qmap.edges[node.name]
+        edges = job.qmap.edges[node.name]
         model, local, outs = builder.build(node, edges, types)
-        sess = make_session(model, device=device)
+        sess = make_session(model, device=job.device)
         feeds = [i.name for i in sess.get_inputs()]
         names = [o.name for o in sess.get_outputs()]
         acc = {n: FidelityAccumulator() for n in names}
-        for i, values in enumerate(cache):
+        for i, values in enumerate(job.cache):
             got = run_checked(sess, names, {f: values[f] for f in feeds}, i)
             for n, v in zip(names, got):
                 acc[n].update(values[n], np.asarray(v))
-        rows.append(dataclasses.replace(_record(k, node, edges, acc, local, outs, qmodel, builder.finits),
+        rows.append(dataclasses.replace(_record(k, node, edges, acc, local, outs, job.qmodel, builder.finits),
                                         seconds=time.perf_counter() - t0))
-        if progress:
-            progress("layerwise", done, len(nodes))
+        if job.progress:
+            job.progress("layerwise", len(rows), job.total)
     return rows
+
+
+def layerwise(float_model: ModelProto, qmodel: ModelProto, qmap: QuantMap,
+              cache: list[dict[str, np.ndarray]], progress: Progress | None = None,
+              device: str = "cpu", executor: Executor | None = None) -> list[LayerError]:
+    """One ``LayerError`` per quantized float node, in graph order. The layers are independent
+    units: ``executor`` may spread them over worker processes or a Ray cluster, with the same
+    result."""
+    executor = executor or InProcess()
+    here = isinstance(executor, InProcess)
+    positions = [k for k, n in enumerate(float_model.graph.node) if n.name in qmap.edges]
+    job = _LayerJob(float_model, qmodel, qmap, cache, device, progress if here else None, len(positions))
+    parts = 1 if here else 4 * executor.workers  # several chunks per worker even out their costs
+    chunks = [positions[len(positions) * i // parts: len(positions) * (i + 1) // parts] for i in range(parts)]
+    with executor.pool(job) as pool:
+        results = pool.map(_layer_rows, [c for c in chunks if c])
+    return [row for rows in results for row in rows]
 
 
 def _record(depth: int, node: NodeProto, edges: list[EdgeQuant], acc: dict[str, FidelityAccumulator],
             local: list[str], outs: list[str], qmodel: ModelProto, finits: dict) -> LayerError:
-    from onnx import numpy_helper
-
     ones = Metrics(1.0, float("inf"), 0.0, 1.0, 0.0, 0.0)
     local_m = acc[local[0]].metrics() if local and acc[local[0]].count else ones
     scored = [(acc[o].metrics(), o) for o in outs if acc[o].count]

@@ -9,7 +9,7 @@ import numpy as np
 from edgequant.analysis.metrics import COSINE_FLAG, SNR_FLAG
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,10 +19,10 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_of(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -61,12 +61,12 @@ def summary_png(report) -> bytes | None:
                        [r.node for r in w]))
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
     for ax, (depth, snr, cos, title, labels) in zip(axes[:, 0], panels):
         _panel(ax, np.asarray(depth), snr, np.asarray(cos, float), title, labels)
     fig.tight_layout()
-    return _png(fig)
+    return png_of(fig)
 
 
 def histograms_png(report) -> bytes | None:
@@ -74,7 +74,7 @@ def histograms_png(report) -> bytes | None:
     items = list(report.histograms.items())
     if not items:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(2, len(items))
     rows = (len(items) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.0 * rows), squeeze=False)
@@ -90,4 +90,4 @@ def histograms_png(report) -> bytes | None:
     for ax in axes.ravel()[len(items):]:
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return png_of(fig)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgequant.analysis.analyze import ErrorReport
 from edgequant.analysis.metrics import COSINE_FLAG, SNR_FLAG, Metrics
+from edgequant.analysis.plots import histograms_png, summary_png
 from edgequant.errors import OutputError
 
 TOP = 10
@@ -180,15 +181,13 @@ def html_page(report: ErrorReport, fixes: list[str], pngs: dict[str, bytes]) -> 
 
 def write_report(report: ErrorReport, folder: str | os.PathLike, top: int = 5) -> Path:
     """Write report.md, report.html, report.json and the PNG plots into ``folder``."""
-    from edgequant.analysis.plots import histograms_png, summary_png
-
     folder = Path(folder)
     parent = folder.parent if str(folder.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"report folder's parent does not exist: {parent}; create it or choose another -o")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} exists and is not a folder; choose another -o")
-    fixes = report.fixes(top)
+    fixes = [str(o) for o in report.fixes(top)]  # text from here on: the files
     pngs = {k: v for k, v in (("summary.png", summary_png(report)), ("histograms.png", histograms_png(report)))
             if v is not None}
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=parent))

@@ -1,71 +1,34 @@
 """Run the float model over calibration samples and feed every observed tensor's observer.
 
-Tensors are exposed as extra outputs of one onnxruntime session. When the exposed tensors of a
-batch would exceed ``memory_budget`` bytes, they are split into groups and the data is read
-once per group: memory stays bounded by the budget, never by the number of samples.
+One pass: every observed tensor is an extra output of one onnxruntime session, and the model
+runs once per batch. Sizes are measured, never guessed from symbolic shapes: when the
+exposed tensors of one batch exceed ``budget`` bytes, the rest of the samples are observed
+in groups of tensors that fit it (sized by the largest batch seen), one pass over the data
+per group, and the progress label says why. Memory stays bounded by the budget, never by
+the number of samples.
+
+The samples may be split into shards observed apart (``executor``: worker processes or a Ray
+cluster); observers merge exactly, so the result is the same bytes as one pass.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 from onnx import ModelProto
 
+from edgequant.calibration.method import Method
 from edgequant.calibration.observers import MinMaxObserver, make_observer
-from edgequant.data.sources import CalibrationSource, Sample
-from edgequant.errors import CalibrationDataError
-from edgequant.ir.graph import static_shapes
-from edgequant.planning.options import QuantOptions
+from edgequant.data.sources import CalibrationSource
+from edgequant.runtime.executor import Executor, InProcess, shards
+from edgequant.runtime.feed import batched, run_checked
 from edgequant.runtime.session import make_session
 
 Progress = Callable[[str, int, int], None]
 
-
-def batched(samples: Iterator[Sample], size: int, can_batch: bool) -> Iterator[tuple[Sample, int]]:
-    """Stack consecutive samples of equal shapes into batches of up to ``size``."""
-    buf: list[Sample] = []
-
-    def flush() -> tuple[Sample, int]:
-        if len(buf) == 1:
-            return buf[0], 1
-        out = {k: np.concatenate([s[k] for s in buf]) for k in buf[0]}
-        return out, len(buf)
-
-    for s in samples:
-        if buf and (not can_batch or len(buf) == size or
-                    any(s[k].shape != buf[0][k].shape for k in s)):
-            yield flush()
-            buf = []
-        buf.append(s)
-    if buf:
-        yield flush()
-
-
-def run_checked(session, names: list[str] | None, feed: Sample, index: int) -> list:
-    """``session.run`` whose failure on user data becomes a one-line CalibrationDataError."""
-    try:
-        return session.run(names, feed)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
-        raise CalibrationDataError(
-            f"the model fails on calibration sample {index} ({shapes}): {text[-300:]}"
-        ) from None
-
-
-def _estimate_bytes(model: ModelProto, names: list[str], batch: int) -> list[int]:
-    shapes = static_shapes(model.graph)
-    sizes = []
-    for n in names:
-        dims = shapes.get(n)
-        if dims is None:
-            sizes.append(4 * 1_000_000)
-            continue
-        known = [d if isinstance(d, int) and d > 0 else 64 for d in dims]
-        sizes.append(4 * int(np.prod(known, dtype=np.int64)) * batch)
-    return sizes
+#: Bytes of exposed tensors one batch may hold before calibration splits them into groups.
+MEMORY_BUDGET = 1 << 30
 
 
 def group_tensors(sizes: list[int], budget: int) -> list[list[int]]:
@@ -84,41 +47,114 @@ def group_tensors(sizes: list[int], budget: int) -> list[list[int]]:
     return groups
 
 
-def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSource,
-                   options: QuantOptions, count: int, progress: Progress | None = None,
-                   memory_budget: int = 1 << 30,
-                   methods: dict[str, tuple] | None = None) -> tuple[dict[str, MinMaxObserver], int]:
+@dataclass(frozen=True)
+class ObserveJob:
+    """What every shard needs (picklable: it travels once to each worker)."""
+
+    model: ModelProto
+    roots: tuple[str, ...]
+    methods: dict[str, tuple[Method, float]]  # root → (method, percentile)
+    source: CalibrationSource
+    batch: int
+    can_batch: bool
+    device: str
+    budget: int
+    progress: Progress | None = None  # only when the shards run in this process
+
+
+@dataclass
+class ShardResult:
+    observers: dict[str, MinMaxObserver]
+    seen: int
+    groups: int
+    batch_bytes: int  # the largest batch of exposed tensors measured
+
+
+class _Shard:
+    def __init__(self, job: ObserveJob, start: int, stop: int):
+        self.job, self.start, self.stop = job, start, stop
+        self.observers = {r: make_observer(*job.methods[r]) for r in job.roots}
+        self.sizes = [0] * len(job.roots)  # largest measured bytes per tensor
+        self.position = {r: i for i, r in enumerate(job.roots)}
+        self.done = 0  # progress units: samples × passes
+
+    def tick(self, n: int, total: int, label: str) -> None:
+        self.done += n
+        if self.job.progress:
+            self.job.progress(label, self.done, total)
+
+    def observe(self, names: list[str], first: int, stop_when_over: bool, total: int, label: str) -> int:
+        """Run the samples from ``first`` with ``names`` exposed; the samples seen. With
+        ``stop_when_over``, stop after the first batch whose tensors exceed the budget."""
+        job = self.job
+        session = make_session(job.model, names, job.device)
+        seen = 0
+        samples = job.source.samples(self.start + first, self.stop)
+        for feed, n in batched(samples, job.batch, job.can_batch):
+            values = run_checked(session, names, feed, self.start + first + seen)
+            used = 0
+            for name, value in zip(names, values):
+                i = self.position[name]
+                self.sizes[i] = max(self.sizes[i], value.nbytes)
+                used += value.nbytes
+                self.observers[name].update(value)
+            del values
+            seen += n
+            self.tick(n, total, label)
+            if stop_when_over and used > job.budget:
+                break
+        return seen
+
+    def run(self) -> ShardResult:
+        job, count = self.job, self.stop - self.start
+        names = list(job.roots)
+        seen = self.observe(names, 0, True, count, "calibrating")
+        if seen == count or not seen:
+            return ShardResult(self.observers, seen, 1, sum(self.sizes))
+        groups = group_tensors(self.sizes, job.budget)
+        rest = count - seen
+        label = (f"calibrating in {len(groups)} groups ({sum(self.sizes) >> 20} MB of tensors per batch "
+                 f"> {job.budget >> 20} MB budget)")
+        total = seen + rest * len(groups)
+        for group in groups:
+            more = self.observe([names[i] for i in group], seen, False, total, label)
+        return ShardResult(self.observers, seen + more, len(groups), sum(self.sizes))
+
+
+def observe_shard(job: ObserveJob, span: tuple[int, int]) -> ShardResult:
+    """Observers of ``job.roots`` over samples ``[start, stop)`` (a work unit)."""
+    return _Shard(job, *span).run()
+
+
+def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSource, method: Method,
+                   percentile: float, count: int, *, batch_size: int = 1, device: str = "cpu",
+                   methods: dict[str, tuple] | None = None, progress: Progress | None = None,
+                   executor: Executor | None = None,
+                   budget: int = MEMORY_BUDGET) -> tuple[dict[str, MinMaxObserver], int]:
     """Observe ``roots`` over the first ``count`` samples.
 
-    ``methods`` gives some roots their own (method, percentile) instead of the options'.
-    Returns one observer per tensor and the number of samples actually seen (fewer than
-    ``count`` when the source runs out).
+    ``methods`` gives some roots their own (method, percentile or None) instead of
+    ``method``/``percentile``. Returns one observer per tensor and the number of samples
+    actually seen (fewer than ``count`` when the source runs out).
     """
     methods = methods or {}
-    observers = {}
+    chosen = {}
     for root in roots:
-        method, pct = methods.get(root, (None, None))
-        observers[root] = make_observer(method or options.method, pct if pct is not None else options.percentile)
+        m, pct = methods.get(root, (None, None))
+        chosen[root] = (m or method, pct if pct is not None else percentile)
     if not roots:  # nothing to observe (e.g. every quantizable op sits in an If/Loop body)
-        return observers, count
+        return {}, count
+    executor = executor or InProcess()
     can_batch = all(not s.batch_fixed for s in source.specs)
-    batch = options.batch_size if can_batch else 1
-    groups = group_tensors(_estimate_bytes(model, roots, batch), memory_budget)
-    total = count * len(groups)
-    done = seen = 0
-    for group in groups:
-        seen = 0
-        names = [roots[i] for i in group]
-        session = make_session(model, names, options.device)
-        samples = itertools.islice(source.samples(), count)
-        for feed, n in batched(samples, batch, can_batch):
-            results = run_checked(session, names, feed, done)
-            for name, value in zip(names, results):
-                observers[name].update(value)
-            del results
-            done += n
-            seen += n
-            if progress:
-                progress("calibrating", done, total)
-        del session
-    return observers, seen
+    batch = batch_size if can_batch else 1
+    here = isinstance(executor, InProcess)
+    job = ObserveJob(model, tuple(roots), chosen, source, batch, can_batch, device, budget,
+                     progress if here else None)
+    spans = shards(count, executor.workers, align=batch)
+    with executor.pool(job) as pool:
+        results: list[ShardResult] = pool.map(observe_shard, spans)
+    observers = results[0].observers
+    for r in results[1:]:
+        for root, obs in r.observers.items():
+            observers[root].merge(obs)
+    return observers, sum(r.seen for r in results)

@@ -1,16 +1,28 @@
 """Range observers. Memory per tensor is constant: running min/max or a 4096-bin histogram.
 
-The histogram is signed and centred on zero over ``[-R, R]``. When a batch exceeds ``R`` the
-range doubles and adjacent bin pairs merge, so bin edges stay aligned and no sample is kept.
-Indices are computed once per batch and counted with ``np.bincount``.
+Every observer is *order-invariant* and *mergeable*: the same samples in any order, or split
+into shards observed apart and merged, give the identical state, so calibration can be
+sharded and its output bytes do not depend on the order of the files.
+
+The histogram is signed and centred on zero over ``[-R, R)``, where the radius ``R`` is the
+smallest power of two strictly greater than every ``|x|`` seen: it depends on the data's
+magnitude alone, never on which batch came first. A value's bin is
+``floor(x · 2^m) + bins/2`` with ``2^m = bins / (2R)``, an exact power-of-two product, so
+when a later batch doubles ``R`` and adjacent bin pairs merge (``i → bins/4 + i // 2``),
+every earlier value lands exactly where it would have been binned at the new radius. Worked
+example (8 bins): values {0.3, −0.6} give R = 1, bins of width 0.25, indices floor(1.2) + 4 = 5
+and floor(−2.4) + 4 = 1; a later 1.5 makes R = 2, the old counts move to 2 + 5//2 = 4 and
+2 + 1//2 = 2, which is where 0.3 and −0.6 fall at width 0.5.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from edgequant.calibration.method import Method
 from edgequant.calibration.search import entropy_threshold, mse_range, percentile_range
-from edgequant.planning.options import Method
 from edgequant.quant.dtypes import QuantDType
 
 
@@ -43,6 +55,11 @@ class MinMaxObserver:
             self.min = min(self.min, lo)
             self.max = max(self.max, hi)
 
+    def merge(self, other: MinMaxObserver) -> None:
+        """Fold in an observer of other samples: the result observed both sets."""
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
     @property
     def seen(self) -> bool:
         return self.min <= self.max
@@ -51,47 +68,91 @@ class MinMaxObserver:
         return (self.min, self.max) if self.seen else (0.0, 0.0)
 
 
+#: Radii never go below this (a power of two), so ``bins / (2R)`` stays a finite float32.
+MIN_RADIUS = 2.0**-100
+
+
+def radius_for(amax: float) -> float:
+    """The smallest power of two strictly greater than ``amax`` (and at least MIN_RADIUS)."""
+    _, exponent = math.frexp(amax)  # amax = mantissa · 2^exponent, mantissa in [0.5, 1)
+    return max(math.ldexp(1.0, exponent), MIN_RADIUS)
+
+
+def _coarsen(hist: np.ndarray) -> np.ndarray:
+    """The histogram at twice the radius: adjacent pairs merged into the central half."""
+    out = np.zeros_like(hist)
+    q = hist.size // 4
+    out[q : q + hist.size // 2] = hist.reshape(-1, 2).sum(axis=1)
+    return out
+
+
 class HistogramObserver(MinMaxObserver):
-    """Signed histogram with range doubling; finishes with percentile, entropy or MSE."""
+    """Signed histogram over a power-of-two radius; finishes with percentile, entropy or MSE."""
 
     def __init__(self, method: Method, percentile: float = 99.99, bins: int = 4096) -> None:
         super().__init__()
+        if bins < 4 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two ≥ 4, got {bins}")
         self.method = method
         self.percentile = percentile
         self.bins = bins
         self.radius = 0.0
         self.hist = np.zeros(bins, dtype=np.int64)
-        self.pending_zeros = 0
+        self.pending_zeros = 0  # exact zeros seen before any non-zero value fixed the radius
+
+    def _own(self) -> None:
+        """Make the counts writable (an observer that came back from a worker may hold a
+        read-only view of a shared buffer)."""
+        if not self.hist.flags.writeable:
+            self.hist = self.hist.copy()
 
     def update(self, x: np.ndarray) -> None:
         flat, lo, hi = _finite(x)
         if not flat.size:
             return
+        self._own()
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         amax = max(-lo, hi)
         if amax == 0.0 and self.radius == 0.0:
             self.pending_zeros += flat.size
             return
-        self._widen(amax)
-        scaled = flat * np.float32(self.bins / (2.0 * self.radius))
-        scaled += np.float32(self.bins // 2)
-        idx = scaled.astype(np.intp)  # values lie in [-R, R]: only x = R lands one past the end
-        np.minimum(idx, self.bins - 1, out=idx)
-        np.maximum(idx, 0, out=idx)
+        self._widen(radius_for(amax))
+        scaled = flat * np.float32(self.bins / (2.0 * self.radius))  # a power of two: exact
+        np.floor(scaled, out=scaled)
+        idx = scaled.astype(np.intp)
+        idx += self.bins // 2  # |x| < R: every index lies in [0, bins)
         self.hist += np.bincount(idx, minlength=self.bins)
 
-    def _widen(self, amax: float) -> None:
+    def _widen(self, radius: float) -> None:
+        """Grow to ``radius`` (a power of two), merging bin pairs once per doubling."""
         if self.radius == 0.0:
-            self.radius = amax
+            self.radius = radius
             self.hist[self.bins // 2] += self.pending_zeros
             self.pending_zeros = 0
             return
-        while amax > self.radius:
-            merged = self.hist.reshape(-1, 2).sum(axis=1)
-            self.hist = np.zeros_like(self.hist)
-            q = self.bins // 4
-            self.hist[q : q + self.bins // 2] = merged
+        while radius > self.radius:
+            self.hist = _coarsen(self.hist)
             self.radius *= 2.0
+
+    def merge(self, other: MinMaxObserver) -> None:
+        """Fold in an observer of other samples; exact: counts add on a common radius."""
+        if not isinstance(other, HistogramObserver) or other.bins != self.bins:
+            raise ValueError("only histograms of the same size merge")
+        self._own()
+        super().merge(other)
+        if other.radius == 0.0:
+            if self.radius == 0.0:
+                self.pending_zeros += other.pending_zeros
+            else:
+                self.hist[self.bins // 2] += other.pending_zeros
+            return
+        self._widen(other.radius)
+        theirs = other.hist
+        r = other.radius
+        while r < self.radius:  # bring theirs up to our radius the same way
+            theirs = _coarsen(theirs)
+            r *= 2.0
+        self.hist += theirs
 
     def range(self, dtype: QuantDType, symmetric: bool) -> tuple[float, float]:
         if not self.seen:
@@ -109,6 +170,9 @@ class HistogramObserver(MinMaxObserver):
         else:
             lo, hi = mse_range(self.hist, edges, dtype, symmetric, (self.min, self.max))
         return max(lo, self.min), min(hi, self.max)
+
+
+Observer = MinMaxObserver
 
 
 def make_observer(method: Method, percentile: float) -> MinMaxObserver:

@@ -14,7 +14,9 @@ def percentile_range(hist: np.ndarray, edges: np.ndarray, percentile: float) -> 
     """Clip ``100 − p`` percent of the mass at each tail.
 
     ``lo`` is the left edge of the bin where the cumulative count first exceeds
-    ``(1 − p/100)·N``; ``hi`` the right edge of the bin where it reaches ``p/100·N``.
+    ``(1 − p/100)·N``; ``hi`` the right edge of the bin where it reaches ``p/100·N`` (bin
+    edges, as onnxruntime's percentile calibrator takes them: a cut rounds outwards by at
+    most one bin).
     """
     cdf = np.cumsum(hist)
     total = cdf[-1]

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -84,85 +85,88 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
+@click.option("--workers", type=click.IntRange(1), help="Local worker processes for calibration shards, layer trials and --auto-mixed candidates (same output bytes) [default: 1].")
+@click.option("--ray", "ray_address", metavar="ADDRESS", help="Run those work units on a Ray cluster (host:port or ray://host:port; pip install 'edgequant[ray]').")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def quantize(model, model_opt, output, calib, config, target, method, percentile, per_channel, activation_dtype,
-             weight_dtype, symmetric, batch_size, num_samples, eval_samples, device, file_type, mean, std,
-             color_format, layout, preprocess, overrides, float_after, float_before, precision_level, override_file,
-             auto_mixed, target_cosine, target_sqnr, max_high_precision, fallback, strict, export_params, import_params,
-             analyze,
-             report_dir, no_simplify, quiet, debug) -> None:
+def quantize(**flags: Any) -> None:
     """Quantize a float ONNX MODEL with calibration data into a QDQ ONNX model."""
     from edgequant.api import quantize as run
-    from edgequant.cli.render import print_summary, progress_bar
+    from edgequant.cli.render import print_collapse, print_summary, progress_bar
     from edgequant.config.schema import load_config
+    from edgequant.export import export_params as write_params
+    from edgequant.export import parse_spec
+    from edgequant.mixed.search import auto_mixed
 
-    if model and model_opt and model != model_opt:
+    f = flags
+    if f["model"] and f["model_opt"] and f["model"] != f["model_opt"]:
         raise ConfigError("give the model once: as MODEL or with -i, not both")
-    cfg = load_config(config) if config else None
-    model_path = model or model_opt or (cfg.model_path if cfg else None)
+    cfg = load_config(f["config"]) if f["config"] else None
+    model_path = f["model"] or f["model_opt"] or (cfg.model_path if cfg else None)
     if model_path is None:
         raise ConfigError("no model given: edgequant quantize MODEL -o OUT --calib DATA (or -c CONFIG)")
-    out = output or (cfg.output_path if cfg and cfg.output_path and not (model or model_opt) else None)
+    out = f["output"] or (cfg.output_path if cfg and cfg.output_path and not (f["model"] or f["model_opt"]) else None)
     out = Path(out) if out else Path(model_path).with_suffix(".q.onnx")
     check_output(out, Path(model_path))
-    options = {
-        "target": target, "method": method, "percentile": percentile, "per_channel": per_channel,
-        "activation_dtype": activation_dtype, "weight_dtype": weight_dtype, "batch_size": batch_size,
-        "eval_samples": eval_samples, "device": device,
-    }
-    if num_samples is not None:
-        options["num_samples"] = num_samples
-    if symmetric:
-        options["weight_symmetric"] = symmetric in ("weights", "both")
-        options["activation_symmetric"] = symmetric in ("activations", "both")
-    if no_simplify:
-        options["simplify"] = False
-    from edgequant.export import export_params as write_params
-    from edgequant.export import import_params as read_params
-    from edgequant.export import parse_spec
-
-    exports = [parse_spec(e) for e in export_params]
-    imports = [parse_spec(i) for i in import_params]
+    exports = [parse_spec(e) for e in f["export_params"]]
+    imports = [parse_spec(i) for i in f["import_params"]]
     if any(fmt == "edgequant" for fmt, _ in imports):
-        _recreate(model_path, imports, exports, out, quiet)
+        _recreate(model_path, imports, exports, out, f["quiet"])
         return
-    extra = cli_overrides(overrides, float_after, float_before, precision_level)
-    if override_file:
-        extra = read_override_file(override_file) + extra
-    for fmt, path in imports:
-        extra = read_params(fmt, path) + extra
-    if extra:
-        options["overrides"] = (cfg.options.overrides if cfg else ()) + extra
+    changes = option_changes(f, cfg, imports)
     settings = image_settings(model_path, cfg, {
-        "file_type": file_type, "mean": _floats(mean), "std": _floats(std), "color_format": color_format,
-        "layout": layout, "preprocess": preprocess})
+        "file_type": f["file_type"], "mean": _floats(f["mean"]), "std": _floats(f["std"]),
+        "color_format": f["color_format"], "layout": f["layout"], "preprocess": f["preprocess"]})
+    calib = list(f["calib"]) if f["calib"] else None
     mixed = None
-    logging.getLogger("edgequant.api").setLevel(logging.ERROR)  # the collapse warning is rendered below
-    with progress_bar(not quiet) as progress:
-        if auto_mixed:
-            from edgequant.mixed.search import auto_mixed as search
-
-            result, mixed = search(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
-                                   progress=progress, target_cosine=target_cosine, target_sqnr=target_sqnr,
-                                   max_high_precision=_share(max_high_precision), fallback=fallback, **options)
+    logging.getLogger("edgequant.pipeline").setLevel(logging.ERROR)  # the collapse warning is rendered below
+    with progress_bar(not f["quiet"]) as progress:
+        if f["auto_mixed"]:
+            result, mixed = auto_mixed(model_path, calib, config=cfg, input_settings=settings, progress=progress,
+                                       target_cosine=f["target_cosine"], target_sqnr=f["target_sqnr"],
+                                       max_high_precision=_share(f["max_high_precision"]), fallback=f["fallback"],
+                                       **changes)
         else:
-            result = run(model_path, list(calib) if calib else None, config=cfg, input_settings=settings,
-                         progress=progress, **options)
+            result = run(model_path, calib, config=cfg, input_settings=settings, progress=progress, **changes)
     saved = result.save(out)
     written = [str(saved)] + [str(write_params(result, fmt, path)) for fmt, path in exports]
     if mixed is not None:
         written += [str(p) for p in mixed.write(out.with_suffix(""))]
-    if not quiet:
+    if not f["quiet"]:
         print_summary(result.summary, ", ".join(written))
     if result.summary.collapse is not None:
-        from edgequant.cli.render import print_collapse
-
         print_collapse(result.summary.collapse)
-    if analyze or (cfg is not None and cfg.analyze):
-        _analyze(result, calib, cfg, settings, report_dir or out.with_name(out.stem + "_report"), quiet)
-    if strict and result.summary.collapse is not None:
+    if f["analyze"] or (cfg is not None and cfg.analyze):
+        _analyze(result, f["calib"], cfg, settings, f["report_dir"] or out.with_name(out.stem + "_report"), f["quiet"])
+    if f["strict"] and result.summary.collapse is not None:
         raise SystemExit(3)
+
+
+#: CLI flags that set a QuantOptions field of the same meaning (flag name → field).
+OPTION_FLAGS = {"target": "target", "method": "method", "percentile": "percentile", "per_channel": "per_channel",
+                "activation_dtype": "activation_dtype", "weight_dtype": "weight_dtype", "batch_size": "batch_size",
+                "num_samples": "num_samples", "eval_samples": "eval_samples", "device": "device",
+                "workers": "workers", "ray_address": "ray_address"}
+
+
+def option_changes(f: dict[str, Any], cfg, imports) -> dict[str, Any]:
+    """The QuantOptions fields the flags set (only those given), overrides included."""
+    from edgequant.export import import_params as read_params
+
+    changes = {field: f[flag] for flag, field in OPTION_FLAGS.items() if f[flag] is not None}
+    if f["symmetric"]:
+        changes["weight_symmetric"] = f["symmetric"] in ("weights", "both")
+        changes["activation_symmetric"] = f["symmetric"] in ("activations", "both")
+    if f["no_simplify"]:
+        changes["simplify"] = False
+    extra = cli_overrides(f["overrides"], f["float_after"], f["float_before"], f["precision_level"])
+    if f["override_file"]:
+        extra = read_override_file(f["override_file"]) + extra
+    for fmt, path in imports:
+        extra = read_params(fmt, path) + extra
+    if extra:
+        changes["overrides"] = (cfg.options.overrides if cfg else ()) + extra
+    return changes
 
 
 def _recreate(model_path, imports, exports, out: Path, quiet: bool) -> None:

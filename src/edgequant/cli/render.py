@@ -98,7 +98,7 @@ def print_report(report, folder, top: int) -> None:
         for g in report.worst_tensors(top):
             t.add_row(g.name, g.op_type, _f(g.metrics.snr), _f(g.metrics.cosine))
         out.print(t)
-    fixes = report.fixes(top)
+    fixes = [str(o) for o in report.fixes(top)]
     if fixes:
         out.print("suggested fix: " + fix_lines(fixes)[0], soft_wrap=True)
     for note in report.notes:

@@ -14,12 +14,14 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from edgequant.calibration.method import Method
 from edgequant.data.inputs import InputSettings
 from edgequant.errors import ConfigError, NotYetSupportedError, closest_names
-from edgequant.planning.options import Method, QuantOptions
+from edgequant.planning.options import QuantOptions
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.planning.selectors import After, Between
 from edgequant.quant.dtypes import QuantDType
+from edgequant.targets import apply_target
 
 
 class _Strict(BaseModel):
@@ -199,8 +201,6 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
                "activation_symmetric": q.activation_symmetric, "weight_symmetric": q.weight_symmetric,
                "per_channel": q.per_channel}
     if q.target:  # the profile decides what the file does not set explicitly
-        from edgequant.targets import apply_target
-
         profile = apply_target(QuantOptions(), q.target)
         numeric = {k: v if k in q.model_fields_set else getattr(profile, k) for k, v in numeric.items()}
         numeric |= {"scheme": profile.scheme, "target": profile.target}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import importlib.util
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +33,12 @@ def _split(spec: InputSpec, arr: np.ndarray) -> Iterator[np.ndarray]:
 
 
 class CalibrationSource(abc.ABC):
-    """Base: ``len()`` samples and an iterator over them, one sample (batch dim 1) at a time."""
+    """Base: ``len()`` samples and an iterator over them, one sample (batch dim 1) at a time.
+
+    ``samples(start, stop)`` yields samples ``[start, stop)``; sources that know how many
+    samples each item or file holds skip whole ones to get there (a shard of the data reads
+    its own files only). Sources are picklable, so a shard can be read in another process.
+    """
 
     specs: list[InputSpec]
 
@@ -40,7 +46,24 @@ class CalibrationSource(abc.ABC):
     def __len__(self) -> int: ...
 
     @abc.abstractmethod
-    def samples(self) -> Iterator[Sample]: ...
+    def _from(self, start: int) -> tuple[int, Iterator[Sample]]:
+        """(first, samples from index ``first`` on), with ``first ≤ start`` as close as the
+        source can skip to without reading."""
+
+    def samples(self, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+        first, it = self._from(start)
+        return itertools.islice(it, start - first, None if stop is None else max(stop - first, start - first))
+
+
+def _skip(counts: Iterable[int], start: int) -> tuple[int, int]:
+    """(index of the first item holding sample ``start``, samples before it), from per-item
+    sample counts; past the end, (number of items, total)."""
+    first, k = 0, -1
+    for k, n in enumerate(counts):
+        if first + n > start:
+            return k, first
+        first += n
+    return k + 1, first
 
 
 class ArraySource(CalibrationSource):
@@ -57,9 +80,13 @@ class ArraySource(CalibrationSource):
         first = item[self.specs[0].name] if isinstance(item, Mapping) else item
         return samples_in(self.specs[0], np.shape(first))
 
-    def samples(self) -> Iterator[Sample]:
-        for k, item in enumerate(self.items):
-            yield from _samples_from(item, self.specs, f"calibration item {k}")
+    def _from(self, start: int) -> tuple[int, Iterator[Sample]]:
+        k, first = _skip((self._count(item) for item in self.items), start) if start else (0, 0)
+        return first, self._iter(k)
+
+    def _iter(self, k: int) -> Iterator[Sample]:
+        for j in range(k, len(self.items)):
+            yield from _samples_from(self.items[j], self.specs, f"calibration item {j}")
 
 
 def samples_in(spec: InputSpec, shape: tuple[int, ...]) -> int:
@@ -124,13 +151,18 @@ class NpzSource(CalibrationSource):
         self.files, self.specs = files, specs
 
     def __len__(self) -> int:
-        total = 0
-        for f in self.files:
-            total += samples_in(self.specs[0], _npz_shape(f, self.specs[0].name))
-        return total
+        return sum(self._counts())
 
-    def samples(self) -> Iterator[Sample]:
+    def _counts(self) -> Iterator[int]:
         for f in self.files:
+            yield samples_in(self.specs[0], _npz_shape(f, self.specs[0].name))
+
+    def _from(self, start: int) -> tuple[int, Iterator[Sample]]:
+        k, first = _skip(self._counts(), start) if start else (0, 0)
+        return first, self._iter(k)
+
+    def _iter(self, k: int) -> Iterator[Sample]:
+        for f in self.files[k:]:
             try:
                 with np.load(f) as z:
                     data = {k: z[k] for k in z.files}
@@ -156,14 +188,27 @@ class FileListSource(CalibrationSource):
     def __len__(self) -> int:
         return len(self.lists[0]) if self.lists else 0
 
-    def samples(self) -> Iterator[Sample]:
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "readers"}  # closures: rebuilt
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.readers = [_reader_for(lst, s, st) for lst, s, st in zip(self.lists, self.specs, self.settings)]
+
+    def _from(self, start: int) -> tuple[int, Iterator[Sample]]:
+        if not start or any(st.preprocess for st in self.settings):  # a function's batches: read them
+            return 0, self._iter(0)
+        k, first = _skip((_samples_in_file(p, self.specs[0], self.settings[0]) for p in self.lists[0]), start)
+        return first, self._iter(k)
+
+    def _iter(self, k: int) -> Iterator[Sample]:
         n = len(self)
-        for start in range(0, n, self.batch):
+        for start in range(k, n, self.batch):
             chunk = {}
             for files, spec, read in zip(self.lists, self.specs, self.readers):
                 chunk[spec.name] = list(read(files[start : start + self.batch]))
-            for k in range(len(chunk[self.specs[0].name])):
-                yield {name: arrs[k] for name, arrs in chunk.items()}
+            for j in range(len(chunk[self.specs[0].name])):
+                yield {name: arrs[j] for name, arrs in chunk.items()}
 
 
 Reader = Callable[[list[Path]], Iterator[np.ndarray]]
@@ -198,6 +243,22 @@ def _reader_for(files: list[Path], spec: InputSpec, st: InputSettings) -> Reader
             yield from _split(spec, conform(arr, spec, str(p)))
 
     return read
+
+
+def _samples_in_file(path: Path, spec: InputSpec, st: InputSettings) -> int:
+    """How many samples one file holds, read from its header or size alone."""
+    kind = st.file_type or _detect_kind([path])
+    if kind == "img":
+        return 1
+    if kind == "npy":
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except Exception as exc:
+            raise CalibrationDataError(f"{path}: not a readable .npy file ({exc})") from None
+        return samples_in(spec, shape)
+    dims = [d for d in (st.shape or spec.shape)[1:] if d is not None]
+    per_sample = int(np.prod(dims)) * np.dtype(spec.dtype).itemsize if dims else np.dtype(spec.dtype).itemsize
+    return max(1, path.stat().st_size // per_sample)
 
 
 def _read_raw(path: Path, spec: InputSpec, st: InputSettings) -> np.ndarray:

@@ -11,15 +11,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections import Counter
 
 import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from edgequant.errors import ConfigError
+from edgequant.ir.model import load_model, opset_of
+from edgequant.pipeline import prepare
+from edgequant.planning.options import QuantOptions
 from edgequant.planning.plan import ActivationPlan, BiasPlan, QuantPlan, WeightPlan
 from edgequant.quant.dtypes import QuantDType
 from edgequant.quant.params import QuantParams, Scheme
+from edgequant.result import QuantizeResult, Summary, stamp
+from edgequant.transform.qdq import insert_qdq
 
 FORMAT = "edgequant-params"
 VERSION = 1
@@ -47,8 +53,8 @@ def dumps(result) -> str:
                    for root, p in result.params.items()},
         "weights": [{"node": k[0], "slot": k[1], "tensor": w.tensor, "dtype": w.dtype.value, "symmetric": w.symmetric,
                      "axis": w.axis, "scheme": _scheme(w.scheme), **weights.get((k[0], k[1]), {})}
-                    for k, w in plan.weights.items()],
-        "biases": [{"node": k[0], "slot": k[1], "tensor": b.tensor, "input": b.input_tensor} for k, b in plan.biases.items()],
+                    for k, w in plan.weight_items()],
+        "biases": [{"node": k[0], "slot": k[1], "tensor": b.tensor, "input": b.input_tensor} for k, b in plan.bias_items()],
         "folded": plan.folded_nodes, "precision": plan.precision,
         "quantized_ops": dict(plan.quantized_ops), "float_ops": dict(plan.float_ops),
         "subgraph_float_ops": plan.subgraph_float_ops,
@@ -94,11 +100,11 @@ def _plan(data: dict) -> QuantPlan:
         plan.activations[a["tensor"]] = ActivationPlan(a["tensor"], a["root"], a["source"], QuantDType(a["dtype"]),
                                                        a["symmetric"], Scheme(**a["scheme"]))
     for w in data["weights"]:
-        plan.weights[(w["node"], w["slot"])] = WeightPlan(w["tensor"], QuantDType(w["dtype"]), w["symmetric"],
-                                                           w["axis"], Scheme(**w["scheme"]))
+        plan.weights.setdefault(w["node"], {})[w["slot"]] = WeightPlan(
+            w["tensor"], QuantDType(w["dtype"]), w["symmetric"], w["axis"], Scheme(**w["scheme"]))
     for b in data["biases"]:
-        wp = next(v for k, v in plan.weights.items() if k[0] == b["node"])
-        plan.biases[(b["node"], b["slot"])] = BiasPlan(b["tensor"], b["input"], wp)
+        wp = next(iter(plan.weights[b["node"]].values()))
+        plan.biases.setdefault(b["node"], {})[b["slot"]] = BiasPlan(b["tensor"], b["input"], wp)
     plan.folded_nodes = dict(data["folded"])
     plan.precision = dict(data["precision"])
     plan.quantized_ops, plan.float_ops = Counter(data["quantized_ops"]), Counter(data["float_ops"])
@@ -106,41 +112,29 @@ def _plan(data: dict) -> QuantPlan:
     return plan
 
 
-def recreate(model: str | os.PathLike | ModelProto, path: str | os.PathLike):
+def recreate(model: str | os.PathLike | ModelProto, path: str | os.PathLike) -> QuantizeResult:
     """The quantized model the file describes, from ``model`` (float), without calibration."""
-    import time
-
-    from edgequant.api import QuantizeResult, Summary, _version
-    from edgequant.ir.model import ensure_opset, load_model, opset_of
-    from edgequant.passes.pipeline import prepare_model
-    from edgequant.planning.options import QuantOptions
-    from edgequant.planning.plan import name_nodes
-    from edgequant.transform.qdq import insert_qdq
-
     start = time.perf_counter()
     data = _read(path)
-    original = load_model(model)
-    from_opset = opset_of(original)
-    prepared = ensure_opset(original, data["model"]["opset"])
-    passes = prepare_model(prepared, simplify=data["model"]["simplify"])
-    name_nodes(prepared)
-    names = {n.name for n in prepared.graph.node}
-    tensors = {i.name for i in prepared.graph.input} | {o for n in prepared.graph.node for o in n.output}
+    # the file fixes the opset (per_channel=False asks for no upgrade of its own)
+    options = QuantOptions(target=data["model"]["target"], simplify=data["model"]["simplify"], per_channel=False)
+    prepared = prepare(load_model(model), options, data["model"]["opset"])
+    names = {n.name for n in prepared.model.graph.node}
+    tensors = {i.name for i in prepared.model.graph.input} | {o for n in prepared.model.graph.node for o in n.output}
     plan = _plan(data)
-    missing = [k[0] for k in plan.weights if k[0] not in names] + [t for t in plan.activations if t not in tensors]
-    if missing or len(prepared.graph.node) != data["model"]["nodes"]:
+    missing = [n for n in plan.weights if n not in names] + [t for t in plan.activations if t not in tensors]
+    if missing or len(prepared.model.graph.node) != data["model"]["nodes"]:
         raise ConfigError(f"{path} was made for another model ({missing[0] if missing else 'node count differs'} "
                           "is not in this one)")
     params = {r: QuantParams(np.asarray(p["scale"], np.float32), np.asarray(p["zero_point"], QuantDType(p["dtype"]).np_dtype),
                              QuantDType(p["dtype"])) for r, p in data["params"].items()}
-    qmodel = insert_qdq(prepared, plan, params)
-    qmodel.producer_name, qmodel.producer_version = "edgequant", _version()
+    qmodel = stamp(insert_qdq(prepared.model, plan, params))
     _check_weights(qmodel, data, path)
     ranges = {a.root: (float("nan"), float("nan")) for a in plan.activations.values()}
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops, 0, 0, False, 0.0,
-                      time.perf_counter() - start, (from_opset, opset_of(qmodel)), passes,
+                      time.perf_counter() - start, (prepared.from_opset, opset_of(qmodel)), prepared.passes,
                       notes=[f"parameters from {path}; no calibration"], precision=dict(plan.precision))
-    return QuantizeResult(qmodel, prepared, plan, ranges, params, summary, QuantOptions(target=data["model"]["target"]))
+    return QuantizeResult(qmodel, prepared.model, plan, ranges, params, summary, prepared.options)
 
 
 def _check_weights(qmodel: ModelProto, data: dict, path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from onnx import GraphProto, NodeProto, TensorProto
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
@@ -27,28 +27,34 @@ def consumers(graph: GraphProto) -> dict[str, list[NodeProto]]:
     return result
 
 
-def _direct_bodies(node: NodeProto) -> list[GraphProto]:
+def direct_bodies(node: NodeProto) -> list[GraphProto]:
     return [a.g for a in node.attribute if a.type == a.GRAPH] + [
         g for a in node.attribute if a.type == a.GRAPHS for g in a.graphs]
 
 
 def bodies(node: NodeProto) -> Iterator[GraphProto]:
     """Every graph nested in an ``If``/``Loop``/``Scan`` node, at any depth (iteratively)."""
-    stack = _direct_bodies(node)
+    stack = direct_bodies(node)
     while stack:
         g = stack.pop()
         yield g
         for n in g.node:
-            stack += _direct_bodies(n)
+            stack += direct_bodies(n)
 
 
 def subgraph_inputs(node: NodeProto) -> set[str]:
-    """Names the node's bodies read without defining them (captures from the enclosing scope)."""
+    """Names the node's bodies read without defining them (captures from the enclosing scope).
+
+    A nested body may read what an enclosing body defines: that is local to the node, not a
+    capture."""
     names: set[str] = set()
-    for g in bodies(node):
-        local = {i.name for i in g.input} | {i.name for i in g.initializer}
+    stack: list[tuple[GraphProto, set[str]]] = [(g, set()) for g in direct_bodies(node)]
+    while stack:
+        g, enclosing = stack.pop()
+        local = enclosing | {i.name for i in g.input} | {i.name for i in g.initializer}
         local |= {o for n in g.node for o in n.output}
         names |= {i for n in g.node for i in n.input if i and i not in local}
+        stack += [(b, local) for n in g.node for b in direct_bodies(n)]
     return names
 
 
@@ -89,22 +95,66 @@ def static_shapes(graph: GraphProto) -> dict[str, list[int | str | None]]:
     return shapes
 
 
-def get_attr(node: NodeProto, name: str, default=None):
-    from onnx import helper
+class GraphIndex:
+    """One walk of a graph, read many times: its nodes by name and position, who produces and
+    who consumes each tensor (subgraph captures included), and its value names."""
 
+    def __init__(self, graph: GraphProto):
+        self.graph = graph
+        self.nodes: list[NodeProto] = list(graph.node)
+        self.by_name: dict[str, NodeProto] = {n.name: n for n in self.nodes}
+        self.producers = producers(graph)
+        self.consumers = consumers(graph)
+        self.inputs = [i.name for i in graph.input]
+        self.outputs = [o.name for o in graph.output]
+
+    @classmethod
+    def of(cls, model: ModelProto | GraphIndex) -> GraphIndex:
+        return model if isinstance(model, GraphIndex) else cls(model.graph)
+
+    def tensor_names(self) -> list[str]:
+        """Graph inputs and node outputs, in graph order."""
+        return list(dict.fromkeys(self.inputs + [o for n in self.nodes for o in n.output if o]))
+
+
+def remove_nodes(graph, positions: set[int]) -> None:
+    """Drop the nodes at ``positions``, keeping the order of the rest (one pass)."""
+    if not positions:
+        return
+    keep = [n for k, n in enumerate(graph.node) if k not in positions]
+    graph.ClearField("node")
+    graph.node.extend(keep)
+
+
+def get_attr(node: NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
 
 
+def graph_names(graph: GraphProto) -> set[str]:
+    """Every value and node name defined in ``graph`` and, at any depth, in its subgraphs."""
+    names: set[str] = set()
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        names |= {i.name for i in g.input} | {t.name for t in g.initializer} | {o.name for o in g.output}
+        for n in g.node:
+            names.update(o for o in n.output if o)
+            names.add(n.name)
+            stack += direct_bodies(n)
+    names.discard("")
+    return names
+
+
 class NameScope:
-    """Deterministic fresh names that never collide with names already in the graph."""
+    """Deterministic fresh names that never collide with a name already in the graph or in any
+    of its ``If``/``Loop``/``Scan`` bodies (ONNX wants names unique across the whole model:
+    a body may not redefine a name of an enclosing scope)."""
 
     def __init__(self, graph: GraphProto):
-        self.taken: set[str] = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-        self.taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
-        self.taken |= {o.name for o in graph.output}
+        self.taken: set[str] = graph_names(graph)
 
     def fresh(self, base: str) -> str:
         name, k = base, 1

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from onnx import ModelProto, version_converter
+from onnx import ModelProto, helper, version_converter
 
 from edgequant.errors import ModelLoadError, OutputError
 
@@ -135,8 +135,6 @@ def skeleton(model: ModelProto) -> ModelProto:
     every shape while small constants (shape vectors, axes) keep their values for data
     propagation. Memory stays near the graph's size instead of the weights'.
     """
-    from onnx import helper
-
     light = ModelProto()
     copy_fields(model, light, skip="graph")
     copy_fields(model.graph, light.graph, skip="initializer")

@@ -21,33 +21,84 @@ same target.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnx import ModelProto
 
+from edgequant.analysis.layerwise import float_cache
 from edgequant.analysis.metrics import FidelityAccumulator
-from edgequant.calibration.collect import run_checked
+from edgequant.analysis.plots import png_of, pyplot
+from edgequant.api import calibrate
+from edgequant.calibrated import CalibratedModel
+from edgequant.data.sources import Sample
 from edgequant.errors import ConfigError
 from edgequant.ir.model import write_atomic
 from edgequant.mixed.cost import layer_macs
-from edgequant.mixed.sensitivity import sensitivity
-from edgequant.planning.overrides import Override, parse_precision
-from edgequant.planning.plan import QuantPlan, build_plan
+from edgequant.mixed.sensitivity import Sensitivity, sensitivity
+from edgequant.pipeline import finish
+from edgequant.planning.overrides import FLOAT, Override, parse_precision
+from edgequant.planning.plan import QuantPlan
 from edgequant.quant.dtypes import QuantDType
+from edgequant.result import QuantizeResult
+from edgequant.runtime.executor import InProcess, Pool, shards
+from edgequant.runtime.feed import run_checked
 from edgequant.runtime.session import make_session
+from edgequant.targets import get_target
 
 Progress = Callable[[str, int, int], None]
+Metric = Callable[[ModelProto], float]
+
+
+@dataclass(frozen=True)
+class MixedOptions:
+    """What ``--auto-mixed`` aims for and what it may spend (validated here, once).
+
+    ``target_cosine``/``target_sqnr``: the worst output on the worst sample (cosine 0.99 when
+    neither is given); ``metric(qmodel) -> float`` (higher is better) searches on a task
+    metric instead, aiming at the float model's metric minus ``metric_tolerance``;
+    ``max_high_precision``: the share of MACs allowed above 8 bits; ``fallback``: what chosen
+    layers become (int16, uint16 or float); ``search_samples``: the first samples (calibration
+    and held-out alike) sensitivity and candidates are judged on.
+    """
+
+    target_cosine: float | None = None
+    target_sqnr: float | None = None
+    metric: Metric | None = None
+    metric_tolerance: float = 0.01
+    max_high_precision: float = 0.10
+    fallback: QuantDType | str = QuantDType.INT16
+    search_samples: int = 64
+
+    def __post_init__(self) -> None:
+        fallback = parse_precision(self.fallback) if isinstance(self.fallback, str) else self.fallback
+        if fallback not in (FLOAT, QuantDType.INT16, QuantDType.UINT16):
+            raise ConfigError(f"fallback {self.fallback!r} must be int16, uint16 or float")
+        object.__setattr__(self, "fallback", fallback)
+        if not 0.0 < self.max_high_precision <= 1.0:
+            raise ConfigError(f"max high precision must be a share of MACs in (0, 1], got {self.max_high_precision}")
+        if self.target_cosine is not None and self.target_sqnr is not None:
+            raise ConfigError("give --target-cosine or --target-sqnr, not both")
+        if self.search_samples < 1:
+            raise ConfigError(f"search samples must be ≥ 1, got {self.search_samples}")
+
+    @property
+    def tag(self) -> str:
+        return self.fallback if isinstance(self.fallback, str) else self.fallback.value
+
+    @property
+    def measure(self) -> str:
+        return "metric" if self.metric else ("sqnr_db" if self.target_sqnr is not None else "cosine")
 
 
 @dataclass(frozen=True)
 class Step:
-    layers: tuple[str, ...]
+    overrides: tuple[Override, ...]
     cost: float
     score: float
     reached: bool
@@ -57,7 +108,7 @@ class Step:
 class MixedPrecision:
     """The search's choice, what it costs, and every model it evaluated."""
 
-    overrides: tuple[str, ...]
+    overrides: tuple[Override, ...]
     cost: float
     score: float
     target: float
@@ -69,11 +120,11 @@ class MixedPrecision:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return tuple(o.partition("=")[0] for o in self.overrides)  # as Override.parse reads them
+        return tuple(str(o.selector) for o in self.overrides)
 
     def describe(self) -> str:
         state = "reached" if self.reached else "NOT reached"
-        floats = sum(o.endswith("=float") for o in self.overrides)
+        floats = sum(o.precision == FLOAT for o in self.overrides)
         extra = f", {floats} of them float" if floats and floats < len(self.overrides) else ""
         return (f"{len(self.overrides)} layers in higher precision{extra} ({self.cost:.1%} of MACs); {self.measure} "
                 f"{self.score:.4f}, target {self.target:.4f} {state}; {len(self.steps)} models evaluated")
@@ -85,11 +136,9 @@ class MixedPrecision:
         return head + "quantization_parameters:\n  overrides:" + (" []\n" if not items else "\n" + items)
 
     def plot_png(self) -> bytes:
-        from edgequant.analysis.plots import _png, _pyplot
-
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        steps = sorted(self.steps, key=lambda s: (s.cost, len(s.layers)))
+        steps = sorted(self.steps, key=lambda s: (s.cost, len(s.overrides)))
         ax.plot([s.cost * 100 for s in steps], [s.score for s in steps], "o-", ms=4, lw=0.8)
         ax.axhline(self.target, color="tab:green", ls=":", label=f"target {self.target:.4g}")
         ax.plot([self.cost * 100], [self.score], "*", ms=12, color="tab:red", label="chosen")
@@ -98,7 +147,7 @@ class MixedPrecision:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        return _png(fig)
+        return png_of(fig)
 
     def write(self, stem: str | Path) -> tuple[Path, Path]:
         """``STEM.mixed.yaml`` and ``STEM.mixed.png``."""
@@ -109,34 +158,63 @@ class MixedPrecision:
         return yaml_path, png_path
 
 
+@dataclass(frozen=True)
+class _ScoreJob:
+    """What scoring a candidate needs besides the candidate (travels once to each worker)."""
+
+    references: list[Sample]  # inputs and float outputs of the search samples
+    inputs: list[str]
+    decisions: list[str]  # class-probability outputs, judged on their top-1 decisions too
+    device: str
+
+
+SampleScore = tuple[dict[str, FidelityAccumulator], dict[str, bool]]
+
+
+def _score_span(job: _ScoreJob, item: tuple[ModelProto, int, int]) -> list[SampleScore]:
+    """Per sample of ``[lo, hi)``: each output's accumulator and each decision check (a work unit)."""
+    qmodel, lo, hi = item
+    sess = make_session(qmodel, device=job.device)
+    names = [o.name for o in sess.get_outputs()]
+    out = []
+    for i in range(lo, hi):
+        values = job.references[i]
+        got = run_checked(sess, names, {k: values[k] for k in job.inputs}, i)
+        accs, agree = {}, {}
+        for n, v in zip(names, got):
+            acc = FidelityAccumulator()
+            acc.update(values[n], np.asarray(v))
+            if acc.count:
+                accs[n] = acc
+            if n in job.decisions and np.shape(v) == values[n].shape:
+                agree[n] = decisions_agree(values[n], np.asarray(v))
+        out.append((accs, agree))
+    return out
+
+
 class _Scorer:
-    """Scores a plan: assemble from the cached observers, run on the cached float samples."""
+    """Scores a plan: assemble from the cached observers, run on the cached float samples
+    (split over the pool's workers; the score is the same whichever runs them)."""
 
-    def __init__(self, state, cache: list[dict[str, np.ndarray]], measure: str, metric: Callable | None):
-        self.state, self.cache, self.measure, self.metric = state, cache, measure, metric
-        self.inputs = [i.name for i in state.prepared.graph.input if i.name in cache[0]]
-        outputs = [o.name for o in state.prepared.graph.output]
-        # class probabilities: the decision (top-1 per row) must survive too, not only the cosine
-        self.decisions = [n for n in outputs if measure == "cosine" and all(is_distribution(v.get(n)) for v in cache)]
+    def __init__(self, state: CalibratedModel, job: _ScoreJob, pool: Pool, parts: int, measure: str,
+                 metric: Metric | None):
+        self.state, self.job, self.pool, self.parts = state, job, pool, parts
+        self.measure, self.metric = measure, metric
 
-    def __call__(self, plan) -> float:
+    def __call__(self, plan: QuantPlan) -> float:
         qmodel, _ = self.state.assemble(plan)
         if self.metric is not None:
             return float(self.metric(qmodel))
-        sess = make_session(qmodel, device=self.state.opts.device)
-        names = [o.name for o in sess.get_outputs()]
-        pairs: dict[str, list[FidelityAccumulator]] = {n: [] for n in names}
-        same = {n: [0, 0] for n in self.decisions}
-        for i, values in enumerate(self.cache):
-            got = run_checked(sess, names, {k: values[k] for k in self.inputs}, i)
-            for n, v in zip(names, got):
-                acc = FidelityAccumulator()
-                acc.update(values[n], np.asarray(v))
-                if acc.count:
-                    pairs[n].append(acc)
-                if n in same and np.shape(v) == values[n].shape:
-                    same[n][0] += int(decisions_agree(values[n], np.asarray(v)))
-                    same[n][1] += 1
+        spans = shards(len(self.job.references), self.parts)
+        samples = [r for part in self.pool.map(_score_span, [(qmodel, lo, hi) for lo, hi in spans]) for r in part]
+        pairs: dict[str, list[FidelityAccumulator]] = {}
+        same: dict[str, list[int]] = {n: [0, 0] for n in self.job.decisions}
+        for accs, agree in samples:
+            for n, acc in accs.items():
+                pairs.setdefault(n, []).append(acc)
+            for n, ok in agree.items():
+                same[n][0] += int(ok)
+                same[n][1] += 1
         scores = [worst_sample_score(accs, self.measure) for accs in pairs.values() if accs]
         scores += [a / b for a, b in same.values() if b]
         return min(scores) if scores else 1.0
@@ -189,95 +267,102 @@ def worst_sample_score(accs: list[FidelityAccumulator], measure: str) -> float:
 
 
 def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, target_cosine: float | None = None,
-               target_sqnr: float | None = None, metric: Callable[[ModelProto], float] | None = None,
-               metric_tolerance: float = 0.01, max_high_precision: float = 0.10, fallback: str = "int16",
-               search_samples: int = 64, progress: Progress | None = None, **kwargs):
+               target_sqnr: float | None = None, metric: Metric | None = None, metric_tolerance: float = 0.01,
+               max_high_precision: float = 0.10, fallback: str = "int16", search_samples: int = 64,
+               progress: Progress | None = None, **quantize_args: Any) -> tuple[QuantizeResult, MixedPrecision]:
     """Quantize ``model`` and keep the layers it needs in ``fallback`` precision (see module doc).
 
-    Returns ``(QuantizeResult, MixedPrecision)``. ``metric(qmodel) -> float`` (higher is better)
-    searches on the user's own task metric; the target is then the float model's metric minus
-    ``metric_tolerance``. Sensitivity and cosine/SQNR are measured on the first
-    ``search_samples`` samples (calibration and held-out alike: the search picks precisions, it
-    fits nothing); the result's summary reports fidelity on the held-out samples as usual.
-    ``kwargs`` are those of ``quantize`` (config, options, overrides...).
+    Returns ``(QuantizeResult, MixedPrecision)``; the search's own keywords are those of
+    ``MixedOptions``. ``quantize_args`` are ``quantize``'s (``config``, ``options``,
+    ``input_settings`` and ``QuantOptions`` fields), parsed by ``api.calibrate``. Sensitivity
+    and cosine/SQNR are measured on the first ``search_samples`` samples (calibration and
+    held-out alike: the search picks precisions, it fits nothing); the result's summary
+    reports fidelity on the held-out samples as usual.
     """
-    from edgequant.api import calibrate, finish
+    settings = MixedOptions(target_cosine, target_sqnr, metric, metric_tolerance, max_high_precision, fallback,
+                            search_samples)
+    state = calibrate(model, calibration, progress=progress, min_opset=21 if settings.fallback != FLOAT else 0,
+                      **quantize_args)
+    plan, mixed = search_mixed(state, settings, progress)
+    result = finish(state, plan, progress)
+    result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
+    return result, mixed
 
-    precision = parse_precision(fallback)
-    if precision not in ("float", QuantDType.INT16, QuantDType.UINT16):
-        raise ConfigError(f"fallback {fallback!r} must be int16, uint16 or float")
-    if not 0.0 < max_high_precision <= 1.0:
-        raise ConfigError(f"max high precision must be a share of MACs in (0, 1], got {max_high_precision}")
-    if target_cosine is not None and target_sqnr is not None:
-        raise ConfigError("give --target-cosine or --target-sqnr, not both")
+
+def search_mixed(state: CalibratedModel, settings: MixedOptions,
+                 progress: Progress | None = None) -> tuple[QuantPlan, MixedPrecision]:
+    """The plan with the fewest, cheapest layers in ``settings.fallback`` that meets the target
+    (or the best within the budget), and the search's account of it."""
     t0 = time.perf_counter()
-    state = calibrate(model, calibration, progress=progress, min_opset=21 if precision != "float" else 0, **kwargs)
-    from edgequant.targets import get_target
-
-    profile = get_target(state.opts.target)
-    tag = precision if isinstance(precision, str) else precision.value
+    profile = get_target(state.options.target)
+    tag = settings.tag
     if tag not in profile.fallback and not (tag == "uint16" and "int16" in profile.fallback):
         raise ConfigError(f"target {profile.name} cannot run {tag} layers (its fallbacks: "
                           f"{', '.join(profile.fallback) or 'none'}); choose --fallback accordingly")
     base, _ = state.assemble(state.plan)
-    sens = sensitivity(state, base, progress, samples=search_samples)
+    sens = sensitivity(state, base, progress, samples=settings.search_samples)
     t1 = time.perf_counter()
-    measure = "metric" if metric else ("sqnr_db" if target_sqnr is not None else "cosine")
-    score = _Scorer(state, _output_cache(state, sens, search_samples), measure, metric)
-    if score.decisions:
-        measure = "cosine, samples keeping their decisions"
-    if metric is not None:
-        target = float(metric(state.prepared)) - metric_tolerance
+    references = _output_cache(state, sens, settings.search_samples)
+    measure = settings.measure
+    inputs = [i.name for i in state.model.graph.input if i.name in references[0]]
+    outputs = [o.name for o in state.model.graph.output]
+    # class probabilities: the decision (top-1 per row) must survive too, not only the cosine
+    decisions = [n for n in outputs if measure == "cosine" and all(is_distribution(v.get(n)) for v in references)]
+    if settings.metric is not None:
+        target = float(settings.metric(state.model)) - settings.metric_tolerance
     else:
-        target = target_sqnr if target_sqnr is not None else (target_cosine if target_cosine is not None else 0.99)
-    macs = layer_macs(state.prepared, sens.cache[0], [r.node for r in sens.layers])
+        target = settings.target_sqnr if settings.target_sqnr is not None else (
+            settings.target_cosine if settings.target_cosine is not None else 0.99)
+    shares, ranked = _ranking(state, sens)
+    executor = state.executor() if settings.metric is None else InProcess()  # a metric may not pickle
+    job = _ScoreJob(references, inputs, decisions, state.options.device)
+    with executor.pool(job) as pool:
+        score = _Scorer(state, job, pool, executor.workers, measure, settings.metric)
+        search = _Search(state, score, target, shares, tag, progress, profile.fallback_weight)
+        chosen = search.run(ranked, settings.max_high_precision,
+                            escalate=tag != "float" and "float" in profile.fallback)
+    if decisions:
+        measure = "cosine, samples keeping their decisions"
+    value = search.value(chosen)
+    mixed = MixedPrecision(search.overrides(chosen), search.cost(chosen), value, target, measure, value >= target,
+                           search.steps, {"sensitivity": t1 - t0, "search": time.perf_counter() - t1}, len(ranked))
+    return search.plan(chosen), mixed
+
+
+def _ranking(state: CalibratedModel, sens: Sensitivity) -> tuple[dict[str, float], list[str]]:
+    """(share of MACs of each damaging layer, those layers in order of damage per cost)."""
+    macs = layer_macs(state.model, sens.cache[0], [r.node for r in sens.layers])
     total = max(sum(macs.values()), 1)
     ranked = [r for r in sens.ranked() if r.output.nonfinite or r.output.cosine < 1.0 - 1e-7]
     ranked.sort(key=lambda r: (not r.output.nonfinite, -(1.0 - r.output.cosine) / max(macs[r.node] / total, 1e-4)))
-    search = _Search(state, score, target, {r.node: macs[r.node] / total for r in ranked}, tag, progress,
-                     profile.fallback_weight)
-    chosen = search.run([r.node for r in ranked], max_high_precision,
-                        escalate=tag != "float" and "float" in profile.fallback)
-    overrides = search.overrides(chosen)
-    plan = search.plan(chosen)
-    result = finish(state, plan, progress)
-    mixed = MixedPrecision(overrides, search.cost(chosen), search.value(chosen), target, measure,
-                           search.value(chosen) >= target, search.steps,
-                           {"sensitivity": t1 - t0 - state.calib_seconds, "search": time.perf_counter() - t1},
-                           len(ranked))
-    result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
-    return result, mixed
+    return {r.node: macs[r.node] / total for r in ranked}, [r.node for r in ranked]
 
 
 #: Most single-layer trials (pruning, moving a float layer back to 16 bits) in one search.
 PRUNE_TRIALS = 16
 
 
-def _output_cache(state, sens, samples: int) -> list[dict[str, np.ndarray]]:
+def _output_cache(state: CalibratedModel, sens: Sensitivity, samples: int) -> list[Sample]:
     """Inputs and float outputs of the first ``samples`` samples. The layerwise cache keeps every
     tensor and stops at its memory budget (a few samples of a large model); the search must
     judge every sample, or it fits the few it sees."""
-    import itertools
-
-    from edgequant.analysis.layerwise import float_cache
-
-    count = min(samples, state.n_calib + state.n_eval)
+    count = state.split.first(samples)
     if len(sens.cache) >= count:
         return sens.cache
-    return float_cache(state.prepared, itertools.islice(state.source.samples(), 0, count), 1 << 30,
-                       state.opts.device, outputs_only=True)
+    return float_cache(state.model, state.samples(0, count), 1 << 30, state.options.device, outputs_only=True)
 
 
 class _Search:
     """Layers are taken in ``order``; each goes to ``tag`` unless escalated to float."""
 
-    def __init__(self, state, score: _Scorer, target: float, share: dict[str, float], tag: str,
-                 progress: Progress | None, wide_weight: QuantDType = QuantDType.INT16):
+    def __init__(self, state: CalibratedModel | None, score: Callable[[QuantPlan], float] | None, target: float,
+                 share: dict[str, float], tag: str, progress: Progress | None,
+                 wide_weight: QuantDType = QuantDType.INT16):
         self.state, self.score, self.target, self.share, self.tag = state, score, target, share, tag
         self.wide_weight = wide_weight
         self.progress = progress
         self.precision: dict[str, str] = {}  # layers escalated beyond ``tag``
-        self.scores: dict[tuple[str, ...], float] = {}
+        self.scores: dict[tuple[Override, ...], float] = {}
         self.steps: list[Step] = []
 
     def _override(self, name: str) -> Override:
@@ -289,13 +374,12 @@ class _Search:
         wide = precision in (QuantDType.INT16, QuantDType.UINT16) and self.wide_weight.bits == 16
         return Override(name, precision, weight=self.wide_weight if wide else None)
 
-    def overrides(self, layers) -> tuple[str, ...]:
-        return tuple(str(self._override(n)) for n in layers)
+    def overrides(self, layers) -> tuple[Override, ...]:
+        return tuple(self._override(n) for n in layers)
 
     def plan(self, layers) -> QuantPlan:
-        extra = tuple(self._override(n) for n in layers)
-        opts = dataclasses.replace(self.state.opts, overrides=self.state.opts.overrides + extra)
-        return build_plan(self.state.prepared, opts)
+        assert self.state is not None  # a search without a state scores no real plans
+        return self.state.plan_with(self.overrides(layers))
 
     def cost(self, layers) -> float:
         return sum(self.share[n] for n in layers)
@@ -303,6 +387,7 @@ class _Search:
     def value(self, layers) -> float:
         key = self.overrides(layers)
         if key not in self.scores:
+            assert self.score is not None
             self.scores[key] = self.score(self.plan(layers))
             self.steps.append(Step(key, self.cost(layers), self.scores[key], self.scores[key] >= self.target))
             if self.progress:

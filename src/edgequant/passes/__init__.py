@@ -3,6 +3,7 @@
 from edgequant.passes.batchnorm import FoldBatchNorm
 from edgequant.passes.constants import ConstantsToInitializers, FoldConstants
 from edgequant.passes.identity import RemoveIdentity
+from edgequant.passes.irversion import RaiseIRVersion
 from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.passes.shapes import InferShapes
 
@@ -12,6 +13,7 @@ __all__ = [
     "FoldConstants",
     "InferShapes",
     "PassResult",
+    "RaiseIRVersion",
     "RemoveIdentity",
     "prepare_model",
 ]

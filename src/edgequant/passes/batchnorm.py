@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import ModelProto, numpy_helper
 
-from edgequant.ir.graph import NameScope, consumers, get_attr, initializers, producers
+from edgequant.ir.graph import NameScope, consumers, get_attr, initializers, producers, remove_nodes
 from edgequant.planning.ops import weight_axis
 
 FOLDABLE = {"Conv", "ConvTranspose", "Gemm"}
@@ -33,34 +33,36 @@ class FoldBatchNorm:
     """``x → Conv(W, b) → y → BatchNormalization → z`` becomes ``x → Conv(W', b') → z``.
 
     With ``m = γ / sqrt(σ² + ε)``: ``W' = W · m`` along the output-channel axis and
-    ``b' = (b − μ) · m + β``. Applies only when W (and b) are initializers, the BN is the sole
-    consumer of ``y`` and ``y`` is not a graph output. Gemm needs alpha = beta = 1; grouped
-    ConvTranspose is left alone.
+    ``b' = (b − μ) · m + β`` (computed in float64). Applies only when W (and b) are
+    initializers, the BN is the sole consumer of ``y`` and ``y`` is not a graph output. Gemm
+    needs alpha = beta = 1; grouped ConvTranspose is left alone. Linear in the graph: one
+    index of producers and consumers, the folded BNs removed at once.
     """
 
     name = "fold-batchnorm"
 
     def __call__(self, model: ModelProto) -> bool:
         graph = model.graph
-        changed = False
-        for bn in list(graph.node):
-            if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
-                continue
-            if get_attr(bn, "training_mode", 0):
-                continue
-            if self._fold_one(model, bn):
-                changed = True
-        return changed
+        self.inits = initializers(graph)
+        self.producers = producers(graph)
+        self.consumers = consumers(graph)
+        self.outputs = {o.name for o in graph.output}
+        self.scope = NameScope(graph)
+        self.new: list = []
+        folded = {k for k, bn in enumerate(graph.node)
+                  if bn.op_type == "BatchNormalization" and len(bn.output) == 1
+                  and not get_attr(bn, "training_mode", 0) and self._fold_one(bn)}
+        graph.initializer.extend(self.new)
+        remove_nodes(graph, folded)
+        return bool(folded)
 
-    def _fold_one(self, model: ModelProto, bn) -> bool:
-        graph = model.graph
-        inits = initializers(graph)
-        prod = producers(graph).get(bn.input[0])
+    def _fold_one(self, bn) -> bool:
+        inits = self.inits
+        prod = self.producers.get(bn.input[0])
         if prod is None or prod.op_type not in FOLDABLE or prod.input[1] not in inits:
             return False
         axis = _weight_axis(prod)
-        outputs = {o.name for o in graph.output}
-        if axis is None or len(consumers(graph)[bn.input[0]]) != 1 or bn.input[0] in outputs:
+        if axis is None or len(self.consumers.get(bn.input[0], [])) != 1 or bn.input[0] in self.outputs:
             return False
         factors = _bn_factors(bn, inits)
         if factors is None:
@@ -79,15 +81,15 @@ class FoldBatchNorm:
         shape[axis] = -1
         new_w = (w.astype(np.float64) * mul.reshape(shape)).astype(w.dtype)
         new_b = (add + np.asarray(b) * mul).astype(w.dtype)
-        scope = NameScope(graph)
-        w_name, b_name = scope.fresh(prod.input[1] + "_bnfold"), scope.fresh(bn.output[0] + "_bias")
-        graph.initializer.extend([numpy_helper.from_array(new_w, w_name),
-                                  numpy_helper.from_array(new_b, b_name)])
+        w_name, b_name = self.scope.fresh(prod.input[1] + "_bnfold"), self.scope.fresh(bn.output[0] + "_bias")
+        for tensor in (numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)):
+            self.new.append(tensor)
+            inits[tensor.name] = tensor
         prod.input[1] = w_name
         if len(prod.input) > 2:
             prod.input[2] = b_name
         else:
             prod.input.append(b_name)
         prod.output[0] = bn.output[0]
-        graph.node.remove(bn)
+        self.producers[bn.output[0]] = prod
         return True

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper
 
-from edgequant.ir.graph import consumers, has_subgraph, static_shapes
+from edgequant.ir.graph import consumers, has_subgraph, remove_nodes, static_shapes
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class ConstantsToInitializers:
     def __call__(self, model: ModelProto) -> bool:
         graph = model.graph
         outputs = {o.name for o in graph.output}
-        changed = False
-        for node in list(graph.node):
+        lifted = set()
+        for k, node in enumerate(graph.node):
             if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
                 continue
             if node.output[0] in outputs:
@@ -54,9 +54,9 @@ class ConstantsToInitializers:
             if value is None:
                 continue
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-            graph.node.remove(node)
-            changed = True
-        return changed
+            lifted.add(k)
+        remove_nodes(graph, lifted)
+        return bool(lifted)
 
 
 class FoldConstants:
@@ -75,8 +75,8 @@ class FoldConstants:
         outputs = {o.name for o in graph.output}
         shapes = static_shapes(graph)
         opset = [imp for imp in model.opset_import]
-        changed = False
-        for node in list(graph.node):
+        folded_nodes: set[int] = set()
+        for k, node in enumerate(graph.node):
             if node.domain not in ("", "ai.onnx") or node.op_type in NOT_FOLDABLE:
                 continue
             if has_subgraph(node) or any(o in outputs for o in node.output):
@@ -93,11 +93,11 @@ class FoldConstants:
                     tensor = numpy_helper.from_array(np.asarray(arr), name)
                     graph.initializer.append(tensor)
                     values[name] = tensor
-            graph.node.remove(node)
-            changed = True
-        if changed:
+            folded_nodes.add(k)
+        remove_nodes(graph, folded_nodes)
+        if folded_nodes:
             drop_unused_initializers(model)
-        return changed
+        return bool(folded_nodes)
 
     @staticmethod
     def _fold_shape(node, shapes) -> list[np.ndarray | None] | None:

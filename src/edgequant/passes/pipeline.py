@@ -14,6 +14,7 @@ from edgequant.passes.constants import (
     drop_unused_initializers,
 )
 from edgequant.passes.identity import RemoveIdentity
+from edgequant.passes.irversion import RaiseIRVersion
 from edgequant.passes.shapes import InferShapes
 
 
@@ -32,11 +33,12 @@ class PassResult:
 def prepare_model(model: ModelProto, simplify: bool = True) -> list[PassResult]:
     """Run the preparation passes in place; ``simplify=False`` skips folding and BN fusion.
 
-    Order: constants → initializers, identity removal, shape inference, then constant and BN
-    folding. Folding only removes nodes or hands an output name to another node, so the types
-    inferred before it stay true for every tensor that remains.
+    Order: IR version (pre-IR-4 models), constants → initializers, identity removal, shape
+    inference, then constant and BN folding. Folding only removes nodes or hands an output
+    name to another node, so the types inferred before it stay true for every tensor that
+    remains.
     """
-    passes: list[GraphPass] = [ConstantsToInitializers(), RemoveIdentity(), InferShapes()]
+    passes: list[GraphPass] = [RaiseIRVersion(), ConstantsToInitializers(), RemoveIdentity(), InferShapes()]
     if simplify:
         passes += [FoldConstants(), FoldBatchNorm()]
     results = [PassResult(p.name, bool(p(model))) for p in passes]

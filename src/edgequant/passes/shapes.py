@@ -7,6 +7,8 @@ import logging
 import onnx
 from onnx import ModelProto
 
+from edgequant.ir.model import skeleton
+
 log = logging.getLogger(__name__)
 
 
@@ -22,8 +24,6 @@ class InferShapes:
     name = "infer-shapes"
 
     def __call__(self, model: ModelProto) -> bool:
-        from edgequant.ir.model import skeleton
-
         before = [v.SerializeToString() for v in model.graph.value_info]
         stripped = skeleton(model)  # weights are not needed to infer shapes
         stripped.graph.ClearField("value_info")

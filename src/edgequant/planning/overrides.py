@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 from onnx import ModelProto, NodeProto
 
+from edgequant.calibration.method import Method
 from edgequant.errors import ConfigError
+from edgequant.ir.graph import GraphIndex
 from edgequant.planning.selectors import ExactTensor, NamePattern, Selector
 from edgequant.quant.dtypes import QuantDType
 
@@ -56,7 +58,7 @@ class Override:
     selector: Selector | str  # a Selector of planning.selectors; text becomes a NamePattern
     precision: QuantDType | str | None = None
     weight: QuantDType | None = None
-    method: object | None = None  # planning.options.Method
+    method: Method | None = None
     percentile: float | None = None
     level: int | None = None
     range: tuple[float, float] | None = None  # pin the calibrated range (imported parameter files)
@@ -82,8 +84,6 @@ class Override:
                 key, value = "precision", item
             fields[key.strip()] = _field(key.strip(), value.strip(), text)
         if fields.get("percentile") is not None and "method" not in fields:
-            from edgequant.planning.options import Method
-
             fields["method"] = Method.PERCENTILE
         return cls(selector.strip(), **fields)
 
@@ -112,8 +112,6 @@ def _field(key: str, value: str, text: str):
             raise ConfigError(f"override {text!r}: weight must be int4, uint4, int8, uint8, int16 or uint16")
         return dtype
     if key == "method":
-        from edgequant.planning.options import Method
-
         return Method.parse(value)
     if key in ("percentile", "level"):
         try:
@@ -181,16 +179,21 @@ def sensitive_nodes(model: ModelProto, reach: int = 6) -> set[str]:
 
 
 def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], options) -> None:
-    """Change ``plan`` (a QuantPlan) in place as the overrides say; see the module rules."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    """Change ``plan`` (a QuantPlan) in place as the overrides say; see the module rules.
+
+    Linear in the graph: one index of the graph, one table of parameter-sharing groups, and
+    plan entries looked up by node name.
+    """
+    index = GraphIndex(model.graph)
+    edit = _PlanEdit(plan, index)
     sensitive: set[str] | None = None
     for ov in overrides:
         selector = NamePattern(ov.selector) if isinstance(ov.selector, str) else ov.selector
         if isinstance(selector, (NamePattern, ExactTensor)) and selector.tensors:
-            for t in selector.select_tensors(model, list(plan.activations)):
-                _apply_tensors(plan, [t], ov.precision, ov, producers)
+            for t in selector.select_tensors(index, list(plan.activations)):
+                edit.tensors([t], ov.precision, ov)
             continue
-        for node in selector.select(model):
+        for node in selector.select(index):
             act, weight = ov.precision, ov.weight
             if ov.level is not None:
                 if ov.level == 1 and sensitive is None:
@@ -199,16 +202,16 @@ def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], opti
                 act, weight = ov.precision or act, ov.weight or weight
             inputs = [t for t in dict.fromkeys(node.input) if t in plan.activations]
             if act == FLOAT:
-                _keep_float(plan, node, inputs, producers)
+                edit.keep_float(node, inputs)
             else:
-                _apply_tensors(plan, inputs, act, ov, producers)
+                edit.tensors(inputs, act, ov)
                 if weight is not None:
-                    for key, wp in list(plan.weights.items()):
-                        if key[0] == node.name:
-                            plan.weights[key] = dataclasses.replace(wp, dtype=weight)
+                    slots = plan.weights.get(node.name, {})
+                    for slot, wp in slots.items():
+                        slots[slot] = dataclasses.replace(wp, dtype=weight)
             if act is not None or weight is not None:
                 plan.precision[node.name] = ",".join(_name(v) for v in (act, weight) if v is not None)
-    _drop_orphan_biases(plan)
+    edit.drop_orphan_biases()
 
 
 def _level(level: int, node: NodeProto, options, sensitive: set[str]):
@@ -223,57 +226,71 @@ def _level(level: int, node: NodeProto, options, sensitive: set[str]):
     return FLOAT, None
 
 
-def _apply_tensors(plan, tensors: list[str], act, ov: Override, producers) -> None:
-    roots = {plan.activations[t].root for t in tensors if t in plan.activations}
-    if act == FLOAT:
-        for t in tensors:
-            _drop_activation(plan, t, producers)
-        return
-    for name, a in list(plan.activations.items()):
-        if a.root in roots and act is not None:
-            a = plan.activations[name] = dataclasses.replace(a, dtype=act)
-        if a.root in roots and ov.symmetric is not None:
-            plan.activations[name] = dataclasses.replace(a, symmetric=ov.symmetric)
-    if ov.range is not None:
+class _PlanEdit:
+    """Edits of one plan: dtype, symmetry, range and method changes by parameter-sharing group,
+    activations and layers left float."""
+
+    def __init__(self, plan, index: GraphIndex):
+        self.plan, self.index = plan, index
+        self.members = plan.members()  # root → tensors sharing its parameters
+
+    def tensors(self, tensors: list[str], act, ov: Override) -> None:
+        plan = self.plan
+        if act == FLOAT:
+            for t in tensors:
+                self.drop_activation(t)
+            return
+        roots = list(dict.fromkeys(plan.activations[t].root for t in tensors if t in plan.activations))
         for root in roots:
-            plan.pinned[root] = ov.range
-    if ov.method is not None:
-        base = plan.calibration
-        for root in roots:
-            base[root] = (ov.method, ov.percentile if ov.percentile is not None else base.get(root, (None, None))[1])
+            for name in self.members.get(root, ()):
+                a = plan.activations.get(name)
+                if a is None:
+                    continue
+                if act is not None:
+                    a = dataclasses.replace(a, dtype=act)
+                if ov.symmetric is not None:
+                    a = dataclasses.replace(a, symmetric=ov.symmetric)
+                plan.activations[name] = a
+            if ov.range is not None:
+                plan.pinned[root] = ov.range
+            if ov.method is not None:
+                before = plan.calibration.get(root, (None, None))[1]
+                plan.calibration[root] = (ov.method, ov.percentile if ov.percentile is not None else before)
 
+    def keep_float(self, node: NodeProto, inputs: list[str]) -> None:
+        plan = self.plan
+        was_quantized = node.name in plan.weights or bool(inputs)
+        for t in inputs:
+            self.drop_activation(t)
+        plan.weights.pop(node.name, None)
+        plan.biases.pop(node.name, None)
+        if was_quantized and plan.quantized_ops.get(node.op_type):
+            _count(plan.quantized_ops, node.op_type, -1)
+            plan.float_ops[node.op_type] += 1
 
-def _keep_float(plan, node: NodeProto, inputs: list[str], producers: dict[str, NodeProto]) -> None:
-    was_quantized = any(k[0] == node.name for k in plan.weights) or bool(inputs)
-    for t in inputs:
-        _drop_activation(plan, t, producers)
-    for key in [k for k in plan.weights if k[0] == node.name]:
-        del plan.weights[key]
-    for key in [k for k in plan.biases if k[0] == node.name]:
-        del plan.biases[key]
-    if was_quantized and plan.quantized_ops.get(node.op_type):
-        _count(plan.quantized_ops, node.op_type, -1)
-        plan.float_ops[node.op_type] += 1
+    def drop_activation(self, t: str) -> None:
+        plan = self.plan
+        if plan.activations.pop(t, None) is None:
+            return
+        relu = self.index.producers.get(t)
+        if relu is not None and relu.name in plan.folded_nodes:  # the Relu runs again, in float
+            del plan.folded_nodes[relu.name]
+            _count(plan.quantized_ops, f"{relu.op_type} (folded)", -1)
+            plan.float_ops[relu.op_type] += 1
 
-
-def _drop_activation(plan, t: str, producers: dict[str, NodeProto]) -> None:
-    if plan.activations.pop(t, None) is None:
-        return
-    relu = producers.get(t)
-    if relu is not None and relu.name in plan.folded_nodes:  # the Relu runs again, in float
-        del plan.folded_nodes[relu.name]
-        _count(plan.quantized_ops, f"{relu.op_type} (folded)", -1)
-        plan.float_ops[relu.op_type] += 1
+    def drop_orphan_biases(self) -> None:
+        """A bias becomes int32 with the input's scale; without a quantized input it stays float."""
+        plan = self.plan
+        for node in list(plan.biases):
+            slots = plan.biases[node]
+            for slot in [k for k, bp in slots.items() if bp.input_tensor not in plan.activations
+                         or node not in plan.weights]:
+                del slots[slot]
+            if not slots:
+                del plan.biases[node]
 
 
 def _count(counter, key: str, delta: int) -> None:
     counter[key] += delta
     if counter[key] <= 0:
         del counter[key]
-
-
-def _drop_orphan_biases(plan) -> None:
-    """A bias becomes int32 with the input's scale; without a quantized input it stays float."""
-    for key, bp in list(plan.biases.items()):
-        if bp.input_tensor not in plan.activations or not any(k[0] == key[0] for k in plan.weights):
-            del plan.biases[key]

@@ -7,13 +7,15 @@ parameter assignment, Q/DQ insertion and the summary. No stage parses tensor nam
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from onnx import ModelProto, NodeProto, TensorProto, helper
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from edgequant.ir.graph import consumers, count_subgraph_nodes, elem_types, has_subgraph
 from edgequant.planning.ops import facts_for, weight_axis
 from edgequant.planning.options import QuantOptions
+from edgequant.planning.overrides import apply_overrides
 from edgequant.quant.dtypes import QuantDType
 from edgequant.quant.params import DEFAULT_SCHEME, Scheme
 
@@ -53,9 +55,12 @@ class BiasPlan:
 
 @dataclass
 class QuantPlan:
+    """Every quantized tensor, keyed the way it is read: activations by tensor name, weights and
+    biases by node name then input slot (``plan.weights[node][slot]``)."""
+
     activations: dict[str, ActivationPlan] = field(default_factory=dict)
-    weights: dict[tuple[str, int], WeightPlan] = field(default_factory=dict)
-    biases: dict[tuple[str, int], BiasPlan] = field(default_factory=dict)
+    weights: dict[str, dict[int, WeightPlan]] = field(default_factory=dict)
+    biases: dict[str, dict[int, BiasPlan]] = field(default_factory=dict)
     folded_nodes: dict[str, str] = field(default_factory=dict)
     quantized_ops: Counter = field(default_factory=Counter)
     float_ops: Counter = field(default_factory=Counter)
@@ -73,6 +78,20 @@ class QuantPlan:
     def roots(self) -> list[str]:
         """Tensors to observe during calibration, in graph order, without repeats."""
         return list(dict.fromkeys(a.root for a in self.activations.values()))
+
+    def members(self) -> dict[str, list[str]]:
+        """Root → the activations that share its parameters (itself included), in graph order."""
+        groups: dict[str, list[str]] = {}
+        for a in self.activations.values():
+            groups.setdefault(a.root, []).append(a.tensor)
+        return groups
+
+    def weight_items(self) -> Iterator[tuple[tuple[str, int], WeightPlan]]:
+        """((node, slot), plan) of every weight, nodes in graph order."""
+        return (((node, slot), wp) for node, slots in self.weights.items() for slot, wp in slots.items())
+
+    def bias_items(self) -> Iterator[tuple[tuple[str, int], BiasPlan]]:
+        return (((node, slot), bp) for node, slots in self.biases.items() for slot, bp in slots.items())
 
 
 def _attrs(node: NodeProto) -> dict:
@@ -147,8 +166,6 @@ class _Builder:
         return node if facts is not None and facts.kind in ("weighted", "compute") else None
 
     def _clip_min(self, node: NodeProto) -> float | None:
-        from onnx import numpy_helper
-
         if len(node.input) > 1 and node.input[1]:
             t = self.inits.get(node.input[1])
             return float(numpy_helper.to_array(t)) if t is not None else None
@@ -192,7 +209,7 @@ class _Builder:
                     self.mark(out)
         if facts.kind == "weighted":
             self.plan_weights(node, facts)
-        weighted = any(key[0] == node.name for key in self.plan.weights)
+        weighted = node.name in self.plan.weights
         folded = node.name in self.plan.folded_nodes
         if folded:
             self.plan.quantized_ops[f"{node.op_type} (folded)"] += 1
@@ -202,8 +219,6 @@ class _Builder:
             self.plan.float_ops[node.op_type] += 1
 
     def plan_weights(self, node: NodeProto, facts) -> None:
-        from onnx import numpy_helper
-
         slot = self._weight_slot(node, facts)
         if slot is None:
             return
@@ -215,9 +230,9 @@ class _Builder:
             if t is None or t.data_type != TensorProto.FLOAT:
                 continue
             axis = weight_axis(node.op_type, len(t.dims), attrs) if per_channel else None
-            self.plan.weights[(node.name, s)] = WeightPlan(t.name, self.opt.weight_dtype, self.opt.weight_symmetric,
-                                                           axis, self.opt.scheme)
-            wplan = wplan or self.plan.weights[(node.name, s)]
+            wp = WeightPlan(t.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis, self.opt.scheme)
+            self.plan.weights.setdefault(node.name, {})[s] = wp
+            wplan = wplan or wp
         assert wplan is not None
         w, axis = self.inits[node.input[slot]], wplan.axis
         b = facts.bias_input
@@ -233,7 +248,7 @@ class _Builder:
             return
         x = node.input[facts.act_inputs[0]]
         if x in self.quantized:
-            self.plan.biases[(node.name, b)] = BiasPlan(bias.name, x, wplan)
+            self.plan.biases.setdefault(node.name, {})[b] = BiasPlan(bias.name, x, wplan)
 
     def finish(self) -> None:
         act, sym = self.opt.activation_dtype, self.opt.activation_symmetric
@@ -251,8 +266,6 @@ def build_plan(model: ModelProto, options: QuantOptions) -> QuantPlan:
     name_nodes(model)
     plan = _Builder(model, options).build()
     if options.overrides:
-        from edgequant.planning.overrides import apply_overrides
-
         apply_overrides(plan, model, options.overrides, options)
     return plan
 

@@ -20,30 +20,27 @@ from typing import Protocol
 from onnx import ModelProto, NodeProto
 
 from edgequant.errors import ConfigError, TensorNameError, closest_names
-from edgequant.ir.graph import consumers, producers
+from edgequant.ir.graph import GraphIndex
+
+Graph = ModelProto | GraphIndex  # a selector reads a model, or an index of one built once
 
 
 class Selector(Protocol):
-    def select(self, model: ModelProto) -> list[NodeProto]: ...
+    def select(self, model: Graph) -> list[NodeProto]: ...
 
 
-def _tensor_names(model: ModelProto) -> list[str]:
-    g = model.graph
-    return list(dict.fromkeys([i.name for i in g.input] + [o for n in g.node for o in n.output if o]))
-
-
-def _check_tensors(model: ModelProto, names: tuple[str, ...], what: str) -> None:
-    known = set(_tensor_names(model))
+def _check_tensors(index: GraphIndex, names: tuple[str, ...], what: str) -> None:
+    known = set(index.tensor_names())
     for name in names:
         if name not in known:
             raise TensorNameError(f"{what}: {name!r} is not a tensor of the model; closest: "
                                   f"{closest_names(name, sorted(known))}")
 
 
-def _forward(model: ModelProto, tensors: set[str]) -> set[str]:
+def _forward(index: GraphIndex, tensors: set[str]) -> set[str]:
     """Names of the nodes that read, directly or not, one of ``tensors`` (node names are unique
     in a planned model)."""
-    cons = consumers(model.graph)
+    cons = index.consumers
     seen: set[str] = set()
     stack = list(tensors)
     while stack:
@@ -54,9 +51,9 @@ def _forward(model: ModelProto, tensors: set[str]) -> set[str]:
     return seen
 
 
-def _backward(model: ModelProto, tensors: set[str]) -> set[str]:
+def _backward(index: GraphIndex, tensors: set[str]) -> set[str]:
     """Names of the nodes that write, directly or not, one of ``tensors``."""
-    prod = producers(model.graph)
+    prod = index.producers
     seen: set[str] = set()
     stack = list(tensors)
     while stack:
@@ -95,10 +92,19 @@ class NamePattern:
         if self.tensors and body.startswith("op:"):
             raise ConfigError(f"selector {self.text!r}: op: selects nodes; write op:TYPE without tensor:")
 
-    def select(self, model: ModelProto) -> list[NodeProto]:
+    @property
+    def exact(self) -> bool:
+        """A plain node name: found by lookup, not by matching every node."""
+        s = self.text
+        return not s.startswith(("tensor:", "op:", "re:")) and not any(c in s for c in "*?[")
+
+    def select(self, model: Graph) -> list[NodeProto]:
         self._validate()
-        nodes = list(model.graph.node)
-        picked = [n for n in nodes if self._matches(n.name, n.op_type)]
+        index = GraphIndex.of(model)
+        nodes = index.nodes
+        if self.exact and self.text in index.by_name:
+            return [index.by_name[self.text]]
+        picked = [] if self.exact else [n for n in nodes if self._matches(n.name, n.op_type)]
         if not picked:
             if self.text.startswith("op:"):
                 ops = sorted({n.op_type for n in nodes})
@@ -108,7 +114,7 @@ class NamePattern:
                                   f"{closest_names(self.text.removeprefix('re:'), [n.name for n in nodes])}")
         return picked
 
-    def select_tensors(self, model: ModelProto, candidates: list[str]) -> list[str]:
+    def select_tensors(self, model: Graph, candidates: list[str]) -> list[str]:
         self._validate()
         picked = [t for t in candidates if self._matches(t)]
         if not picked:
@@ -127,13 +133,13 @@ class ExactTensor:
     name: str
     tensors = True
 
-    def select(self, model: ModelProto) -> list[NodeProto]:
+    def select(self, model: Graph) -> list[NodeProto]:
         raise ConfigError(f"{self} selects a tensor, not nodes")
 
-    def select_tensors(self, model: ModelProto, candidates: list[str]) -> list[str]:
+    def select_tensors(self, model: Graph, candidates: list[str]) -> list[str]:
         if self.name in candidates:
             return [self.name]
-        known = set(_tensor_names(model))
+        known = set(GraphIndex.of(model).tensor_names())
         why = "is not quantized here (a weight, a shape, or left float)" if self.name in known else \
             "is not a tensor of the model"
         raise TensorNameError(f"tensor {self.name!r} {why}; closest quantized tensors: "
@@ -148,12 +154,13 @@ class Between:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
-    def select(self, model: ModelProto) -> list[NodeProto]:
+    def select(self, model: Graph) -> list[NodeProto]:
         if not self.inputs or not self.outputs:
             raise ConfigError(f"{self}: give both input_names and output_names (the subgraph's boundary edges)")
-        _check_tensors(model, self.inputs + self.outputs, "custom_setting")
-        inside = _forward(model, set(self.inputs)) & _backward(model, set(self.outputs))
-        picked = [n for n in model.graph.node if n.name in inside]
+        index = GraphIndex.of(model)
+        _check_tensors(index, self.inputs + self.outputs, "custom_setting")
+        inside = _forward(index, set(self.inputs)) & _backward(index, set(self.outputs))
+        picked = [n for n in index.nodes if n.name in inside]
         if not picked:
             raise TensorNameError(f"{self} holds no node: no path leads from its inputs to its outputs")
         return picked
@@ -168,11 +175,10 @@ class After:
     inclusive: bool = False  # also the producers of the tensors (--float-after)
     what: str = "truncate_var_names"
 
-    def select(self, model: ModelProto) -> list[NodeProto]:
-        _check_tensors(model, self.tensors, self.what)
-        graph_inputs = {i.name for i in model.graph.input}
-        outputs = {o.name for o in model.graph.output}
-        cons = consumers(model.graph)
+    def select(self, model: Graph) -> list[NodeProto]:
+        index = GraphIndex.of(model)
+        _check_tensors(index, self.tensors, self.what)
+        graph_inputs, outputs, cons = set(index.inputs), set(index.outputs), index.consumers
         for t in self.tensors:
             if t in graph_inputs and not self.inclusive:
                 raise ConfigError(f"{self.what}: {t!r} is a model input, so everything would stay float; name a "
@@ -181,12 +187,11 @@ class After:
                 why = "a model output" if t in outputs else "read by no node"
                 raise ConfigError(f"{self.what}: {t!r} is {why}, so nothing comes after it; name the tensor "
                                   "where post-processing begins")
-        region = _forward(model, set(self.tensors))
+        region = _forward(index, set(self.tensors))
         if self.inclusive:
-            prod = producers(model.graph)
-            region |= {prod[t].name for t in self.tensors if t in prod}
-        picked = [n for n in model.graph.node if n.name in region]
-        if len(picked) == len(model.graph.node) and not self.inclusive:
+            region |= {index.producers[t].name for t in self.tensors if t in index.producers}
+        picked = [n for n in index.nodes if n.name in region]
+        if len(picked) == len(index.nodes) and not self.inclusive:
             raise ConfigError(f"{self.what}: every node of the model is downstream of {list(self.tensors)}, so "
                               "nothing would be quantized; name tensors further down")
         return picked
@@ -199,12 +204,13 @@ class After:
 class Before:
     tensor: str
 
-    def select(self, model: ModelProto) -> list[NodeProto]:
-        _check_tensors(model, (self.tensor,), "--float-before")
-        region = _backward(model, {self.tensor})
+    def select(self, model: Graph) -> list[NodeProto]:
+        index = GraphIndex.of(model)
+        _check_tensors(index, (self.tensor,), "--float-before")
+        region = _backward(index, {self.tensor})
         if not region:
             raise ConfigError(f"--float-before: {self.tensor!r} is a model input; nothing comes before it")
-        return [n for n in model.graph.node if n.name in region]
+        return [n for n in index.nodes if n.name in region]
 
     def __str__(self) -> str:
         return f"up to {self.tensor}"

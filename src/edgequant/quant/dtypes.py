@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
+
+from edgequant.errors import ConfigError
 
 
 class QuantDType(enum.Enum):
@@ -57,8 +59,6 @@ class QuantDType(enum.Enum):
 
     def tensor(self, name: str, values: np.ndarray) -> TensorProto:
         """An initializer of this type (4-bit values are packed two per byte by onnx)."""
-        from onnx import helper, numpy_helper
-
         if self.bits == 4:
             arr = np.asarray(values)
             return helper.make_tensor(name, self.onnx_type, list(arr.shape), arr.astype(np.int32).ravel().tolist())
@@ -66,8 +66,6 @@ class QuantDType(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> QuantDType:
-        from edgequant.errors import ConfigError
-
         try:
             return cls(text.lower())
         except ValueError:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgequant.errors import ConfigError
 from edgequant.quant.dtypes import QuantDType
 
 
@@ -38,8 +39,6 @@ class Scheme:
 
     def __post_init__(self) -> None:
         if self.rounding not in ("half_even", "half_up"):
-            from edgequant.errors import ConfigError
-
             raise ConfigError(f"rounding {self.rounding!r} must be half_even or half_up")
 
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import numpy as np
 from onnx import ModelProto
 
-from edgequant.calibration.collect import run_checked
 from edgequant.data.inputs import model_inputs
 from edgequant.errors import CalibrationDataError, closest_names
+from edgequant.runtime.feed import run_checked
 from edgequant.runtime.session import make_session
 
 

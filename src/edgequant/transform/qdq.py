@@ -18,6 +18,7 @@ import logging
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
+from edgequant.errors import ConfigError
 from edgequant.ir.graph import NameScope, consumers
 from edgequant.ir.model import copy_fields
 from edgequant.planning.plan import ActivationPlan, QuantPlan
@@ -77,7 +78,10 @@ class _Inserter:
                 dq = self.scope.fresh(f"{name}_dequantized")
                 out_nodes += self.qdq_pair(act, name, dq)
                 rename_inputs[name] = dq
-        pending_folds = {n.output[0]: n for n in self.graph.node if n.name in folded}
+        folds: dict[str, list[NodeProto]] = {}  # a folded Relu's input → the Relu
+        for n in self.graph.node:
+            if n.name in folded:
+                folds.setdefault(n.input[0], []).append(n)
         for node in self.graph.node:
             for i, inp in enumerate(node.input):
                 if inp in rename_inputs:
@@ -92,10 +96,9 @@ class _Inserter:
                     float_name = self.scope.fresh(f"{out}_float")
                     node.output[k] = float_name
                     out_nodes += self.qdq_pair(act, float_name, out)
-                for relu_out, relu in list(pending_folds.items()):
-                    if relu.input[0] == out and relu_out in by_tensor:
-                        out_nodes += self.qdq_pair(by_tensor[relu_out], node.output[k], relu_out)
-                        del pending_folds[relu_out]
+                for relu in folds.pop(out, ()):
+                    if relu.output[0] in by_tensor:
+                        out_nodes += self.qdq_pair(by_tensor[relu.output[0]], node.output[k], relu.output[0])
         self.graph.ClearField("node")
         self.graph.node.extend(out_nodes)
         self._attach_initializers()
@@ -115,14 +118,12 @@ class _Inserter:
 
     def weight_nodes(self, node: NodeProto) -> list[NodeProto]:
         made: list[NodeProto] = []
-        for (node_name, slot), wp in self.plan.weights.items():
-            if node_name != node.name:
-                continue
+        for slot, wp in self.plan.weights.get(node.name, {}).items():
             bias = self._bias_for(node)
             key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric) + (bias or ())
             if key not in self.weight_cache:
                 w = numpy_helper.to_array(self.inits[wp.tensor])
-                q, p = weight_params(w, wp)
+                q, p = weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
                 if bias is not None:  # keep the bias from overflowing its accumulator
                     fitted = fit_bias(p, numpy_helper.to_array(self.inits[bias[0]]), bias[1], wp.scheme)
                     if fitted is not None:
@@ -137,17 +138,14 @@ class _Inserter:
 
     def _bias_for(self, node: NodeProto) -> tuple[str, float] | None:
         """(bias tensor, input scale) of the node's int32 bias, if it has one."""
-        for (node_name, _), bp in self.plan.biases.items():
-            if node_name == node.name:
-                root = self.plan.activations[bp.input_tensor].root
-                return bp.tensor, float(np.asarray(self.params[root].scale))
+        for bp in self.plan.biases.get(node.name, {}).values():
+            root = self.plan.activations[bp.input_tensor].root
+            return bp.tensor, float(np.asarray(self.params[root].scale))
         return None
 
     def bias_nodes(self, node: NodeProto, wkey: tuple, scheme) -> list[NodeProto]:
         made = []
-        for (node_name, slot), bp in self.plan.biases.items():
-            if node_name != node.name:
-                continue
+        for slot, bp in self.plan.biases.get(node.name, {}).items():
             in_root = self.plan.activations[bp.input_tensor].root
             key = (bp.tensor, in_root, wkey)
             if key not in self.bias_cache:
@@ -198,8 +196,6 @@ def _check_fit(node: NodeProto, w: np.ndarray, q: np.ndarray, wp) -> None:
     rows_q = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1) if axis is not None else q.reshape(1, -1)
     lost = np.flatnonzero((np.abs(rows_w).max(axis=1) > 0) & ((rows_q != 0).sum(axis=1) == 0))
     if lost.size and wp.scheme.bias_bits < 32:
-        from edgequant.errors import ConfigError
-
         raise ConfigError(
             f"the bias of {node.name} (channel {int(lost[0])}) needs more than {wp.scheme.bias_bits} bits at this "
             f"input scale: its weights would all round to 0; keep it wider (--override {node.name}=float) or "

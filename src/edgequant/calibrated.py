@@ -1,0 +1,152 @@
+"""The calibrated state: one value every stage after calibration reads.
+
+A ``CalibratedModel`` owns the prepared float model, the plan calibration was run for, the
+observers, the calibration source and how its samples split into calibration and held-out
+samples, and caches of float outputs. From it any plan over the observed tensors is
+assembled into a QDQ model without recalibrating (16-bit ranges come from the same
+observers), evaluated on the held-out samples, or handed to the layerwise analysis, the
+mixed-precision search and the collapse guard. Nothing downstream re-runs the pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import ModelProto
+
+from edgequant.analysis.metrics import FidelityAccumulator
+from edgequant.calibration.observers import MinMaxObserver
+from edgequant.data.sources import CalibrationSource, Sample
+from edgequant.passes.pipeline import PassResult
+from edgequant.planning.options import QuantOptions
+from edgequant.planning.overrides import Override
+from edgequant.planning.plan import ActivationPlan, QuantPlan, build_plan
+from edgequant.quant.params import QuantParams, compute_params
+from edgequant.result import OutputFidelity, stamp
+from edgequant.runtime.executor import Executor, executor_for
+from edgequant.runtime.feed import run_checked
+from edgequant.runtime.session import make_session
+from edgequant.transform.qdq import insert_qdq
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A float model made ready to plan: opset upgraded, passes run, nodes named."""
+
+    model: ModelProto
+    options: QuantOptions  # per-tensor weights where the opset upgrade they need failed
+    passes: list[PassResult]
+    from_opset: int
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SampleSplit:
+    """Samples ``[0, calibration)`` calibrate; ``[calibration, calibration + held_out)`` are
+    held out for the fidelity check. With none held out (too few samples), the check runs on
+    the first calibration samples and says so."""
+
+    calibration: int
+    held_out: int
+    eval_limit: int
+
+    @property
+    def eval_range(self) -> tuple[int, int]:
+        """(first index, count) of the samples the fidelity check uses."""
+        if self.held_out == 0:
+            return 0, min(self.calibration, self.eval_limit)
+        return self.calibration, self.held_out
+
+    def first(self, count: int) -> int:
+        """How many of the first ``count`` samples exist (calibration and held-out alike)."""
+        return min(count, self.calibration + self.held_out)
+
+
+@dataclass
+class CalibratedModel:
+    """The prepared model, its plan, its observers and samples (see the module doc)."""
+
+    prepared: Prepared
+    plan: QuantPlan
+    observers: dict[str, MinMaxObserver]
+    source: CalibrationSource
+    split: SampleSplit
+    calibration_seconds: float
+    started: float = field(default_factory=time.perf_counter)
+    _references: dict[tuple[int, int], list[Sample]] = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> ModelProto:
+        return self.prepared.model
+
+    @property
+    def options(self) -> QuantOptions:
+        return self.prepared.options
+
+    def executor(self) -> Executor:
+        return executor_for(self.options.workers, self.options.ray_address)
+
+    def plan_with(self, overrides: Iterable[Override]) -> QuantPlan:
+        """The plan with ``overrides`` after the options' own (a later one wins)."""
+        return build_plan(self.model, self.options.with_overrides(overrides))
+
+    def ranges(self, plan: QuantPlan) -> dict[str, tuple[float, float]]:
+        """Each root's range under ``plan``: pinned, or from its observer at the root's dtype."""
+        out: dict[str, tuple[float, float]] = {}
+        for act in plan.activations.values():
+            if act.root not in out:
+                out[act.root] = plan.pinned.get(act.root) or self.observers[act.root].range(act.dtype, act.symmetric)
+        return out
+
+    def params(self, plan: QuantPlan) -> dict[str, QuantParams]:
+        """One ``QuantParams`` per root tensor of ``plan``."""
+        ranges = self.ranges(plan)
+        first: dict[str, ActivationPlan] = {}
+        for act in plan.activations.values():
+            first.setdefault(act.root, act)
+        return {root: compute_params(*ranges[root], a.dtype, a.symmetric, scheme=a.scheme) for root, a in first.items()}
+
+    def assemble(self, plan: QuantPlan) -> tuple[ModelProto, dict[str, QuantParams]]:
+        """The QDQ model for ``plan`` (whose tensors were all observed) without recalibrating."""
+        params = self.params(plan)
+        return stamp(insert_qdq(self.model, plan, params)), params
+
+    def samples(self, first: int, count: int) -> Iterator[Sample]:
+        return self.source.samples(first, first + count)
+
+    def references(self, first: int, count: int) -> list[Sample]:
+        """Inputs and float outputs of samples ``[first, first + count)``, computed once."""
+        key = (first, count)
+        if key not in self._references:
+            sess = make_session(self.model, device=self.options.device)
+            names = [o.name for o in sess.get_outputs()]
+            cache = []
+            for i, feed in enumerate(self.samples(first, count)):
+                values = run_checked(sess, names, feed, first + i)
+                cache.append({**feed, **{n: np.asarray(v) for n, v in zip(names, values)}})
+            self._references[key] = cache
+        return self._references[key]
+
+    def evaluate(self, qmodel: ModelProto, progress: Progress | None = None) -> list[OutputFidelity]:
+        """Float against quantized outputs on the held-out samples (``split.eval_range``), one
+        sample per run (the float outputs are cached per sample)."""
+        first, count = self.split.eval_range
+        if count == 0:
+            return []
+        refs = self.references(first, count)
+        sess = make_session(qmodel, device=self.options.device)
+        names = [o.name for o in sess.get_outputs()]
+        inputs = [i.name for i in sess.get_inputs()]
+        acc = {n: FidelityAccumulator() for n in names}
+        for done, ref in enumerate(refs, 1):
+            got = run_checked(sess, names, {k: ref[k] for k in inputs}, first + done - 1)
+            for name, value in zip(names, got):
+                acc[name].update(ref[name], np.asarray(value))
+            if progress:
+                progress("evaluating", done, len(refs))
+        return [OutputFidelity(n, a.cosine, a.sqnr_db) for n, a in acc.items() if a.count]

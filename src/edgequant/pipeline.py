@@ -1,0 +1,115 @@
+"""The stages, on typed values: prepare → plan → calibrate → (assemble, evaluate, guard).
+
+``prepare`` turns a loaded float model into a ``Prepared`` one, ``calibrate`` plans it and
+observes the calibration samples into a ``CalibratedModel``, and ``finish`` assembles a plan
+from that state, checks it on the held-out samples and runs the collapse guard. The public
+functions in ``api`` parse what users give (paths, config files, keywords) and call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import onnx
+from onnx import ModelProto
+
+from edgequant.calibrated import CalibratedModel, Prepared, SampleSplit
+from edgequant.calibration.collect import collect_ranges
+from edgequant.data.sources import CalibrationSource
+from edgequant.errors import CalibrationDataError, ModelLoadError
+from edgequant.ir.model import ensure_opset, opset_of, skeleton
+from edgequant.mixed.guard import collapse_report
+from edgequant.passes.pipeline import prepare_model
+from edgequant.planning.options import QuantOptions
+from edgequant.planning.plan import QuantPlan, build_plan, name_nodes
+from edgequant.result import QuantizeResult, Summary
+from edgequant.runtime.executor import executor_for
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+def check_onnx(model: ModelProto) -> None:
+    """A one-line ModelLoadError when ``model`` is not valid ONNX (structure only)."""
+    try:
+        onnx.checker.check_model(skeleton(model), full_check=False)
+    except Exception as exc:
+        if model.ByteSize() < 2_000_000_000:
+            raise ModelLoadError(f"the model is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
+
+
+def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0) -> Prepared:
+    """Upgrade ``original`` to the opset the options need, run the graph passes, name nodes.
+
+    If per-channel weights are what cannot be had (the converter fails on this model), fall
+    back to per-tensor weights and say so. ``original`` is the caller's own copy: the passes
+    edit it in place when no upgrade was needed.
+    """
+    from_opset = opset_of(original)
+    notes: list[str] = []
+    try:
+        model = ensure_opset(original, max(options.required_opset, min_opset))
+    except ModelLoadError as exc:
+        fallback = dataclasses.replace(options, per_channel=False)
+        if not options.per_channel or fallback.required_opset > from_opset:
+            raise
+        note = (f"per-tensor weights: the model stays at opset {from_opset} because the upgrade "
+                f"to 13 that per-channel weights need failed ({exc})")
+        log.warning(note)
+        model, options, notes = original, fallback, [note]
+    passes = prepare_model(model, simplify=options.simplify)
+    name_nodes(model)
+    return Prepared(model, options, passes, from_opset, tuple(notes))
+
+
+def split_samples(total: int | None, options: QuantOptions) -> SampleSplit:
+    """How many samples calibrate and how many are held out for the fidelity check."""
+    if total is None:  # not counted: nothing held out
+        return SampleSplit(options.num_samples or 0, 0, options.eval_samples)
+    n_eval = min(options.eval_samples, total // 5) if total >= 5 else 0
+    n_calib = total - n_eval
+    if options.num_samples is not None:
+        n_calib = min(n_calib, options.num_samples)
+    return SampleSplit(n_calib, n_eval, options.eval_samples)
+
+
+def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress | None = None,
+              started: float | None = None) -> CalibratedModel:
+    """Plan the prepared model and observe the calibration samples."""
+    opts = prepared.options
+    plan = build_plan(prepared.model, opts)
+    counted = not (opts.eval_samples == 0 and opts.num_samples is not None)  # else no need to count files
+    split = split_samples(len(source) if counted else None, opts)
+    t0 = time.perf_counter()
+    observers, seen = collect_ranges(prepared.model, plan.observed, source, opts.method, opts.percentile,
+                                     split.calibration, batch_size=opts.batch_size, device=opts.device,
+                                     methods=plan.calibration, progress=progress, executor=executor_for(opts.workers, opts.ray_address))
+    if seen == 0:
+        raise CalibrationDataError("the calibration data yields 0 samples")
+    split = dataclasses.replace(split, calibration=seen)
+    return CalibratedModel(prepared, plan, observers, source, split, time.perf_counter() - t0,
+                           started if started is not None else t0)
+
+
+def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Progress | None = None) -> QuantizeResult:
+    """Assemble ``plan`` (default: the state's own), check its fidelity on held-out samples,
+    and run the collapse guard."""
+    plan = plan or state.plan
+    qmodel, params = state.assemble(plan)
+    opts = state.options
+    fidelity = state.evaluate(qmodel, progress)
+    first, count = state.split.eval_range
+    summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
+                      state.split.calibration, count, state.split.held_out == 0, state.calibration_seconds, 0.0,
+                      (state.prepared.from_opset, opset_of(qmodel)), state.prepared.passes, fidelity,
+                      list(state.prepared.notes), dict(plan.precision))
+    result = QuantizeResult(qmodel, state.model, plan, state.ranges(plan), params, summary, opts)
+    if opts.collapse_cosine > 0 and fidelity and min(f.cosine for f in fidelity) < opts.collapse_cosine:
+        summary.collapse = collapse_report(state, result, progress)
+        log.warning("quantized outputs collapsed (cosine %.3f < %.2f); most sensitive layers: %s",
+                    summary.collapse.cosine, opts.collapse_cosine, ", ".join(summary.collapse.layers))
+    summary.total_seconds = time.perf_counter() - state.started
+    return result

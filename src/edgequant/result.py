@@ -1,0 +1,81 @@
+"""What quantization hands back: the model, its plan, its parameters and a summary."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnx import ModelProto
+
+from edgequant._version import __version__
+from edgequant.ir.model import save_model
+from edgequant.passes.pipeline import PassResult
+from edgequant.planning.options import QuantOptions
+from edgequant.planning.overrides import Override
+from edgequant.planning.plan import QuantPlan
+from edgequant.quant.params import QuantParams
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    name: str
+    cosine: float
+    sqnr_db: float
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """The collapse guard's finding: the quantized model's worst output cosine, the most
+    sensitive layers, and the overrides that fix it."""
+
+    cosine: float
+    threshold: float
+    layers: tuple[str, ...]
+    overrides: tuple[Override, ...] = field(default=())
+
+    def advice(self) -> str:
+        flags = " ".join(f"--override '{o}'" for o in self.overrides)
+        return (f"rerun with --auto-mixed (automatic 16-bit fallback), or keep the worst layers in higher "
+                f"precision: {flags}" if flags else "rerun with --auto-mixed (automatic 16-bit fallback)")
+
+
+@dataclass
+class Summary:
+    quantized_ops: dict[str, int]
+    float_ops: dict[str, int]
+    subgraph_float_ops: int
+    calibration_samples: int
+    eval_samples: int
+    eval_on_calibration: bool
+    calibration_seconds: float
+    total_seconds: float
+    opset: tuple[int, int]
+    passes: list[PassResult]
+    fidelity: list[OutputFidelity] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    precision: dict[str, str] = field(default_factory=dict)  # node → precision set by an override
+    collapse: Collapse | None = None
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` returns: the model, its plan, ranges, parameters and a summary."""
+
+    model: ModelProto
+    float_model: ModelProto
+    plan: QuantPlan
+    ranges: dict[str, tuple[float, float]]
+    params: dict[str, QuantParams]
+    summary: Summary
+    options: QuantOptions
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the quantized model atomically."""
+        return save_model(self.model, path)
+
+
+def stamp(model: ModelProto) -> ModelProto:
+    """Mark ``model`` as written by this edgequant (producer name and version)."""
+    model.producer_name, model.producer_version = "edgequant", __version__
+    return model
