@@ -13,22 +13,33 @@ cluster); observers merge exactly, so the result is the same bytes as one pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from onnx import ModelProto
 
 from edgequant.calibration.method import Method
 from edgequant.calibration.observers import MinMaxObserver, make_observer
-from edgequant.data.sources import CalibrationSource
+from edgequant.data.sources import CalibrationSource, Sample
 from edgequant.runtime.executor import Executor, InProcess, shards
-from edgequant.runtime.feed import batched, run_checked
-from edgequant.runtime.session import make_session
+from edgequant.runtime.feed import batched, run_checked, run_in_place
+from edgequant.runtime.session import extremes, make_session
 
 Progress = Callable[[str, int, int], None]
 
-#: Bytes of exposed tensors one batch may hold before calibration splits them into groups.
+#: Bytes of exposed tensors one batch may hold before calibration splits them into groups
+#: (two batches are alive at a time: one observed while the next runs).
 MEMORY_BUDGET = 1 << 30
+#: onnxruntime's threads for calibration runs and the threads updating observers meanwhile
+#: (more observer threads than cores: they wait on memory). On two cores, PP-OCRv4's
+#: recognizer, 512 lines: 22.9 s with 1 + 4, 23.8 s with 1 + 2; 64 lines, inference and
+#: observers taking turns on both cores: 5.1 s against 4.2 s overlapped.
+INFERENCE_THREADS = max(1, (os.cpu_count() or 1) // 2)
+OBSERVER_THREADS = min(8, 2 * (os.cpu_count() or 1))
 
 
 def group_tensors(sizes: list[int], budget: int) -> list[list[int]]:
@@ -77,33 +88,60 @@ class _Shard:
         self.sizes = [0] * len(job.roots)  # largest measured bytes per tensor
         self.position = {r: i for i, r in enumerate(job.roots)}
         self.done = 0  # progress units: samples × passes
+        self.threads: ThreadPoolExecutor
 
     def tick(self, n: int, total: int, label: str) -> None:
         self.done += n
         if self.job.progress:
             self.job.progress(label, self.done, total)
 
-    def observe(self, names: list[str], first: int, stop_when_over: bool, total: int, label: str) -> int:
-        """Run the samples from ``first`` with ``names`` exposed; the samples seen. With
-        ``stop_when_over``, stop after the first batch whose tensors exceed the budget."""
+    def observe(self, roots: list[str], first: int, stop_when_over: bool, total: int, label: str) -> int:
+        """Run the samples from ``first`` observing ``roots``; the samples seen. Histograms get
+        their tensor; a range alone (minmax) comes from in-graph ReduceMin/ReduceMax, so its
+        tensor never leaves onnxruntime. With ``stop_when_over``, stop after the first batch
+        whose exposed tensors exceed the budget."""
         job = self.job
-        session = make_session(job.model, names, job.device)
+        full = [r for r in roots if self.observers[r].needs_values]
+        ranged = [r for r in roots if not self.observers[r].needs_values]
+        nodes, ends = extremes(job.model, ranged)
+        names = full + [e for r in ranged for e in ends[r]]
+        session = make_session(job.model, names, job.device, threads=INFERENCE_THREADS, extra_nodes=nodes,
+                               arena=False)
         seen = 0
         samples = job.source.samples(self.start + first, self.stop)
-        for feed, n in batched(samples, job.batch, job.can_batch):
-            values = run_checked(session, names, feed, self.start + first + seen)
+        for feed, values, n in _runs(session, names, batched(samples, job.batch, job.can_batch), self.start + first):
             used = 0
-            for name, value in zip(names, values):
+            for name, value in zip(full, values):
                 i = self.position[name]
                 self.sizes[i] = max(self.sizes[i], value.nbytes)
                 used += value.nbytes
-                self.observers[name].update(value)
+            lows, highs = values[len(full)::2], values[len(full) + 1::2]
+            self._ranges_only(ranged, {r: (float(lo), float(hi)) for r, lo, hi in zip(ranged, lows, highs)}, feed)
+            # one observer per tensor: they update side by side (the histogram kernel and numpy
+            # release the GIL), each in batch order
+            pairs = list(zip([self.observers[r] for r in full], values[:len(full)]))
+            list(self.threads.map(_update_all, _balanced(pairs, OBSERVER_THREADS)))
             del values
             seen += n
             self.tick(n, total, label)
-            if stop_when_over and used > job.budget:
+            if stop_when_over and 2 * used > job.budget:  # this batch and the next one
                 break
         return seen
+
+    def _ranges_only(self, roots: list[str], extents: dict[str, tuple[float, float]], feed: Sample) -> None:
+        """Range observers take the batch's extremes; a tensor holding ±inf (ignored, as NaN
+        is) is fetched and filtered instead."""
+        rerun = []
+        for r in roots:
+            lo, hi = extents[r]
+            if math.isfinite(lo) and math.isfinite(hi):
+                self.observers[r].extend(lo, hi)
+            elif not (lo == math.inf and hi == -math.inf):  # (inf, -inf): an empty tensor
+                rerun.append(r)
+        if rerun:
+            for r, value in zip(rerun, run_checked(make_session(self.job.model, rerun, self.job.device),
+                                                   rerun, feed, 0)):
+                self.observers[r].update(value)
 
     def run(self) -> ShardResult:
         job, count = self.job, self.stop - self.start
@@ -121,9 +159,47 @@ class _Shard:
         return ShardResult(self.observers, seen + more, len(groups), sum(self.sizes))
 
 
+def _runs(session, names: list[str], batches: Iterator[tuple[Sample, int]],
+          index: int) -> Iterator[tuple[Sample, list, int]]:
+    """(feed, exposed tensors, samples) of each batch; the next batch runs while the caller
+    observes this one (onnxruntime and the observer kernels release the GIL)."""
+    with ThreadPoolExecutor(1) as runner:
+        def start(batch: tuple[Sample, int] | None, at: int):
+            if batch is None:
+                return None
+            return runner.submit(run_in_place, session, names, batch[0], at), batch
+
+        pending = start(next(batches, None), index)
+        while pending is not None:
+            future, (feed, n) = pending
+            index += n
+            values = future.result()
+            pending = start(next(batches, None), index)
+            yield feed, values, n
+
+
+def _update_all(pairs: list[tuple[MinMaxObserver, np.ndarray]]) -> None:
+    for observer, value in pairs:
+        observer.update(value)
+
+
+def _balanced(pairs: list[tuple[MinMaxObserver, np.ndarray]], parts: int) -> list[list]:
+    """``pairs`` cut into up to ``parts`` contiguous runs of about equal element counts (one
+    task per thread, not one per tensor: a task costs more than a small tensor's update)."""
+    total = sum(v.size for _, v in pairs) or 1
+    runs: list[list] = [[] for _ in range(parts)]
+    done = 0
+    for pair in pairs:
+        runs[min(parts - 1, done * parts // total)].append(pair)
+        done += pair[1].size
+    return [r for r in runs if r]
+
+
 def observe_shard(job: ObserveJob, span: tuple[int, int]) -> ShardResult:
     """Observers of ``job.roots`` over samples ``[start, stop)`` (a work unit)."""
-    return _Shard(job, *span).run()
+    shard = _Shard(job, *span)
+    with ThreadPoolExecutor(OBSERVER_THREADS) as shard.threads:
+        return shard.run()
 
 
 def collect_ranges(model: ModelProto, roots: list[str], source: CalibrationSource, method: Method,

@@ -6,13 +6,15 @@ sharded and its output bytes do not depend on the order of the files.
 
 The histogram is signed and centred on zero over ``[-R, R)``, where the radius ``R`` is the
 smallest power of two strictly greater than every ``|x|`` seen: it depends on the data's
-magnitude alone, never on which batch came first. A value's bin is
-``floor(x · 2^m) + bins/2`` with ``2^m = bins / (2R)``, an exact power-of-two product, so
-when a later batch doubles ``R`` and adjacent bin pairs merge (``i → bins/4 + i // 2``),
-every earlier value lands exactly where it would have been binned at the new radius. Worked
-example (8 bins): values {0.3, −0.6} give R = 1, bins of width 0.25, indices floor(1.2) + 4 = 5
-and floor(−2.4) + 4 = 1; a later 1.5 makes R = 2, the old counts move to 2 + 5//2 = 4 and
-2 + 1//2 = 2, which is where 0.3 and −0.6 fall at width 0.5.
+magnitude alone, never on which batch came first. Bins have width ``w = 2R / bins``, a power
+of two, so a float32 value's bin ``floor((x + R) / w)`` is computed exactly (in float64, by
+``fast_histogram``, one pass in C); the two bins around zero are kept as one *central* bin
+``[-w, w)`` (values too small to tell from zero at any radius land there whatever the
+radius). When a later batch doubles ``R``, adjacent bin pairs merge (``i → bins/4 + i // 2``,
+the central bin taking its two neighbours), and every earlier value lands exactly where it
+would have been binned at the new radius. Worked example (8 bins): values {0.3, −0.6} give
+R = 1, width 0.25, bins 5 and 1; a later 1.5 makes R = 2, the old counts move to 2 + 5//2 = 4
+and 2 + 1//2 = 2, which is where 0.3 and −0.6 fall at width 0.5.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from edgequant.calibration.method import Method
 from edgequant.calibration.search import entropy_threshold, mse_range, percentile_range
 from edgequant.quant.dtypes import QuantDType
 
+try:  # the C update (_kernels.c), built where a compiler was at install time; numpy: same bytes
+    from edgequant.calibration import _kernels  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the install
+    _kernels = None
+
 
 def _finite(x: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """The values as a flat float32 array without NaN/Inf, and their min and max."""
-    flat = x.reshape(-1)
-    if flat.dtype != np.float32:
-        flat = flat.astype(np.float32)
+    """The values as a flat contiguous float32 array without NaN/Inf, and their min and max."""
+    flat = np.ascontiguousarray(x.reshape(-1), np.float32)
     if not flat.size:
         return flat, np.inf, -np.inf
-    lo, hi = float(flat.min()), float(flat.max())
+    lo, hi = float(flat.min()), float(flat.max())  # NaN propagates: then it is filtered
     if np.isfinite(lo) and np.isfinite(hi):
         return flat, lo, hi
     flat = flat[np.isfinite(flat)]
@@ -45,6 +50,9 @@ def _finite(x: np.ndarray) -> tuple[np.ndarray, float, float]:
 class MinMaxObserver:
     """Running minimum and maximum."""
 
+    #: Whether ``update`` needs the values (a histogram), or only their extremes.
+    needs_values = False
+
     def __init__(self) -> None:
         self.min = np.inf
         self.max = -np.inf
@@ -52,8 +60,12 @@ class MinMaxObserver:
     def update(self, x: np.ndarray) -> None:
         flat, lo, hi = _finite(x)
         if flat.size:
-            self.min = min(self.min, lo)
-            self.max = max(self.max, hi)
+            self.extend(lo, hi)
+
+    def extend(self, lo: float, hi: float) -> None:
+        """Observe a batch by its (finite) extremes alone."""
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
 
     def merge(self, other: MinMaxObserver) -> None:
         """Fold in an observer of other samples: the result observed both sets."""
@@ -83,11 +95,21 @@ def _coarsen(hist: np.ndarray) -> np.ndarray:
     out = np.zeros_like(hist)
     q = hist.size // 4
     out[q : q + hist.size // 2] = hist.reshape(-1, 2).sum(axis=1)
-    return out
+    return _fold_centre(out)
+
+
+def _fold_centre(hist: np.ndarray) -> np.ndarray:
+    """Keep the two bins around zero as one: ``[-w, 0)`` and ``[0, w)`` counted at ``bins/2 − 1``."""
+    half = hist.size // 2
+    hist[half - 1] += hist[half]
+    hist[half] = 0
+    return hist
 
 
 class HistogramObserver(MinMaxObserver):
     """Signed histogram over a power-of-two radius; finishes with percentile, entropy or MSE."""
+
+    needs_values = True
 
     def __init__(self, method: Method, percentile: float = 99.99, bins: int = 4096) -> None:
         super().__init__()
@@ -107,6 +129,14 @@ class HistogramObserver(MinMaxObserver):
             self.hist = self.hist.copy()
 
     def update(self, x: np.ndarray) -> None:
+        if _kernels is not None:  # the same update in C, one pass over the tensor
+            self._own()
+            flat = np.ascontiguousarray(x.reshape(-1), np.float32)
+            self.radius, self.pending_zeros, lo, hi, finite = _kernels.observe(
+                flat, self.hist, self.radius, self.pending_zeros)
+            if finite:
+                self.min, self.max = min(self.min, lo), max(self.max, hi)
+            return
         flat, lo, hi = _finite(x)
         if not flat.size:
             return
@@ -122,12 +152,13 @@ class HistogramObserver(MinMaxObserver):
         idx = scaled.astype(np.intp)
         idx += self.bins // 2  # |x| < R: every index lies in [0, bins)
         self.hist += np.bincount(idx, minlength=self.bins)
+        _fold_centre(self.hist)
 
     def _widen(self, radius: float) -> None:
         """Grow to ``radius`` (a power of two), merging bin pairs once per doubling."""
         if self.radius == 0.0:
             self.radius = radius
-            self.hist[self.bins // 2] += self.pending_zeros
+            self.hist[self.bins // 2 - 1] += self.pending_zeros  # zeros: the central bin
             self.pending_zeros = 0
             return
         while radius > self.radius:
@@ -144,7 +175,7 @@ class HistogramObserver(MinMaxObserver):
             if self.radius == 0.0:
                 self.pending_zeros += other.pending_zeros
             else:
-                self.hist[self.bins // 2] += other.pending_zeros
+                self.hist[self.bins // 2 - 1] += other.pending_zeros
             return
         self._widen(other.radius)
         theirs = other.hist

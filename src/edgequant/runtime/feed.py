@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import onnxruntime as ort
 
 from edgequant.data.sources import Sample
 from edgequant.errors import CalibrationDataError
@@ -41,8 +42,20 @@ def run_checked(session, names: list[str] | None, feed: Sample, index: int) -> l
     try:
         return session.run(names, feed)
     except Exception as exc:  # onnxruntime raises its own exception types
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
-        raise CalibrationDataError(
-            f"the model fails on calibration sample {index} ({shapes}): {text[-300:]}"
-        ) from None
+        raise _data_error(exc, feed, index) from None
+
+
+def run_in_place(session, names: list[str], feed: Sample, index: int) -> list[np.ndarray]:
+    """``run_checked`` whose outputs are numpy views of onnxruntime's own buffers (each array
+    holds its buffer alive): no copy of the exposed tensors."""
+    try:
+        inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
+        return [v.numpy() for v in session.run_with_ort_values(names, inputs)]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise _data_error(exc, feed, index) from None
+
+
+def _data_error(exc: Exception, feed: Sample, index: int) -> CalibrationDataError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
+    return CalibrationDataError(f"the model fails on calibration sample {index} ({shapes}): {text[-300:]}")

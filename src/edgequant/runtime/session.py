@@ -10,6 +10,7 @@ import onnxruntime as ort
 from onnx import ModelProto
 
 from edgequant.errors import ModelLoadError
+from edgequant.ir.graph import NameScope
 
 _LIMIT = 1_900_000_000
 
@@ -23,22 +24,47 @@ def providers_for(device: str) -> list[str]:
 
 
 def make_session(model: ModelProto, extra_outputs: list[str] | tuple[str, ...] = (),
-                 device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
-    """A session over ``model`` whose outputs are the graph outputs plus ``extra_outputs``."""
+                 device: str = "cpu", threads: int = 0,
+                 extra_nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...] = (),
+                 arena: bool = True) -> ort.InferenceSession:
+    """A session over ``model`` whose outputs are the graph outputs plus ``extra_outputs``;
+    ``extra_nodes`` (computing some of them) are added for the session only. ``model`` is
+    serialised with the additions and given back unchanged (no copy of its weights).
+    ``arena=False`` turns off onnxruntime's CPU memory arena: with many exposed tensors of
+    shapes that change from sample to sample it only grows (PP-OCRv4's recognizer, 64 → 512
+    lines: peak RSS ×1.32 with it, ×1.19 without, at the same speed)."""
     present = {o.name for o in model.graph.output}
     added = [onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in present]
-    model.graph.output.extend(added)  # serialised with the extra outputs, then restored below
+    model.graph.output.extend(added)
+    model.graph.node.extend(extra_nodes)
     try:
-        return _create(model, device, threads)
+        return _create(model, device, threads, arena)
     finally:
+        if extra_nodes:
+            del model.graph.node[len(model.graph.node) - len(extra_nodes):]
         if added:
             del model.graph.output[len(model.graph.output) - len(added):]
 
 
-def _create(model: ModelProto, device: str, threads: int) -> ort.InferenceSession:
+def extremes(model: ModelProto, tensors: list[str]) -> tuple[list[onnx.NodeProto], dict[str, tuple[str, str]]]:
+    """ReduceMin and ReduceMax nodes over each of ``tensors`` (all axes, a scalar each), and
+    tensor → (min output, max output). onnxruntime computes them while each tensor is still in
+    cache, so a tensor whose range alone is needed is never copied out."""
+    scope = NameScope(model.graph)
+    nodes, names = [], {}
+    for t in tensors:
+        lo, hi = scope.fresh(f"{t}_min"), scope.fresh(f"{t}_max")
+        nodes.append(onnx.helper.make_node("ReduceMin", [t], [lo], name=scope.fresh(f"{t}_ReduceMin"), keepdims=0))
+        nodes.append(onnx.helper.make_node("ReduceMax", [t], [hi], name=scope.fresh(f"{t}_ReduceMax"), keepdims=0))
+        names[t] = (lo, hi)
+    return nodes, names
+
+
+def _create(model: ModelProto, device: str, threads: int, arena: bool = True) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
     try:
