@@ -51,6 +51,16 @@ def test_same_inputs_same_bytes(tmp_path, npz_dir):
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_worker_processes_give_the_same_bytes_and_bad_values_are_refused(tmp_path, npz_dir):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert cli("quantize", MODEL, "-o", a, "--calib", npz_dir, "-q", "--method", "entropy").returncode == 0
+    r = cli("quantize", MODEL, "-o", b, "--calib", npz_dir, "-q", "--method", "entropy", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert a.read_bytes() == b.read_bytes()
+    bad = cli("quantize", MODEL, "-o", tmp_path / "c.onnx", "--calib", npz_dir, "--workers", "2", "--ray", "h:1")
+    assert bad.returncode == 2 and "not both" in bad.stderr and not (tmp_path / "c.onnx").exists()
+
+
 def test_config_file_python_m_and_default_output(tmp_path, npz_dir):
     model = tmp_path / "net.onnx"
     model.write_bytes(MODEL.read_bytes())

@@ -152,3 +152,18 @@ def test_auto_mixed_restores_the_ppocr_transformer_recognizer():
     assert float_acc > 0.9 and int8_acc < float_acc - 0.05
     assert mixed.cost <= 0.10 and mixed.measure == "cosine, samples keeping their decisions"
     assert mixed_acc >= float_acc - 0.01, mixed.describe()
+
+
+def test_auto_mixed_on_the_standard_silero_export_whose_lstm_sits_in_if_bodies():
+    """Its default export keeps the compute in If bodies; models assembled during the search
+    used to reuse a body's name at the top level (onnxruntime: "Graph must be in single static
+    assignment (SSA) form")."""
+    import onnx
+
+    model = extract("silero_vad", "silero_vad/data/silero_vad_16k_op15.onnx")
+    carried = vad_calibration(extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx"))[::24]
+    data = [{"input": f["input"][:, 64:], "state": f["state"], "sr": np.array(16000, np.int64)} for f in carried]
+    result, mixed = auto_mixed(str(model), data)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.summary.subgraph_float_ops > 200 and mixed.steps
+    assert min(f.cosine for f in result.summary.fidelity) > 0.99

@@ -17,9 +17,10 @@ def _mse_shrink(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: QuantDT
     best_err = np.full(rows.shape[0], np.inf)
     buf = np.empty_like(rows)
     qmin = -dtype.qmax if scheme.narrow_range and dtype.signed else dtype.qmin
-    for a in WEIGHT_ALPHAS:
-        p = compute_params(lo * a, hi * a, dtype, symmetric, 0, scheme)
-        s, z = p.scale[:, None], p.zero_point.astype(np.float32)[:, None]
+    alphas = WEIGHT_ALPHAS[:, None]
+    every = compute_params(lo * alphas, hi * alphas, dtype, symmetric, 0, scheme)  # each α at once
+    for k, a in enumerate(WEIGHT_ALPHAS):
+        s, z = every.scale[k][:, None], every.zero_point[k].astype(np.float32)[:, None]
         np.divide(rows, s, out=buf)  # buf = dequantize(quantize(rows)) − rows, in place
         if scheme.rounding == "half_up":
             buf += 0.5

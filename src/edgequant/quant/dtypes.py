@@ -38,19 +38,19 @@ class QuantDType(enum.Enum):
 
     @property
     def qmin(self) -> int:
-        return {"int4": -8, "uint4": 0}.get(self.value, int(np.iinfo(self.np_dtype).min))
+        return _RANGES[self.value][0]
 
     @property
     def qmax(self) -> int:
-        return {"int4": 7, "uint4": 15}.get(self.value, int(np.iinfo(self.np_dtype).max))
+        return _RANGES[self.value][1]
 
     @property
     def signed(self) -> bool:
-        return self.qmin < 0
+        return _RANGES[self.value][0] < 0
 
     @property
     def bits(self) -> int:
-        return 4 if self.value in ("int4", "uint4") else int(np.iinfo(self.np_dtype).bits)
+        return _RANGES[self.value][2]
 
     @property
     def min_opset(self) -> int:
@@ -71,3 +71,10 @@ class QuantDType(enum.Enum):
         except ValueError:
             valid = ", ".join(d.value for d in cls)
             raise ConfigError(f"unknown quantized dtype {text!r}; valid: {valid}") from None
+
+
+#: (qmin, qmax, bits) of each type, read often in the per-weight maths.
+_RANGES: dict[str, tuple[int, int, int]] = {
+    "int8": (-128, 127, 8), "uint8": (0, 255, 8), "int16": (-32768, 32767, 16), "uint16": (0, 65535, 16),
+    "int4": (-8, 7, 4), "uint4": (0, 15, 4),
+}

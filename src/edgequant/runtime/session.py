@@ -11,6 +11,7 @@ from onnx import ModelProto
 
 from edgequant.errors import ModelLoadError
 from edgequant.ir.graph import NameScope
+from edgequant.runtime.segments import SEGMENT_NODES, SegmentedSession, split_model
 
 _LIMIT = 1_900_000_000
 
@@ -38,12 +39,36 @@ def make_session(model: ModelProto, extra_outputs: list[str] | tuple[str, ...] =
     model.graph.output.extend(added)
     model.graph.node.extend(extra_nodes)
     try:
+        if len(model.graph.node) > SEGMENT_NODES:
+            chained = _segmented(model, len(extra_nodes), device, threads, arena)
+            if chained is not None:
+                return chained
         return _create(model, device, threads, arena)
     finally:
         if extra_nodes:
             del model.graph.node[len(model.graph.node) - len(extra_nodes):]
         if added:
             del model.graph.output[len(model.graph.output) - len(added):]
+
+
+def _segmented(model: ModelProto, n_extra: int, device: str, threads: int, arena: bool) -> SegmentedSession | None:
+    """``model`` as a chain of sessions (runtime.segments); the ``n_extra`` nodes at its end
+    (reductions of exposed tensors) move next to what they read, so no tensor crosses the
+    whole chain for them."""
+    graph = model.graph
+    nodes = list(graph.node)
+    extra, base = nodes[len(nodes) - n_extra:], nodes[:len(nodes) - n_extra]
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for node in extra:
+        after.setdefault(node.input[0], []).append(node)
+    order = [n for i in graph.input for n in after.pop(i.name, [])]
+    for node in base:
+        order.append(node)
+        for o in node.output:
+            order += after.pop(o, [])
+    order += [n for rest in after.values() for n in rest]
+    outputs = [o.name for o in graph.output]
+    return split_model(model, order, outputs, lambda part: _create(part, device, threads, arena))
 
 
 def extremes(model: ModelProto, tensors: list[str]) -> tuple[list[onnx.NodeProto], dict[str, tuple[str, str]]]:
