@@ -112,20 +112,26 @@ def ppocr_charset(model) -> list[str]:
     return ["blank", *chars, " "]
 
 
+def text_line(rng: random.Random, max_words: int) -> tuple[str, Image.Image]:
+    """(text, image): one to ``max_words`` words, half the time with a number, dark on a light
+    background at a random size, 40 px high."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(1, max_words))]
+    if rng.random() < 0.5:
+        words.append(str(rng.randint(10, 9999)))
+    text = " ".join(words)
+    font = _font(rng.randint(22, 30))
+    im = Image.new("RGB", (int(font.getlength(text)) + 16, 40), (rng.randint(200, 255),) * 3)
+    ImageDraw.Draw(im).text((8, 4), text, fill=(rng.randint(0, 60),) * 3, font=font)
+    return text, im
+
+
 def text_lines(n: int, seed: int) -> list[tuple[str, np.ndarray]]:
-    """(text, PP-OCR recognizer input): one to three words, half the time with a number, dark on
-    a light background at a random size; resized to height 48 (width at most 320), scaled to
-    [-1, 1] and padded to 320 columns."""
+    """(text, PP-OCR recognizer input): ``text_line`` (up to three words) resized to height 48
+    (width at most 320), scaled to [-1, 1] and padded to 320 columns."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 3))]
-        if rng.random() < 0.5:
-            words.append(str(rng.randint(10, 9999)))
-        text = " ".join(words)
-        font = _font(rng.randint(22, 30))
-        im = Image.new("RGB", (int(font.getlength(text)) + 16, 40), (rng.randint(200, 255),) * 3)
-        ImageDraw.Draw(im).text((8, 4), text, fill=(rng.randint(0, 60),) * 3, font=font)
+        text, im = text_line(rng, 3)
         width = min(320, int(np.ceil(48 * im.size[0] / im.size[1])))
         a = np.asarray(im.resize((width, 48)), np.float32).transpose(2, 0, 1) / 127.5 - 1.0
         x = np.zeros((1, 3, 48, 320), np.float32)

@@ -235,9 +235,14 @@ def test_tensor_groups_give_the_same_ranges_as_one_pass(rng):
     prepare_model(m)
     plan = build_plan(m, QuantOptions())
     src = open_calibration(calib(rng, 12), model_inputs(m))
-    one, n1 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12)
-    many, n2 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12, budget=1)  # one tensor a group
+    labels: list[str] = []
+    one, n1 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12, progress=lambda *a: labels.append(a[0]))
+    assert set(labels) == {"calibrating"}  # one pass: nothing to group
+    labels.clear()
+    many, n2 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12, budget=1,  # one tensor a group
+                              progress=lambda *a: labels.append(a[0]))
     assert n1 == n2 == 12
+    assert any("groups" in label and "budget" in label for label in labels)  # the progress bar says why
     assert len(plan.roots) > 2
     for name in plan.roots:
         assert one[name].range(edgequant.QuantDType.UINT8, False) == many[name].range(edgequant.QuantDType.UINT8, False)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from edgequant.errors import ConfigError
+from edgequant.export import acuity, native, qparams, tpu_mlir
 from edgequant.ir.model import write_atomic
 
 FORMATS = ("qparams", "cali-table", "qtable", "acuity", "edgequant")
@@ -31,8 +32,6 @@ def parse_spec(text: str) -> tuple[str, Path]:
 
 def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
     """Write ``result``'s parameters in ``fmt`` (atomically)."""
-    from edgequant.export import acuity, native, qparams, tpu_mlir
-
     writer = {"qparams": qparams.dumps, "cali-table": tpu_mlir.dumps_cali_table, "qtable": tpu_mlir.dumps_qtable,
               "acuity": acuity.dumps, "edgequant": native.dumps}[fmt]
     return write_atomic(path, writer(result))
@@ -40,8 +39,6 @@ def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
 
 def import_params(fmt: str, path: str | os.PathLike) -> tuple:
     """Overrides from a parameter file (``edgequant`` files are read by ``native.recreate``)."""
-    from edgequant.export import acuity, qparams, tpu_mlir
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"parameter file not found: {p}")

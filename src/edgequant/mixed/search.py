@@ -34,14 +34,16 @@ from onnx import ModelProto
 from edgequant.analysis.layerwise import float_cache
 from edgequant.analysis.metrics import FidelityAccumulator
 from edgequant.analysis.plots import png_of, pyplot
-from edgequant.api import calibrate
+from edgequant.api import calibrate, resolve_config
 from edgequant.calibrated import CalibratedModel
+from edgequant.data.inputs import InputSettings
 from edgequant.data.sources import Sample
 from edgequant.errors import ConfigError
 from edgequant.ir.model import write_atomic
 from edgequant.mixed.cost import layer_macs
 from edgequant.mixed.sensitivity import Sensitivity, sensitivity
 from edgequant.pipeline import finish
+from edgequant.planning.options import QuantOptions, parse_options
 from edgequant.planning.overrides import FLOAT, Override, parse_precision
 from edgequant.planning.plan import QuantPlan
 from edgequant.quant.dtypes import QuantDType
@@ -269,20 +271,23 @@ def worst_sample_score(accs: list[FidelityAccumulator], measure: str) -> float:
 def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, target_cosine: float | None = None,
                target_sqnr: float | None = None, metric: Metric | None = None, metric_tolerance: float = 0.01,
                max_high_precision: float = 0.10, fallback: str = "int16", search_samples: int = 64,
-               progress: Progress | None = None, **quantize_args: Any) -> tuple[QuantizeResult, MixedPrecision]:
+               config=None, options: QuantOptions | None = None, input_settings: list[InputSettings] | None = None,
+               progress: Progress | None = None, **changes: Any) -> tuple[QuantizeResult, MixedPrecision]:
     """Quantize ``model`` and keep the layers it needs in ``fallback`` precision (see module doc).
 
-    Returns ``(QuantizeResult, MixedPrecision)``; the search's own keywords are those of
-    ``MixedOptions``. ``quantize_args`` are ``quantize``'s (``config``, ``options``,
-    ``input_settings`` and ``QuantOptions`` fields), parsed by ``api.calibrate``. Sensitivity
-    and cosine/SQNR are measured on the first ``search_samples`` samples (calibration and
-    held-out alike: the search picks precisions, it fits nothing); the result's summary
-    reports fidelity on the held-out samples as usual.
+    Returns ``(QuantizeResult, MixedPrecision)``. The search's own keywords are those of
+    ``MixedOptions``; ``config``, ``options``, ``input_settings`` and ``changes``
+    (``QuantOptions`` fields) are ``quantize``'s, parsed here once. Sensitivity and
+    cosine/SQNR are measured on the first ``search_samples`` samples (calibration and held-out
+    alike: the search picks precisions, it fits nothing); the result's summary reports
+    fidelity on the held-out samples as usual.
     """
     settings = MixedOptions(target_cosine, target_sqnr, metric, metric_tolerance, max_high_precision, fallback,
                             search_samples)
-    state = calibrate(model, calibration, progress=progress, min_opset=21 if settings.fallback != FLOAT else 0,
-                      **quantize_args)
+    cfg = resolve_config(config)
+    opts = parse_options(options or (cfg.options if cfg else None), changes)
+    state = calibrate(model, calibration, config=cfg, options=opts, input_settings=input_settings, progress=progress,
+                      min_opset=21 if settings.fallback != FLOAT else 0)
     plan, mixed = search_mixed(state, settings, progress)
     result = finish(state, plan, progress)
     result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
