@@ -10,11 +10,12 @@
  * product and the floor are exact. NaN and +-inf are skipped; ``min``/``max``/``finite``
  * describe the finite values of ``x``.
  *
- * The tensor is read once: each chunk of 4096 values is scanned for its extremes (widening the
- * radius first when a value reaches it, merging bin pairs as the observer does) and then
- * counted while it is still in cache. The GIL is released, so observers of several tensors
- * count side by side. Optional: when this extension is not built, observers use numpy and give
- * the same bytes.
+ * The tensor is read once, in chunks of 4096 values: once a radius is known, one loop counts a
+ * chunk and takes its extremes; values it finds beyond the radius (rare) make the radius grow,
+ * merging bin pairs as the observer does, and are counted at the new radius. Before any radius
+ * (the first non-zero chunk) a chunk is scanned for its extremes first. The GIL is released,
+ * so observers of several tensors count side by side. Optional: when this extension is not
+ * built, observers use numpy and give the same bytes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -159,6 +160,23 @@ static int chunk_extremes(const float *x, Py_ssize_t n, float *lo_out, float *hi
     return zz != 0.0f;
 }
 
+/* Min and max of the finite values of x[0..n); returns how many there are. */
+static Py_ssize_t finite_extremes(const float *x, Py_ssize_t n, float *lo_out, float *hi_out) {
+    float lo = INFINITY, hi = -INFINITY;
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float v = x[i];
+        if (isfinite(v)) {
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+            k++;
+        }
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+    return k;
+}
+
 /* The smallest power of two strictly above a > 0. */
 static double radius_for(double a) {
     int e;
@@ -201,70 +219,27 @@ static PyObject *observe(PyObject *self, PyObject *args) {
     const fused_fn fused = pick_fused();
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t start = 0; start < n; start += CHUNK) {
-        Py_ssize_t stop = start + CHUNK < n ? start + CHUNK : n, k = stop - start;
-        float clo, chi;
+        const Py_ssize_t stop = start + CHUNK < n ? start + CHUNK : n;
+        Py_ssize_t k = stop - start;
+        float clo, chi, scale = 0.0f;
+        int odd = 0, partly = 0;  /* partly: the values inside the old radius are counted */
         if (radius > 0.0) {  /* the common case: one pass, counting and taking the extremes */
-            const float scale = (float)((double)bins / (2.0 * radius));
-            Py_ssize_t outside = fused(x + start, k, scale, counts, bins, half, &clo, &chi);
-            if (outside == 0) {
-                finite += k;
-                lo = clo < lo ? clo : lo;
-                hi = chi > hi ? chi : hi;
-                continue;
-            }
-            /* values beyond the radius, or NaN/inf: the values inside are counted already */
-            clo = INFINITY;
-            chi = -INFINITY;
-            k = 0;
-            for (Py_ssize_t i = start; i < stop; i++) {
-                float v = x[i];
-                if (isfinite(v)) {
-                    clo = v < clo ? v : clo;
-                    chi = v > chi ? v : chi;
-                    k++;
-                }
-            }
-            if (k == 0)
-                continue;
-            finite += k;
-            lo = clo < lo ? clo : lo;
-            hi = chi > hi ? chi : hi;
-            double amax = -(double)clo > (double)chi ? -(double)clo : (double)chi;
-            while (amax >= radius) {
-                coarsen(counts, bins);
-                radius *= 2.0;
-            }
-            const float wide = (float)((double)bins / (2.0 * radius));
-            for (Py_ssize_t i = start; i < stop; i++) {  /* the finite values the first pass left */
-                float v = x[i];
-                Py_ssize_t before = isfinite(v) ? floor_index(v * scale) + half : 0;
-                if ((size_t)before >= (size_t)bins) {
-                    Py_ssize_t j = floor_index(v * wide) + half;
-                    if ((size_t)j < (size_t)bins)
-                        counts[j]++;
-                }
-            }
-            continue;
-        }
-        int odd = chunk_extremes(x + start, k, &clo, &chi);
-        if (odd) {  /* NaN or +-inf in this chunk: extremes and counts of the finite values only */
-            clo = INFINITY;
-            chi = -INFINITY;
-            k = 0;
-            for (Py_ssize_t i = start; i < stop; i++) {
-                float v = x[i];
-                if (isfinite(v)) {
-                    clo = v < clo ? v : clo;
-                    chi = v > chi ? v : chi;
-                    k++;
-                }
-            }
+            scale = (float)((double)bins / (2.0 * radius));
+            partly = fused(x + start, k, scale, counts, bins, half, &clo, &chi) != 0;
+            if (partly)  /* values beyond the radius, or NaN/inf */
+                k = finite_extremes(x + start, k, &clo, &chi);
+        } else {
+            odd = chunk_extremes(x + start, k, &clo, &chi);
+            if (odd)  /* NaN or +-inf in this chunk: extremes and counts of the finite values only */
+                k = finite_extremes(x + start, k, &clo, &chi);
         }
         if (k == 0)
             continue;
         finite += k;
         lo = clo < lo ? clo : lo;
         hi = chi > hi ? chi : hi;
+        if (radius > 0.0 && !partly)
+            continue;  /* counted in the one pass */
         double amax = -(double)clo > (double)chi ? -(double)clo : (double)chi;
         if (radius == 0.0) {
             if (amax == 0.0) {  /* zeros before any other value: no radius yet */
@@ -279,7 +254,20 @@ static PyObject *observe(PyObject *self, PyObject *args) {
             coarsen(counts, bins);
             radius *= 2.0;
         }
-        count(x + start, stop - start, (float)((double)bins / (2.0 * radius)), counts, bins, half, odd);
+        const float wide = (float)((double)bins / (2.0 * radius));
+        if (!partly) {
+            count(x + start, stop - start, wide, counts, bins, half, odd);
+            continue;
+        }
+        for (Py_ssize_t i = start; i < stop; i++) {  /* the finite values the one pass left */
+            float v = x[i];
+            Py_ssize_t before = isfinite(v) ? floor_index(v * scale) + half : 0;
+            if ((size_t)before >= (size_t)bins) {
+                Py_ssize_t j = floor_index(v * wide) + half;
+                if ((size_t)j < (size_t)bins)
+                    counts[j]++;
+            }
+        }
     }
     counts[half - 1] += counts[half];
     counts[half] = 0;
