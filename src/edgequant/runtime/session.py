@@ -11,7 +11,7 @@ from onnx import ModelProto
 
 from edgequant.errors import ModelLoadError
 from edgequant.ir.graph import NameScope
-from edgequant.runtime.segments import SEGMENT_NODES, SegmentedSession, split_model
+from edgequant.runtime.segments import SEGMENT_NODES, split_model
 
 _LIMIT = 1_900_000_000
 
@@ -37,38 +37,41 @@ def make_session(model: ModelProto, extra_outputs: list[str] | tuple[str, ...] =
     present = {o.name for o in model.graph.output}
     added = [onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in present]
     model.graph.output.extend(added)
-    model.graph.node.extend(extra_nodes)
+    original = list(model.graph.node) if extra_nodes else None
+    if original is not None:  # each extra node right after what it reads: tensors die early
+        model.graph.ClearField("node")
+        model.graph.node.extend(_interleaved(model, original, list(extra_nodes)))
     try:
+        in_order = original is not None  # run the nodes in the order given (reductions early)
         if len(model.graph.node) > SEGMENT_NODES:
-            chained = _segmented(model, len(extra_nodes), device, threads, arena)
+            outputs = [o.name for o in model.graph.output]
+            chained = split_model(model, list(model.graph.node), outputs,
+                                  lambda part: _create(part, device, threads, arena, in_order))
             if chained is not None:
                 return chained
-        return _create(model, device, threads, arena)
+        return _create(model, device, threads, arena, in_order)
     finally:
-        if extra_nodes:
-            del model.graph.node[len(model.graph.node) - len(extra_nodes):]
+        if original is not None:
+            model.graph.ClearField("node")
+            model.graph.node.extend(original)
         if added:
             del model.graph.output[len(model.graph.output) - len(added):]
 
 
-def _segmented(model: ModelProto, n_extra: int, device: str, threads: int, arena: bool) -> SegmentedSession | None:
-    """``model`` as a chain of sessions (runtime.segments); the ``n_extra`` nodes at its end
-    (reductions of exposed tensors) move next to what they read, so no tensor crosses the
-    whole chain for them."""
-    graph = model.graph
-    nodes = list(graph.node)
-    extra, base = nodes[len(nodes) - n_extra:], nodes[:len(nodes) - n_extra]
+def _interleaved(model: ModelProto, nodes: list[onnx.NodeProto], extra: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` with each of ``extra`` (reading one tensor) placed right after that tensor's
+    producer (or first, for a graph input), so no tensor is kept alive, or crosses a
+    segment, only for them (run in this order: PP-OCRv4's recognizer, minmax over 64 lines,
+    peak RSS 258 MB where onnxruntime's default order held 805 MB)."""
     after: dict[str, list[onnx.NodeProto]] = {}
     for node in extra:
         after.setdefault(node.input[0], []).append(node)
-    order = [n for i in graph.input for n in after.pop(i.name, [])]
-    for node in base:
+    order = [n for i in model.graph.input for n in after.pop(i.name, [])]
+    for node in nodes:
         order.append(node)
         for o in node.output:
             order += after.pop(o, [])
-    order += [n for rest in after.values() for n in rest]
-    outputs = [o.name for o in graph.output]
-    return split_model(model, order, outputs, lambda part: _create(part, device, threads, arena))
+    return order + [n for rest in after.values() for n in rest]
 
 
 def extremes(model: ModelProto, tensors: list[str]) -> tuple[list[onnx.NodeProto], dict[str, tuple[str, str]]]:
@@ -85,11 +88,14 @@ def extremes(model: ModelProto, tensors: list[str]) -> tuple[list[onnx.NodeProto
     return nodes, names
 
 
-def _create(model: ModelProto, device: str, threads: int, arena: bool = True) -> ort.InferenceSession:
+def _create(model: ModelProto, device: str, threads: int, arena: bool = True,
+            in_order: bool = False) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.enable_cpu_mem_arena = arena
+    if in_order:  # onnxruntime's default order ran the reductions last: every tensor alive at once
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         opts.intra_op_num_threads = threads
     try:
