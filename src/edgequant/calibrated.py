@@ -20,6 +20,8 @@ from onnx import ModelProto
 from edgequant.analysis.metrics import FidelityAccumulator
 from edgequant.calibration.observers import MinMaxObserver
 from edgequant.data.sources import CalibrationSource, Sample
+from edgequant.errors import ConfigError
+from edgequant.ir.model import opset_of
 from edgequant.passes.pipeline import PassResult
 from edgequant.planning.options import QuantOptions
 from edgequant.planning.overrides import Override
@@ -93,7 +95,12 @@ class CalibratedModel:
 
     def plan_with(self, overrides: Iterable[Override]) -> QuantPlan:
         """The plan with ``overrides`` after the options' own (a later one wins)."""
-        return build_plan(self.model, self.options.with_overrides(overrides))
+        options = self.options.with_overrides(overrides)
+        have = opset_of(self.model)
+        if options.required_opset > have:
+            raise ConfigError(f"these overrides need opset {options.required_opset} (16-bit or 4-bit types) and the "
+                              f"calibrated model is at opset {have}: calibrate with min_opset={options.required_opset}")
+        return build_plan(self.model, options)
 
     def ranges(self, plan: QuantPlan) -> dict[str, tuple[float, float]]:
         """Each root's range under ``plan``: pinned, or from its observer at the root's dtype."""

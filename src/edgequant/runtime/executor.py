@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
 from edgequant.errors import ConfigError, EdgequantError
@@ -81,7 +82,12 @@ class _Processes:
         self._pool = pool
 
     def map(self, fn: Unit, items: Sequence[Any]) -> list[Any]:
-        return list(self._pool.map(_call, [(fn, item) for item in items]))
+        try:
+            return list(self._pool.map(_call, [(fn, item) for item in items]))
+        except BrokenProcessPool:
+            raise EdgequantError(
+                "worker processes died before finishing (spawned workers import the main module: in a "
+                "script, call edgequant under `if __name__ == \"__main__\":`; or out of memory)") from None
 
 
 class LocalProcesses:
