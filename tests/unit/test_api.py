@@ -149,3 +149,15 @@ def test_options_are_parsed_once_with_one_line_errors():
             edgequant.make_options(**bad)
     espdl = edgequant.make_options(target="espdl", per_channel=False)  # the profile first, explicit options win
     assert espdl.scheme.power_of_two and not espdl.per_channel
+
+
+def test_overrides_beyond_the_calibrated_opset_name_the_fix(rng):
+    from edgequant.api import calibrate
+
+    state = calibrate(cnn(rng), calib(rng))  # int8 needs opset 13 only
+    node = next(n.name for n in state.model.graph.node if n.op_type == "Conv")
+    with pytest.raises(edgequant.ConfigError, match="calibrate with min_opset=21"):
+        state.plan_with([edgequant.Override.parse(f"{node}=int16")])
+    wide = calibrate(cnn(rng), calib(rng), min_opset=21)
+    plan = wide.plan_with([edgequant.Override.parse(f"{node}=int16")])
+    assert plan.precision == {node: "int16"}
