@@ -14,6 +14,9 @@ class Method(enum.Enum):
     PERCENTILE = "percentile"
     ENTROPY = "entropy"
     MSE = "mse"
+    #: per tensor, whichever of minmax / percentile / entropy / mse quantizes its histogram
+    #: with the least expected squared error (TPU-MLIR's ``search_threshold``)
+    SEARCH = "search"
 
     @classmethod
     def parse(cls, text: str) -> Method:

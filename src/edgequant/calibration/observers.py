@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from edgequant.calibration.method import Method
-from edgequant.calibration.search import entropy_threshold, mse_range, percentile_range
+from edgequant.calibration.search import best_range, entropy_range, mse_range, percentile_range
 from edgequant.quant.dtypes import QuantDType
 
 try:  # the C update (_kernels.c), built where a compiler was at install time; numpy: same bytes
@@ -190,17 +190,35 @@ class HistogramObserver(MinMaxObserver):
             return (0.0, 0.0)
         if self.radius == 0.0:
             return (self.min, self.max)
-        if self.method is Method.PERCENTILE and dtype.bits >= 16:
+        if self.method is Method.SEARCH:
+            return self._searched(dtype, symmetric)
+        return self._finish(self.method, dtype, symmetric)
+
+    def _edges(self) -> np.ndarray:
+        return np.linspace(-self.radius, self.radius, self.bins + 1)
+
+    def _finish(self, method: Method, dtype: QuantDType, symmetric: bool) -> tuple[float, float]:
+        """The range ``method`` gives (the histogram is not empty)."""
+        if method is Method.MINMAX or (method is Method.PERCENTILE and dtype.bits >= 16):
             return (self.min, self.max)  # 65536 levels resolve the full range: clipping only loses
-        edges = np.linspace(-self.radius, self.radius, self.bins + 1)
-        if self.method is Method.PERCENTILE:
+        edges = self._edges()
+        if method is Method.PERCENTILE:
             lo, hi = percentile_range(self.hist, edges, self.percentile)
-        elif self.method is Method.ENTROPY:
-            t = entropy_threshold(self.hist, edges, dtype, nonnegative=self.min >= 0)
-            lo, hi = -t, t
+        elif method is Method.ENTROPY:
+            lo, hi = entropy_range(self.hist, edges, dtype, symmetric)
         else:
             lo, hi = mse_range(self.hist, edges, dtype, symmetric, (self.min, self.max))
         return max(lo, self.min), min(hi, self.max)
+
+    def _searched(self, dtype: QuantDType, symmetric: bool) -> tuple[float, float]:
+        """Of the ranges minmax, percentile, entropy and mse give, the one quantizing this
+        tensor's histogram with the least expected squared error (``best_range``)."""
+        candidates = [self._finish(m, dtype, symmetric) for m in _SEARCHED]
+        return candidates[best_range(self.hist, self._edges(), dtype, symmetric, candidates)]
+
+
+#: The methods whose ranges ``Method.SEARCH`` compares, in the order ties are settled.
+_SEARCHED = (Method.MINMAX, Method.PERCENTILE, Method.ENTROPY, Method.MSE)
 
 
 Observer = MinMaxObserver
