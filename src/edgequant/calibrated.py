@@ -31,7 +31,7 @@ from edgequant.result import OutputFidelity, stamp
 from edgequant.runtime.executor import Executor, executor_for
 from edgequant.runtime.feed import run_checked
 from edgequant.runtime.session import make_session
-from edgequant.transform.qdq import insert_qdq
+from edgequant.transform.qdq import NO_EDITS, Edits, insert_qdq
 
 Progress = Callable[[str, int, int], None]
 
@@ -80,6 +80,9 @@ class CalibratedModel:
     split: SampleSplit
     calibration_seconds: float
     started: float = field(default_factory=time.perf_counter)
+    edits: Edits = NO_EDITS  # weights and biases chosen by accuracy recovery (``algorithms``)
+    recovery: tuple = ()  # what each recovery algorithm did (``algorithms.stage.StepReport``)
+    reference_model: ModelProto | None = None  # the float model before recovery changed its semantics (ReLU6 → Relu)
     _references: dict[tuple[int, int], list[Sample]] = field(default_factory=dict, repr=False)
 
     @property
@@ -119,18 +122,20 @@ class CalibratedModel:
         return {root: compute_params(*ranges[root], a.dtype, a.symmetric, scheme=a.scheme) for root, a in first.items()}
 
     def assemble(self, plan: QuantPlan) -> tuple[ModelProto, dict[str, QuantParams]]:
-        """The QDQ model for ``plan`` (whose tensors were all observed) without recalibrating."""
+        """The QDQ model for ``plan`` (whose tensors were all observed) without recalibrating,
+        with the weights and biases recovery chose where ``plan`` quantizes them as it did."""
         params = self.params(plan)
-        return stamp(insert_qdq(self.model, plan, params)), params
+        return stamp(insert_qdq(self.model, plan, params, self.edits)), params
 
     def samples(self, first: int, count: int) -> Iterator[Sample]:
         return self.source.samples(first, first + count)
 
     def references(self, first: int, count: int) -> list[Sample]:
-        """Inputs and float outputs of samples ``[first, first + count)``, computed once."""
+        """Inputs and float outputs of samples ``[first, first + count)``, computed once (from
+        the float model as it was before recovery, where that changed its semantics)."""
         key = (first, count)
         if key not in self._references:
-            sess = make_session(self.model, device=self.options.device)
+            sess = make_session(self.reference_model or self.model, device=self.options.device)
             names = [o.name for o in sess.get_outputs()]
             cache = []
             for i, feed in enumerate(self.samples(first, count)):

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import onnx
 from onnx import ModelProto
 
+from edgequant.algorithms.bias_correction import add_zero_biases
+from edgequant.algorithms.stage import equalize_before, recover
 from edgequant.calibrated import CalibratedModel, Prepared, SampleSplit
 from edgequant.calibration.collect import collect_ranges
 from edgequant.data.sources import CalibrationSource
@@ -78,11 +80,23 @@ def split_samples(total: int | None, options: QuantOptions) -> SampleSplit:
 
 def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress | None = None,
               started: float | None = None) -> CalibratedModel:
-    """Plan the prepared model and observe the calibration samples."""
+    """Plan the prepared model, observe the calibration samples, and run the recovery
+    algorithms the options ask for (``algorithms.stage``)."""
     opts = prepared.options
-    plan = build_plan(prepared.model, opts)
     counted = not (opts.eval_samples == 0 and opts.num_samples is not None)  # else no need to count files
     split = split_samples(len(source) if counted else None, opts)
+    reports: list = []
+    original: ModelProto | None = None
+    if opts.recovery.cle or opts.recovery.smoothquant is not None:
+        count = min(opts.recovery.bias_correction_data_count, split.calibration or 64)
+        original = ModelProto()
+        original.CopyFrom(prepared.model)
+        reports = equalize_before(prepared.model, lambda: source.samples(0, count), opts.recovery)
+        if original.graph.node == prepared.model.graph.node or not any("ReLU6" in r.detail for r in reports):
+            original = None  # rescaling alone keeps the float model's outputs: no second copy
+    if opts.recovery.bias:
+        add_zero_biases(prepared.model)
+    plan = build_plan(prepared.model, opts)
     t0 = time.perf_counter()
     observers, seen = collect_ranges(prepared.model, plan.observed, source, opts.method, opts.percentile,
                                      split.calibration, batch_size=opts.batch_size, device=opts.device,
@@ -90,8 +104,9 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
     if seen == 0:
         raise CalibrationDataError("the calibration data yields 0 samples")
     split = dataclasses.replace(split, calibration=seen)
-    return CalibratedModel(prepared, plan, observers, source, split, time.perf_counter() - t0,
-                           started if started is not None else t0)
+    state = CalibratedModel(prepared, plan, observers, source, split, time.perf_counter() - t0,
+                            started if started is not None else t0, recovery=tuple(reports), reference_model=original)
+    return recover(state, progress) if opts.recovery.rounding or opts.recovery.bias else state
 
 
 def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Progress | None = None) -> QuantizeResult:
@@ -105,7 +120,7 @@ def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Prog
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
                       state.split.calibration, count, state.split.held_out == 0, state.calibration_seconds, 0.0,
                       (state.prepared.from_opset, opset_of(qmodel)), state.prepared.passes, fidelity,
-                      list(state.prepared.notes), dict(plan.precision))
+                      list(state.prepared.notes), dict(plan.precision), recovery=list(state.recovery))
     result = QuantizeResult(qmodel, state.model, plan, state.ranges(plan), params, summary, opts)
     if opts.collapse_cosine > 0 and fidelity and min(f.cosine for f in fidelity) < opts.collapse_cosine:
         summary.collapse = collapse_report(state, result, progress)

@@ -9,6 +9,7 @@ from pathlib import Path
 from onnx import ModelProto
 
 from edgequant._version import __version__
+from edgequant.algorithms.report import StepReport
 from edgequant.ir.model import save_model
 from edgequant.passes.pipeline import PassResult
 from edgequant.planning.options import QuantOptions
@@ -56,6 +57,7 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     precision: dict[str, str] = field(default_factory=dict)  # node → precision set by an override
     collapse: Collapse | None = None
+    recovery: list[StepReport] = field(default_factory=list)  # what each recovery algorithm did
 
 
 @dataclass

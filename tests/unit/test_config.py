@@ -77,10 +77,26 @@ def test_unknown_keys_are_named_with_a_suggestion(section, key, expect):
         load_config(data)
 
 
+def test_recovery_keys_with_xquant_and_neuropilot_names():
+    data = json.loads(json.dumps(XQUANT))
+    data["quantization_parameters"].update({"finetune_level": 1, "use_bias_correction": True,
+                                           "hessian_opt_block_size": 64, "smoothquant": 0.5})
+    rec = load_config(data).options.recovery
+    assert rec.rounding == "gptq" and rec.bias == "empirical" and rec.hessian_opt_block_size == 64
+    assert rec.smoothquant == 0.5
+    data["quantization_parameters"] = {"use_adaround": True, "adaround_optim_steps": 50}
+    rec = load_config(data).options.recovery
+    assert rec.rounding == "adaround" and rec.adaround_optim_steps == 50
+    assert not load_config(json.loads(json.dumps(XQUANT))).options.recovery
+
+
 def test_later_features_are_rejected_not_ignored():
     data = json.loads(json.dumps(XQUANT))
-    data["quantization_parameters"]["finetune_level"] = 1
-    with pytest.raises(NotYetSupportedError, match="not available in this version yet"):
+    data["quantization_parameters"]["finetune_level"] = 2
+    with pytest.raises(NotYetSupportedError, match="block reconstruction .* is not available yet"):
+        load_config(data)
+    data["quantization_parameters"] = {"bias_correction": "slow"}
+    with pytest.raises(ConfigError, match="quantization_parameters: bias_correction must be empirical or fast"):
         load_config(data)
 
 

@@ -52,7 +52,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--calib", multiple=True, help="Calibration data: folder (npz/npy/images/raw), list file or file; once per input.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="Config file (JSON/YAML, XQuant layout).")
 @click.option("--target", help="Target profile: dtypes, symmetry, granularity, power-of-two scales, rounding (edgequant targets).")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), help="Activation range method [default: percentile].")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "search"]), help="Activation range method; search: per tensor, the least-error of the other four [default: percentile].")
 @click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight granularity [default: per-channel].")
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8", "uint16", "int16"]), help="[default: uint8]")
@@ -85,6 +85,12 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
+@click.option("--cle", is_flag=True, default=None, help="Cross-layer equalization of consecutive Conv/Gemm pairs before calibration (ReLU6 between them becomes Relu).")
+@click.option("--bias-correction", type=click.Choice(["empirical", "fast"]), is_flag=False, flag_value="empirical", help="Remove each layer's mean output error from its bias: empirical (measured layer by layer) or fast (weight rounding on input means) [flag alone: empirical].")
+@click.option("--adaround", is_flag=True, default=None, help="Learn each weight's rounding layer by layer (AdaRound; needs pip install 'edgequant[torch]').")
+@click.option("--gptq", is_flag=True, default=None, help="Hessian-based weight rounding layer by layer (GPTQ-style, numpy).")
+@click.option("--smoothquant", type=float, is_flag=False, flag_value=0.5, metavar="[ALPHA]", help="Move activation outliers of MatMul/Gemm inputs into the weights (SmoothQuant) [flag alone: alpha 0.5].")
+@click.option("--finetune-level", type=click.IntRange(0), help="XQuant finetune_level: 0 none, 1 GPTQ rounding and bias correction.")
 @click.option("--workers", type=click.IntRange(1), help="Local worker processes for calibration shards, layer trials and --auto-mixed candidates (same output bytes) [default: 1].")
 @click.option("--ray", "ray_address", metavar="ADDRESS", help="Run those work units on a Ray cluster (host:port or ray://host:port; pip install 'edgequant[ray]').")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
@@ -146,7 +152,8 @@ def quantize(**flags: Any) -> None:
 OPTION_FLAGS = {"target": "target", "method": "method", "percentile": "percentile", "per_channel": "per_channel",
                 "activation_dtype": "activation_dtype", "weight_dtype": "weight_dtype", "batch_size": "batch_size",
                 "num_samples": "num_samples", "eval_samples": "eval_samples", "device": "device",
-                "workers": "workers", "ray_address": "ray_address"}
+                "workers": "workers", "ray_address": "ray_address", "cle": "cle", "bias_correction": "bias_correction",
+                "adaround": "adaround", "gptq": "gptq", "smoothquant": "smoothquant", "finetune_level": "finetune_level"}
 
 
 def option_changes(f: dict[str, Any], cfg, imports) -> dict[str, Any]:

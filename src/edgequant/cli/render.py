@@ -65,6 +65,8 @@ def print_summary(summary: Summary, output: str | None) -> None:
     for f in summary.fidelity:
         t.add_row(f"output {f.name}", f"cosine {f.cosine:.5f}   SQNR {f.sqnr_db:.1f} dB   "
                                       f"({summary.eval_samples} {where})")
+    for step in summary.recovery:
+        t.add_row("recovery", step.line())
     if summary.opset[0] != summary.opset[1]:
         t.add_row("opset", f"upgraded {summary.opset[0]} → {summary.opset[1]}")
     for note in summary.notes:

@@ -16,8 +16,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from edgequant.calibration.method import Method
 from edgequant.data.inputs import InputSettings
-from edgequant.errors import ConfigError, NotYetSupportedError, closest_names
-from edgequant.planning.options import QuantOptions
+from edgequant.errors import ConfigError, EdgequantError, closest_names
+from edgequant.planning.options import QuantOptions, Recovery, parse_options
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.planning.selectors import After, Between
 from edgequant.quant.dtypes import QuantDType
@@ -71,7 +71,25 @@ class QuantizationParameters(_Strict):
     analysis_enable: bool = False
     precision_level: int = Field(0, ge=0, le=4, description="0 int8, 1 int8 + 16-bit sensitive ops, 2 16-bit "
                                  "activations, 3 16-bit activations and weights, 4 float")
-    finetune_level: int = 0
+    finetune_level: int = Field(0, description="0 none, 1 GPTQ rounding and bias correction")
+    cle: bool | None = Field(None, description="edgequant: cross-layer equalization")
+    smoothquant: float | None = Field(None, description="edgequant: SmoothQuant alpha (0-1)")
+    bias_correction: str | None = Field(None, description="edgequant: empirical or fast")
+    adaround: bool | None = Field(None, description="edgequant: AdaRound weight rounding (PyTorch)")
+    gptq: bool | None = Field(None, description="edgequant: Hessian-based weight rounding")
+    use_adaround: bool | None = Field(None, description="NeuroPilot: same as adaround")
+    adaround_batch_size: int | None = None
+    adaround_data_count: int | None = None
+    adaround_optim_lr: float | None = None
+    adaround_optim_steps: int | None = None
+    use_bias_correction: bool | None = Field(None, description="NeuroPilot: empirical bias correction")
+    bias_correction_data_count: int | None = None
+    use_hessian_opt: bool | None = Field(None, description="NeuroPilot: same as gptq")
+    hessian_opt_block_size: int | None = None
+    hessian_opt_data_count: int | None = None
+    hessian_opt_stability_ratio: float | None = None
+    hessian_opt_sort_hessian: bool | None = None
+    hessian_opt_use_fast_strategy: bool | None = None
     max_percentile: float = 0.9999
     custom_setting: list[CustomSetting] | None = None
     truncate_var_names: list[str] | None = None
@@ -150,11 +168,20 @@ def read_config_file(source: str | os.PathLike | dict) -> tuple[ConfigFile, Path
         raise ConfigError(_key_error(exc.errors()[0])) from None
 
 
-def _reject_later_features(q: QuantizationParameters) -> None:
-    if q.finetune_level != 0:
-        raise NotYetSupportedError(
-            f"quantization_parameters.finetune_level {q.finetune_level}: fine-tuning (bias "
-            "correction, AdaRound) is not available in this version yet; set it to 0")
+RECOVERY_KEYS = ("finetune_level", "cle", "smoothquant", "bias_correction", "adaround", "gptq", "use_adaround",
+                 "adaround_batch_size", "adaround_data_count", "adaround_optim_lr", "adaround_optim_steps",
+                 "use_bias_correction", "bias_correction_data_count", "use_hessian_opt", "hessian_opt_block_size",
+                 "hessian_opt_data_count", "hessian_opt_stability_ratio", "hessian_opt_sort_hessian",
+                 "hessian_opt_use_fast_strategy")
+
+
+def config_recovery(q: QuantizationParameters) -> Recovery:
+    """The recovery options the file sets (edgequant's, XQuant's and NeuroPilot's names)."""
+    given = {k: getattr(q, k) for k in RECOVERY_KEYS if k in q.model_fields_set and getattr(q, k) is not None}
+    try:
+        return parse_options(None, given).recovery
+    except EdgequantError as exc:
+        raise type(exc)(f"quantization_parameters: {exc}") from None
 
 
 def _percent(value: float) -> float:
@@ -189,7 +216,6 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
     """Read, validate and resolve a config file (JSON or YAML, XQuant layout)."""
     cfg, base = read_config_file(source)
     m, c, q = cfg.model_parameters, cfg.calibration_parameters, cfg.quantization_parameters
-    _reject_later_features(q)
     model_path = _resolve_path(m.onnx_model, base) if m.onnx_model else None
     output = None
     if model_path is not None:
@@ -213,6 +239,7 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         simplify=not m.skip_onnxsim,
         device=c.calibration_device,
         overrides=config_overrides(q),
+        recovery=config_recovery(q),
     )
     inputs = c.input_parametres or []
     settings = tuple(_settings(p, base) for p in inputs)

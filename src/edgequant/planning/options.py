@@ -14,13 +14,85 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgequant.calibration.method import Method
-from edgequant.errors import ConfigError, closest_names
+from edgequant.errors import ConfigError, NotYetSupportedError, closest_names
 from edgequant.planning.overrides import Override, parse_precision
 from edgequant.quant.dtypes import QuantDType
 from edgequant.quant.params import DEFAULT_SCHEME, Scheme
 from edgequant.targets import apply_target
 
-__all__ = ["Method", "QuantOptions", "parse_options"]
+__all__ = ["Method", "QuantOptions", "Recovery", "parse_options"]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Accuracy recovery that keeps layers in their bits (``edgequant.algorithms``); all off by
+    default, so the output bytes do not change unless one is asked for.
+
+    * ``cle``: cross-layer equalization of consecutive Conv/Gemm pairs (before calibration);
+      ``cle_relu6_to_relu``: also through ReLU6/Clip(0, M), which becomes Relu there (as in
+      Nagel et al. and AIMET; the only change of the float model's semantics);
+    * ``smoothquant``: SmoothQuant's α (0–1) for MatMul/Gemm inputs (before calibration);
+    * ``bias_correction``: ``empirical`` (measured layer by layer in graph order) or ``fast``
+      (the weight rounding's shift on float input means); ``bias_correction_data_count``;
+    * ``adaround`` (PyTorch) and ``gptq`` (Hessian-based, numpy) choose each weight's rounding
+      layer by layer; their options carry NeuroPilot's names;
+    * ``finetune_level`` (XQuant): 0 none, 1 GPTQ rounding and empirical bias correction.
+    """
+
+    cle: bool = False
+    cle_relu6_to_relu: bool = True
+    smoothquant: float | None = None
+    bias_correction: str | None = None
+    bias_correction_data_count: int = 64
+    adaround: bool = False
+    adaround_data_count: int = 64
+    adaround_optim_steps: int = 1000
+    adaround_optim_lr: float = 1e-2
+    adaround_batch_size: int = 256
+    gptq: bool = False
+    hessian_opt_block_size: int = 128
+    hessian_opt_data_count: int = 64
+    hessian_opt_stability_ratio: float = 0.01
+    hessian_opt_sort_hessian: bool = True
+    hessian_opt_use_fast_strategy: bool = False
+    finetune_level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bias_correction not in (None, "empirical", "fast"):
+            raise ConfigError(f"bias_correction must be empirical or fast, got {self.bias_correction!r}")
+        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
+            raise ConfigError(f"smoothquant alpha must be in [0, 1] (e.g. 0.5), got {self.smoothquant}")
+        if self.finetune_level not in (0, 1):
+            raise NotYetSupportedError(
+                f"finetune_level {self.finetune_level}: block reconstruction (level 2 and up) is not available "
+                "yet; use finetune_level 1 (GPTQ rounding and bias correction) or --adaround")
+        for name in ("bias_correction_data_count", "adaround_data_count", "adaround_optim_steps",
+                     "adaround_batch_size", "hessian_opt_block_size", "hessian_opt_data_count"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0.0 <= self.hessian_opt_stability_ratio < 1.0:
+            raise ConfigError(f"hessian_opt_stability_ratio must be in [0, 1), got {self.hessian_opt_stability_ratio}")
+        if self.adaround and self.gptq:
+            raise ConfigError("choose one rounding algorithm: adaround or gptq, not both")
+
+    @property
+    def rounding(self) -> str | None:
+        """The rounding algorithm asked for, if any: ``adaround`` or ``gptq``."""
+        if self.adaround:
+            return "adaround"
+        return "gptq" if self.gptq or self.finetune_level >= 1 else None
+
+    @property
+    def bias(self) -> str | None:
+        return self.bias_correction or ("empirical" if self.finetune_level >= 1 else None)
+
+    def __bool__(self) -> bool:
+        return bool(self.cle or self.smoothquant is not None or self.bias or self.rounding)
+
+
+RECOVERY_FIELDS = {f.name: f for f in dataclasses.fields(Recovery)}
+#: NeuroPilot's switches, as a user brings them (their sub-options share our names).
+ALIASES = {"use_adaround": "adaround", "use_hessian_opt": "gptq", "use_bias_correction": "bias_correction"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +125,7 @@ class QuantOptions:
     per_channel_ops: tuple[str, ...] | None = None  # with per_channel: only these op types (None: all)
     workers: int = 1
     ray_address: str | None = None
+    recovery: Recovery = Recovery()
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -101,14 +174,42 @@ def parse_options(base: QuantOptions | None, changes: Mapping[str, object]) -> Q
     other changes win over it. ``method="entropy"``, ``activation_dtype="int16"``,
     ``overrides=["Conv_3=int16"]`` or ``{"Conv_3": "int16"}`` are parsed here.
     """
-    unknown = [k for k in changes if k not in FIELDS]
+    changes = {ALIASES.get(k, k): _alias_value(k, v) for k, v in changes.items()}
+    unknown = [k for k in changes if k not in FIELDS and k not in RECOVERY_FIELDS]
     if unknown:
-        raise ConfigError(f"unknown option {unknown[0]!r}; did you mean {closest_names(unknown[0], list(FIELDS))}?")
+        known = list(FIELDS) + list(RECOVERY_FIELDS)
+        raise ConfigError(f"unknown option {unknown[0]!r}; did you mean {closest_names(unknown[0], known)}?")
     options = base or QuantOptions()
     if "target" in changes:  # the profile first; the explicit changes below win
         options = apply_target(options, _text("target", changes["target"]))
-    parsed: dict[str, Any] = {k: _parse(k, v) for k, v in changes.items() if k != "target"}
+    parsed: dict[str, Any] = {k: _parse(k, v) for k, v in changes.items() if k != "target" and k in FIELDS}
+    recovery = {k: _parse_recovery(k, v) for k, v in changes.items() if k in RECOVERY_FIELDS}
+    if recovery:
+        parsed["recovery"] = dataclasses.replace(parsed.get("recovery", options.recovery), **recovery)
     return dataclasses.replace(options, **parsed)
+
+
+def _alias_value(key: str, value: object) -> object:
+    """``use_bias_correction=True`` is the empirical form; False turns it off."""
+    if key == "use_bias_correction" and isinstance(value, bool):
+        return "empirical" if value else None
+    return value
+
+
+def _parse_recovery(key: str, value: object) -> object:
+    kind = RECOVERY_FIELDS[key].type
+    if value is None:
+        if "None" not in str(kind):
+            raise ConfigError(f"option {key} cannot be None; leave it out for the default")
+        return None
+    want = {"bool": bool, "int": int, "float": float}.get(str(kind).split(" |")[0])
+    if key == "bias_correction":
+        want = str
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is not None and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
+        raise ConfigError(f"option {key} must be {want.__name__}, got {value!r}")
+    return value
 
 
 def _text(key: str, value: object) -> str:

@@ -14,6 +14,8 @@ biases become int32 with ``scale = s_input · s_weight``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
@@ -21,17 +23,48 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from edgequant.errors import ConfigError
 from edgequant.ir.graph import NameScope, consumers
 from edgequant.ir.model import copy_fields
-from edgequant.planning.plan import ActivationPlan, QuantPlan
+from edgequant.planning.plan import ActivationPlan, QuantPlan, WeightPlan
 from edgequant.quant.assign import weight_params
 from edgequant.quant.params import QuantParams, fit_bias, quantize_array, quantize_bias
 
 log = logging.getLogger(__name__)
 
+WeightKey = tuple  # (tensor, axis, dtype, symmetric, scheme): a weight as a plan quantizes it
+
+
+def weight_key(wp: WeightPlan) -> WeightKey:
+    return (wp.tensor, wp.axis, wp.dtype, wp.symmetric, wp.scheme)
+
+
+@dataclass(frozen=True)
+class Edits:
+    """What accuracy recovery chose, applied where a plan quantizes a weight the same way.
+
+    ``weights``: integer weights picked by a rounding algorithm (AdaRound, GPTQ) with the
+    params they were picked for, keyed by ``weight_key``; ``biases``: float values that replace
+    a bias initializer (bias correction) where it is quantized with that weight key. A plan
+    that quantizes a weight otherwise (another dtype, float) gets plain rounding and the
+    original bias: an edit is only ever used for what it was computed for.
+    """
+
+    weights: Mapping[WeightKey, tuple[np.ndarray, QuantParams]] = field(default_factory=dict)
+    biases: Mapping[tuple[str, WeightKey], np.ndarray] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.weights or self.biases)
+
+    def merged(self, other: Edits) -> Edits:
+        """These edits with ``other``'s on top."""
+        return Edits({**self.weights, **other.weights}, {**self.biases, **other.biases})
+
+
+NO_EDITS = Edits()
+
 
 class _Inserter:
     def __init__(self, model: ModelProto, source: ModelProto, plan: QuantPlan,
-                 params: dict[str, QuantParams]):
-        self.model, self.plan, self.params = model, plan, params
+                 params: dict[str, QuantParams], edits: Edits = NO_EDITS):
+        self.model, self.plan, self.params, self.edits = model, plan, params, edits
         self.graph = model.graph
         self.inits = {t.name: t for t in source.graph.initializer}
         self.scope = NameScope(self.graph)
@@ -123,9 +156,10 @@ class _Inserter:
             key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric) + (bias or ())
             if key not in self.weight_cache:
                 w = numpy_helper.to_array(self.inits[wp.tensor])
-                q, p = weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
+                chosen = self.edits.weights.get(weight_key(wp))
+                q, p = chosen if chosen is not None else weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
                 if bias is not None:  # keep the bias from overflowing its accumulator
-                    fitted = fit_bias(p, numpy_helper.to_array(self.inits[bias[0]]), bias[1], wp.scheme)
+                    fitted = fit_bias(p, self._bias_value(bias[0], wp), bias[1], wp.scheme)
                     if fitted is not None:
                         p, q = fitted, quantize_array(w, fitted, wp.scheme)
                         _check_fit(node, w, q, wp)
@@ -149,7 +183,7 @@ class _Inserter:
             in_root = self.plan.activations[bp.input_tensor].root
             key = (bp.tensor, in_root, wkey)
             if key not in self.bias_cache:
-                b = numpy_helper.to_array(self.inits[bp.tensor])
+                b = self._bias_value(bp.tensor, bp.weight)
                 w_scale = self.weight_cache[wkey][1].scale
                 s_in = float(np.asarray(self.params[in_root].scale))
                 q, scale, clipped = quantize_bias(b, s_in, np.asarray(w_scale), scheme)
@@ -163,6 +197,10 @@ class _Inserter:
                 self.bias_cache[key] = dq_out
             node.input[slot] = self.bias_cache[key]
         return made
+
+    def _bias_value(self, tensor: str, wp: WeightPlan) -> np.ndarray:
+        edited = self.edits.biases.get((tensor, weight_key(wp)))
+        return edited if edited is not None else numpy_helper.to_array(self.inits[tensor])
 
     def typed_const(self, base: str, arr: np.ndarray, dtype) -> str:
         name = self.scope.fresh(base)
@@ -202,8 +240,10 @@ def _check_fit(node: NodeProto, w: np.ndarray, q: np.ndarray, wp) -> None:
             "use a target with a wider bias")
 
 
-def insert_qdq(model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams]) -> ModelProto:
-    """Return a new model: ``model`` with Q/DQ nodes for everything in ``plan``.
+def insert_qdq(model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams],
+               edits: Edits = NO_EDITS) -> ModelProto:
+    """Return a new model: ``model`` with Q/DQ nodes for everything in ``plan`` (and the
+    weights and biases recovery chose, ``edits``).
 
     The float weights that get quantized are never copied; the input model is not modified.
     """
@@ -211,5 +251,5 @@ def insert_qdq(model: ModelProto, plan: QuantPlan, params: dict[str, QuantParams
     copy_fields(model, out, skip="graph")
     copy_fields(model.graph, out.graph, skip="initializer")
     out.graph.ClearField("value_info")
-    _Inserter(out, model, plan, params).run()
+    _Inserter(out, model, plan, params, edits).run()
     return out

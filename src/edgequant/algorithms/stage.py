@@ -1,0 +1,189 @@
+"""The recovery stage: feeds the algorithms from the calibrated state, layer by layer.
+
+After calibration, ``recover`` runs what ``QuantOptions.recovery`` asks for, in this order:
+weight rounding (AdaRound or GPTQ), then bias correction (on the rounded weights). Each
+returns ``Edits`` (integer weights, corrected biases) that ``CalibratedModel.assemble`` applies
+to every plan that quantizes those weights the same way, so the auto-mixed search, the
+collapse guard and analysis all see the recovered model. The float model is not changed.
+
+Rounding works in graph order: a layer's inputs come from the quantized model with every
+layer before it already rounded. Layers at the same depth do not feed one another, so one
+run of the quantized model (cut after them) gives all their inputs; only one depth's inputs
+are held at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from onnx import ModelProto, NodeProto, helper, numpy_helper
+
+from edgequant.algorithms.adaround import AdaRoundOptions, adaround
+from edgequant.algorithms.bias_correction import BiasCorrectionOptions, correct_biases, depth_levels
+from edgequant.algorithms.cle import channel_minima, equalize, pre_activations
+from edgequant.algorithms.gptq import GPTQOptions, gptq_round
+from edgequant.algorithms.layer import Layer, supported
+from edgequant.algorithms.report import StepReport
+from edgequant.algorithms.smoothquant import channel_absmax, smooth
+from edgequant.calibrated import CalibratedModel
+from edgequant.data.sources import Sample
+from edgequant.planning.options import Recovery
+from edgequant.planning.plan import QuantPlan, WeightPlan
+from edgequant.quant.assign import weight_params
+from edgequant.quant.params import dequantize_array, quantize_array
+from edgequant.runtime.capture import capture, truncated
+from edgequant.transform.qdq import Edits, insert_qdq, weight_key
+
+Progress = Callable[[str, int, int], None]
+ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def equalize_before(model: ModelProto, samples: Callable[[], Iterator[Sample]], rec: Recovery) -> list[StepReport]:
+    """SmoothQuant, then cross-layer equalization, on the prepared float model in place (before
+    calibration: both rescale activations). ``samples()`` gives the calibration samples their
+    statistics are measured on (SmoothQuant's channel maxima, CLE's bias-absorption bounds)."""
+    reports = []
+    if rec.smoothquant is not None:
+        started = time.perf_counter()
+        tensors = smoothable(model)
+        sm = smooth(model, channel_absmax(model, tensors, samples()), rec.smoothquant)
+        reports.append(StepReport(
+            f"SmoothQuant (α {rec.smoothquant:g})", len(sm.layers), "activation channel max/min",
+            sm.flatness_before, sm.flatness_after, time.perf_counter() - started,
+            f"{len(sm.activations)} activations, {len(sm.inserted)} Mul inserted"))
+    if rec.cle:
+        started = time.perf_counter()
+        tensors = pre_activations(model, rec.cle_relu6_to_relu)
+        minima = channel_minima(model, tensors, samples()) if tensors else {}
+        cle = equalize(model, relu6_to_relu=rec.cle_relu6_to_relu, absorb_bias=bool(tensors), minima=minima)
+        detail = f"{cle.iterations} sweeps, {cle.biases_absorbed} biases absorbed"
+        if cle.activations_replaced:
+            detail += f", {len(cle.activations_replaced)} ReLU6 → Relu (the float model changes there)"
+        reports.append(StepReport("CLE", len(cle.pairs), "weight channel range max/min", cle.range_ratio_before,
+                                  cle.range_ratio_after, time.perf_counter() - started, detail, "pairs"))
+    return reports
+
+
+def smoothable(model: ModelProto) -> list[str]:
+    """Activations read as input 0 by a MatMul or Gemm with a constant float weight."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits \
+                and node.input[0] not in inits:
+            out.append(node.input[0])
+    return list(dict.fromkeys(out))
+
+
+def recover(state: CalibratedModel, progress: Progress | None = None) -> CalibratedModel:
+    """``state`` with the edits and reports of the rounding and bias-correction steps asked for."""
+    rec = state.options.recovery
+    edits, reports = state.edits, list(state.recovery)
+    if rec.rounding:
+        edits, report = round_weights(state, state.plan, edits, rec.rounding, progress)
+        reports.append(report)
+    if rec.bias:
+        count = min(rec.bias_correction_data_count, state.split.calibration)
+        edits, report = correct_biases(state.model, state.plan, state.params(state.plan), edits,
+                                       lambda: state.samples(0, count),
+                                       BiasCorrectionOptions(rec.bias, count), state.options.device, progress)
+        reports.append(report)
+    return dataclasses.replace(state, edits=edits, recovery=tuple(reports))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rounded:
+    node: NodeProto
+    weight: WeightPlan
+
+
+def rounding_layers(state: CalibratedModel, plan: QuantPlan) -> list[_Rounded]:
+    """Conv/Gemm/MatMul layers whose weight (input 1) the plan quantizes and whose input is
+    an activation, in graph order."""
+    out = []
+    for node in state.model.graph.node:
+        wp = plan.weights.get(node.name, {}).get(1)
+        if node.op_type in ROUNDED_OPS and wp is not None and supported(node):
+            out.append(_Rounded(node, wp))
+    return out
+
+
+def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorithm: str,
+                  progress: Progress | None = None) -> tuple[Edits, StepReport]:
+    """Integer weights chosen by ``algorithm`` (``adaround`` or ``gptq``) for every layer of
+    ``rounding_layers``, depth by depth; the report compares each layer's output MSE on its
+    inputs against round to nearest."""
+    started = time.perf_counter()
+    rec = state.options.recovery
+    count = min(rec.adaround_data_count if algorithm == "adaround" else rec.hessian_opt_data_count,
+                state.split.calibration)
+    layers = rounding_layers(state, plan)
+    inits = {t.name: t for t in state.model.graph.initializer}
+    params = state.params(plan)
+    chosen: dict = dict(edits.weights)
+    before, after, done = [], [], 0
+    for level in depth_levels(state.model, layers):  # type: ignore[arg-type]
+        qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases))
+        by_name = {n.name: n for n in qmodel.graph.node}
+        q_in = [by_name[lay.node.name].input[0] for lay in level]
+        quantized = capture(truncated(qmodel, list(dict.fromkeys(q_in))), list(dict.fromkeys(q_in)),
+                            state.samples(0, count), state.options.device)
+        floats = capture(state.model, list(dict.fromkeys(lay.node.input[0] for lay in level)),
+                         state.samples(0, count), state.options.device)
+        for lay, name in zip(level, q_in):
+            w = numpy_helper.to_array(inits[lay.weight.tensor]).astype(np.float32)
+            wp = lay.weight
+            _, p = weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
+            q, mse = _round_one(lay.node, w, p, wp, quantized[name], floats[lay.node.input[0]], algorithm, rec)
+            chosen[weight_key(wp)] = (q, p)
+            before.append(mse[0])
+            after.append(mse[1])
+            done += 1
+            if progress:
+                progress(algorithm, done, len(layers))
+    name = "AdaRound" if algorithm == "adaround" else "GPTQ"
+    ratio = [a / b for a, b in zip(after, before) if b > 0]
+    return Edits(chosen, edits.biases), StepReport(
+        name, len(layers), "layer MSE", 1.0 if ratio else 0.0, float(np.mean(ratio)) if ratio else 0.0,
+        time.perf_counter() - started, f"{count} samples")
+
+
+def _attrs(node: NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _round_one(node, w, p, wp, x_q: list[np.ndarray], x_f: list[np.ndarray], algorithm: str, rec):
+    """(integer weight, (MSE of round to nearest, MSE after)) of one layer on its inputs."""
+    layer = Layer(node.op_type, w, _attrs(node))
+    xq, xf = _stack(x_q, node.op_type), _stack(x_f, node.op_type)
+    if algorithm == "adaround":
+        target = layer.forward(xf)
+        opts = AdaRoundOptions(steps=rec.adaround_optim_steps, batch_size=rec.adaround_batch_size,
+                               lr=rec.adaround_optim_lr, data_count=rec.adaround_data_count)
+        q, stats = adaround(layer, p, wp.scheme, xq, target, opts)
+        return q, (stats.mse_before, stats.mse_after)
+    opts_g = GPTQOptions(block_size=rec.hessian_opt_block_size, stability_ratio=rec.hessian_opt_stability_ratio,
+                         sort_hessian=rec.hessian_opt_sort_hessian, fast=rec.hessian_opt_use_fast_strategy)
+    q = gptq_round(layer, p, wp.scheme, xq, opts_g)
+    return q, _mse_pair(layer, w, p, wp, q, xq, layer.forward(xf))
+
+
+def _mse_pair(layer, w, p, wp, q, x, target) -> tuple[float, float]:
+    rtn = dequantize_array(quantize_array(w, p, wp.scheme), p)
+    got = dequantize_array(q, p)
+    return (float(np.mean((layer.forward(x, rtn) - target) ** 2)),
+            float(np.mean((layer.forward(x, got) - target) ** 2)))
+
+
+def _stack(arrays: list[np.ndarray], op_type: str) -> np.ndarray:
+    """One array of the samples' values along axis 0: MatMul/Gemm inputs as rows of their last
+    axis (any sequence lengths); Conv inputs of the most common shape (dynamic widths keep that
+    shape's samples)."""
+    if op_type != "Conv":
+        return np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
+    shapes = [a.shape[1:] for a in arrays]
+    common = max(set(shapes), key=shapes.count)
+    return np.concatenate([a for a in arrays if a.shape[1:] == common])

@@ -1,0 +1,117 @@
+"""Recovery stages on the calibrated state: bias correction, edits, options and their surface."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import edgequant
+from edgequant.algorithms.bias_correction import add_zero_biases, bias_layers
+from edgequant.api import calibrate
+from edgequant.runtime.session import make_session
+from edgequant.transform.qdq import Edits, insert_qdq
+from tests.unit.test_quantize_graphs import calib, cnn, with_weights
+
+NO_BIAS = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 8, 8] x) => (float[N, 6, 8, 8] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, W1)
+    r1 = Relu (c1)
+    y = Conv <pads = [1, 1, 1, 1]> (r1, W2)
+}
+"""
+
+
+def _errors(qmodel, model, q_names, f_names, feeds, relu):
+    """Independent of the library's own reduction: all values of both models, then the mean of
+    (quantized − float) per channel, where the float value is > 0 for a layer Relu follows."""
+    q_sess, f_sess = make_session(qmodel, q_names), make_session(model, f_names)
+    out = []
+    for k in range(len(q_names)):
+        q = np.concatenate([_rows(q_sess.run([q_names[k]], f)[0]) for f in feeds], axis=1)
+        fl = np.concatenate([_rows(f_sess.run([f_names[k]], f)[0]) for f in feeds], axis=1)
+        mask = fl > 0 if relu[k] else np.ones_like(fl, bool)
+        out.append(np.where(mask, q - fl, 0).sum(axis=1) / np.maximum(mask.sum(axis=1), 1))
+    return out
+
+
+def _rows(v):
+    return np.moveaxis(v, 1, 0).reshape(v.shape[1], -1)
+
+
+def _layer_errors(state, edits):
+    """Per corrected layer (the Convs: the Gemm has one value per sample, too few), the channel
+    means of its output error in the QDQ model."""
+    qmodel = insert_qdq(state.model, state.plan, state.params(state.plan), edits)
+    by_name = {n.name: n for n in qmodel.graph.node}
+    layers = [lay for lay in bias_layers(state.model, state.plan) if lay.node.op_type == "Conv"]
+    feeds = list(state.samples(0, state.split.calibration))
+    return _errors(qmodel, state.model, [by_name[lay.node.name].output[0] for lay in layers],
+                   [lay.node.output[0] for lay in layers], feeds, [True, False])
+
+
+@pytest.mark.parametrize("kind", [{"target": "espdl-s3"}, {"weight_dtype": "int4", "per_channel": False}])
+def test_empirical_bias_correction_leaves_no_mean_error_in_the_corrected_layers(kind, rng):
+    m = cnn(rng)
+    data = [{"x": x + 0.5} for x in calib(rng, 40)]  # inputs with a mean: rounding shifts the outputs' means
+    plain = calibrate(m, data, eval_samples=8, **kind)
+    fixed = calibrate(m, data, eval_samples=8, bias_correction="empirical", **kind)
+    before = _layer_errors(plain, Edits())
+    after = _layer_errors(fixed, fixed.edits)
+    assert len(before) == 2 and fixed.recovery[0].layers == 3
+    for b, a in zip(before, after):
+        assert np.abs(a).max() < 0.1 * np.abs(b).max() + 1e-6  # the mean error is (almost) all gone
+    assert fixed.recovery[0].after < 0.05 * fixed.recovery[0].before
+    assert fixed.plan.weights == plain.plan.weights  # the plan is the same: only biases moved
+    gemm = next(lay for lay in bias_layers(fixed.model, fixed.plan) if lay.node.op_type == "Gemm")
+    b3 = numpy_helper.to_array(next(t for t in fixed.model.graph.initializer if t.name == gemm.bias.tensor))
+    np.testing.assert_array_equal(fixed.edits.biases[gemm.key], b3)  # 32 values a channel: left alone
+
+
+def test_fast_bias_correction_removes_the_weight_rounding_shift(rng):
+    m = cnn(rng)
+    data = [{"x": x + 1.0} for x in calib(rng, 30)]  # inputs with a mean: a visible shift
+    state = calibrate(m, data, target="espdl-s3", bias_correction="fast")
+    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    lay = bias_layers(state.model, state.plan)[0]
+    new = state.edits.biases[lay.key]
+    assert not np.allclose(new, inits[lay.bias.tensor])
+    assert "removed" in state.recovery[0].line()
+
+
+def test_zero_biases_keep_the_float_model_and_get_corrected(rng):
+    m = with_weights(NO_BIAS, rng, W1=(4, 3, 3, 3), W2=(6, 4, 3, 3))
+    x = calib(rng, 1)[0]
+    want = make_session(m).run(None, {"x": x})[0]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(m)
+    assert add_zero_biases(copy) == 2
+    np.testing.assert_allclose(make_session(copy).run(None, {"x": x})[0], want, rtol=1e-6, atol=1e-6)
+    state = calibrate(m, [{"x": v} for v in calib(rng, 20)], bias_correction="empirical")
+    assert len(state.edits.biases) == 2
+
+
+def test_recovery_is_off_by_default_and_changes_nothing(rng):
+    m, data = cnn(rng), [{"x": x} for x in calib(rng)]
+    a = edgequant.quantize(m, data, target="espdl-s3")
+    b = edgequant.quantize(m, data, target="espdl-s3", bias_correction=None, adaround=False, gptq=False, cle=False,
+                           smoothquant=None, finetune_level=0)
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert a.summary.recovery == [] == b.summary.recovery
+
+
+def test_recovery_options_parse_with_neuropilot_names():
+    opts = edgequant.make_options(use_adaround=True, adaround_optim_steps=200, use_bias_correction=True,
+                                  hessian_opt_block_size=64, smoothquant=0.6)
+    rec = opts.recovery
+    assert rec.rounding == "adaround" and rec.bias == "empirical" and rec.adaround_optim_steps == 200
+    assert rec.hessian_opt_block_size == 64 and rec.smoothquant == 0.6
+    assert edgequant.make_options(finetune_level=1).recovery.rounding == "gptq"
+    assert not edgequant.make_options().recovery
+    for bad, match in (({"adaround": 1}, "must be bool"), ({"bias_correction": "x"}, "empirical or fast"),
+                       ({"smoothquant": 2.0}, r"\[0, 1\]"), ({"adaround_steps": 3}, "did you mean"),
+                       ({"adaround": True, "gptq": True}, "not both")):
+        with pytest.raises(edgequant.ConfigError, match=match):
+            edgequant.make_options(**bad)
+    with pytest.raises(edgequant.NotYetSupportedError, match="block reconstruction"):
+        edgequant.make_options(finetune_level=2)
