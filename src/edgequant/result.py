@@ -34,11 +34,15 @@ class Collapse:
     threshold: float
     layers: tuple[str, ...]
     overrides: tuple[Override, ...] = field(default=())
+    recovery: str = ""  # recovery switches to try first (every layer stays in its bits)
 
     def advice(self) -> str:
         flags = " ".join(f"--override '{o}'" for o in self.overrides)
-        return (f"rerun with --auto-mixed (automatic 16-bit fallback), or keep the worst layers in higher "
+        text = (f"rerun with --auto-mixed (automatic 16-bit fallback), or keep the worst layers in higher "
                 f"precision: {flags}" if flags else "rerun with --auto-mixed (automatic 16-bit fallback)")
+        if self.recovery:
+            text = f"rerun with {self.recovery} (keeps every layer in its bits); else {text}"
+        return text
 
 
 @dataclass

@@ -61,6 +61,24 @@ def test_worker_processes_give_the_same_bytes_and_bad_values_are_refused(tmp_pat
     assert bad.returncode == 2 and "not both" in bad.stderr and not (tmp_path / "c.onnx").exists()
 
 
+def test_recovery_flags_reach_the_summary_and_change_only_what_they_should(tmp_path, npz_dir):
+    plain, fixed, again = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx"
+    assert cli("quantize", MODEL, "-o", plain, "--calib", npz_dir, "-q", "--target", "espdl-s3").returncode == 0
+    r = cli("quantize", MODEL, "-o", fixed, "--calib", npz_dir, "--target", "espdl-s3", "--cle", "--bias-correction",
+            "--gptq")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("recovery")]
+    assert [line.split(":")[0].split()[-1] for line in lines] == ["CLE", "GPTQ", "correction"], r.stdout
+    assert fixed.read_bytes() != plain.read_bytes()
+    r = cli("quantize", MODEL, "-o", again, "--calib", npz_dir, "-q", "--target", "espdl-s3", "--cle",
+            "--bias-correction", "--gptq")
+    assert again.read_bytes() == fixed.read_bytes()  # same inputs, same bytes
+    bad = cli("quantize", MODEL, "-o", tmp_path / "d.onnx", "--calib", npz_dir, "--gptq", "--adaround")
+    assert bad.returncode == 2 and "not both" in bad.stderr and not (tmp_path / "d.onnx").exists()
+    bad = cli("quantize", MODEL, "-o", tmp_path / "d.onnx", "--calib", npz_dir, "--smoothquant", "3")
+    assert bad.returncode == 2 and "[0, 1]" in bad.stderr
+
+
 def test_config_file_python_m_and_default_output(tmp_path, npz_dir):
     model = tmp_path / "net.onnx"
     model.write_bytes(MODEL.read_bytes())

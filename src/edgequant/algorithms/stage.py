@@ -138,9 +138,10 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
             wp = lay.weight
             _, p = weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
             q, mse = _round_one(lay.node, w, p, wp, quantized[name], floats[lay.node.input[0]], algorithm, rec)
-            chosen[weight_key(wp)] = (q, p)
+            if mse[1] < mse[0]:  # else round to nearest stays (a learned rounding may not beat it)
+                chosen[weight_key(wp)] = (q, p)
             before.append(mse[0])
-            after.append(mse[1])
+            after.append(min(mse))
             done += 1
             if progress:
                 progress(algorithm, done, len(layers))

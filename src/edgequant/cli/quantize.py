@@ -79,6 +79,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--target-sqnr", type=float, help="--auto-mixed target in dB instead of cosine.")
 @click.option("--max-high-precision", default="10%", show_default=True, help="--auto-mixed budget: share of MACs allowed in higher precision (10% or 0.1).")
 @click.option("--fallback", type=click.Choice(["int16", "uint16", "float"]), default="int16", show_default=True, help="--auto-mixed precision for the layers it picks.")
+@click.option("--recover", is_flag=True, default=None, help="--auto-mixed: first fix the rounding with bias correction (+ CLE for per-tensor weights, GPTQ for 4-bit ones), then search [default: when the target cannot run float].")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when the collapse guard fires (outputs far from float).")
 @click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON). Repeatable.")
 @click.option("--import-params", multiple=True, metavar="FORMAT:PATH", help="Read parameters (same formats) as overrides; edgequant:PATH re-creates the model without calibration. Repeatable.")
@@ -131,7 +132,7 @@ def quantize(**flags: Any) -> None:
             result, mixed = auto_mixed(model_path, calib, config=cfg, input_settings=settings, progress=progress,
                                        target_cosine=f["target_cosine"], target_sqnr=f["target_sqnr"],
                                        max_high_precision=_share(f["max_high_precision"]), fallback=f["fallback"],
-                                       **changes)
+                                       recover=f["recover"], **changes)
         else:
             result = run(model_path, calib, config=cfg, input_settings=settings, progress=progress, **changes)
     saved = result.save(out)

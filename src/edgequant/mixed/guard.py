@@ -20,4 +20,14 @@ def collapse_report(state: CalibratedModel, result: QuantizeResult, progress=Non
     overrides = tuple(suggest_overrides(sens.ranked()[:top], QuantDType.INT16, can_float))
     cosine = min(f.cosine for f in result.summary.fidelity)
     layers = tuple(str(o.selector) for o in overrides)
-    return Collapse(cosine, state.options.collapse_cosine, layers, overrides)
+    return Collapse(cosine, state.options.collapse_cosine, layers, overrides, recovery_flags(state.options))
+
+
+def recovery_flags(options) -> str:
+    """The recovery switches worth trying before any layer leaves its bits, or "" when the run
+    used recovery already: bias correction, with CLE for per-tensor weights and GPTQ for 4-bit ones."""
+    if options.recovery:
+        return ""
+    flags = ["--cle"] if not options.per_channel else []
+    flags += ["--bias-correction"] + (["--gptq"] if options.weight_dtype.bits == 4 else [])
+    return " ".join(flags)

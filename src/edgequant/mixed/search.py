@@ -21,6 +21,7 @@ same target.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from edgequant.ir.model import write_atomic
 from edgequant.mixed.cost import layer_macs
 from edgequant.mixed.sensitivity import Sensitivity, sensitivity
 from edgequant.pipeline import finish
-from edgequant.planning.options import QuantOptions, parse_options
+from edgequant.planning.options import QuantOptions, Recovery, parse_options
 from edgequant.planning.overrides import FLOAT, Override, parse_precision
 from edgequant.planning.plan import QuantPlan
 from edgequant.quant.dtypes import QuantDType
@@ -66,7 +67,9 @@ class MixedOptions:
     metric instead, aiming at the float model's metric minus ``metric_tolerance``;
     ``max_high_precision``: the share of MACs allowed above 8 bits; ``fallback``: what chosen
     layers become (int16, uint16 or float); ``search_samples``: the first samples (calibration
-    and held-out alike) sensitivity and candidates are judged on.
+    and held-out alike) sensitivity and candidates are judged on; ``recover``: first fix the
+    rounding with the recovery algorithms that keep layers in their bits (``recovery_for``),
+    then search from there (None: when the target cannot run float layers).
     """
 
     target_cosine: float | None = None
@@ -76,6 +79,7 @@ class MixedOptions:
     max_high_precision: float = 0.10
     fallback: QuantDType | str = QuantDType.INT16
     search_samples: int = 64
+    recover: bool | None = None
 
     def __post_init__(self) -> None:
         fallback = parse_precision(self.fallback) if isinstance(self.fallback, str) else self.fallback
@@ -271,8 +275,9 @@ def worst_sample_score(accs: list[FidelityAccumulator], measure: str) -> float:
 def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, target_cosine: float | None = None,
                target_sqnr: float | None = None, metric: Metric | None = None, metric_tolerance: float = 0.01,
                max_high_precision: float = 0.10, fallback: str = "int16", search_samples: int = 64,
-               config=None, options: QuantOptions | None = None, input_settings: list[InputSettings] | None = None,
-               progress: Progress | None = None, **changes: Any) -> tuple[QuantizeResult, MixedPrecision]:
+               recover: bool | None = None, config=None, options: QuantOptions | None = None,
+               input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
+               **changes: Any) -> tuple[QuantizeResult, MixedPrecision]:
     """Quantize ``model`` and keep the layers it needs in ``fallback`` precision (see module doc).
 
     Returns ``(QuantizeResult, MixedPrecision)``. The search's own keywords are those of
@@ -283,15 +288,25 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     fidelity on the held-out samples as usual.
     """
     settings = MixedOptions(target_cosine, target_sqnr, metric, metric_tolerance, max_high_precision, fallback,
-                            search_samples)
+                            search_samples, recover)
     cfg = resolve_config(config)
     opts = parse_options(options or (cfg.options if cfg else None), changes)
+    wants = settings.recover if settings.recover is not None else "float" not in get_target(opts.target).fallback
+    if wants and not opts.recovery:
+        opts = dataclasses.replace(opts, recovery=recovery_for(opts))
     state = calibrate(model, calibration, config=cfg, options=opts, input_settings=input_settings, progress=progress,
                       min_opset=21 if settings.fallback != FLOAT else 0)
     plan, mixed = search_mixed(state, settings, progress)
     result = finish(state, plan, progress)
     result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
     return result, mixed
+
+
+def recovery_for(options: QuantOptions) -> Recovery:
+    """The recovery that keeps layers in their bits for these options: empirical bias
+    correction always; cross-layer equalization for per-tensor weights (their ranges are
+    shared by every channel); GPTQ rounding for 4-bit weights."""
+    return Recovery(cle=not options.per_channel, bias_correction="empirical", gptq=options.weight_dtype.bits == 4)
 
 
 def search_mixed(state: CalibratedModel, settings: MixedOptions,

