@@ -77,6 +77,13 @@ def test_recovery_flags_reach_the_summary_and_change_only_what_they_should(tmp_p
     assert bad.returncode == 2 and "not both" in bad.stderr and not (tmp_path / "d.onnx").exists()
     bad = cli("quantize", MODEL, "-o", tmp_path / "d.onnx", "--calib", npz_dir, "--smoothquant", "3")
     assert bad.returncode == 2 and "[0, 1]" in bad.stderr
+    for flags, fmt, says in ((["--cle"], "cali-table", "rescaled"), (["--gptq"], "edgequant", "plain rounding")):
+        bad = cli("quantize", MODEL, "-o", tmp_path / "d.onnx", "--calib", npz_dir, *flags,
+                  "--export-params", f"{fmt}:{tmp_path / 'p.txt'}")
+        assert bad.returncode == 2 and says in bad.stderr and not list(tmp_path.glob("[dp].*"))
+    ok = cli("quantize", MODEL, "-o", tmp_path / "d.onnx", "--calib", npz_dir, "-q", "--bias-correction",
+             "--export-params", f"qparams:{tmp_path / 'q.json'}")
+    assert ok.returncode == 0 and (tmp_path / "q.json").is_file()  # ranges only: the toolchain rounds weights
 
 
 def test_config_file_python_m_and_default_output(tmp_path, npz_dir):

@@ -101,9 +101,10 @@ def quantize(**flags: Any) -> None:
     from edgequant.api import quantize as run
     from edgequant.cli.render import print_collapse, print_summary, progress_bar
     from edgequant.config.schema import load_config
+    from edgequant.export import check_exportable, parse_spec
     from edgequant.export import export_params as write_params
-    from edgequant.export import parse_spec
     from edgequant.mixed.search import auto_mixed
+    from edgequant.planning.options import parse_options
 
     f = flags
     if f["model"] and f["model_opt"] and f["model"] != f["model_opt"]:
@@ -121,6 +122,9 @@ def quantize(**flags: Any) -> None:
         _recreate(model_path, imports, exports, out, f["quiet"])
         return
     changes = option_changes(f, cfg, imports)
+    recovery = parse_options(cfg.options if cfg else None, changes).recovery
+    for fmt, _ in exports:  # before any work: nothing half-done
+        check_exportable(fmt, recovery)
     settings = image_settings(model_path, cfg, {
         "file_type": f["file_type"], "mean": _floats(f["mean"]), "std": _floats(f["std"]),
         "color_format": f["color_format"], "layout": f["layout"], "preprocess": f["preprocess"]})

@@ -30,8 +30,26 @@ def parse_spec(text: str) -> tuple[str, Path]:
     return fmt, Path(path)
 
 
+def check_exportable(fmt: str, recovery) -> None:
+    """A ConfigError when a ``fmt`` file cannot describe what ``recovery`` (``Recovery``) did.
+
+    CLE and SmoothQuant rescale the float model's tensors per channel, so ranges measured on
+    them fit no tensor of the original model a toolchain reads. An ``edgequant`` file re-creates
+    weights and biases by plain rounding, so it cannot hold what rounding algorithms and bias
+    correction chose. (The other formats carry ranges only; the toolchain rounds its weights.)
+    """
+    if recovery.cle or recovery.smoothquant is not None:
+        raise ConfigError(f"--export-params {fmt}: --cle/--smoothquant rescaled the float model's tensors, so its "
+                          "ranges fit no tensor of the original model; export without them (bias correction and "
+                          "weight rounding live in the QDQ model)")
+    if fmt == "edgequant" and (recovery.rounding or recovery.bias):
+        raise ConfigError("--export-params edgequant: the file re-creates weights and biases by plain rounding and "
+                          "cannot hold those --gptq/--adaround/--bias-correction chose; keep the QDQ model instead")
+
+
 def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
     """Write ``result``'s parameters in ``fmt`` (atomically)."""
+    check_exportable(fmt, result.options.recovery)
     writer = {"qparams": qparams.dumps, "cali-table": tpu_mlir.dumps_cali_table, "qtable": tpu_mlir.dumps_qtable,
               "acuity": acuity.dumps, "edgequant": native.dumps}[fmt]
     return write_atomic(path, writer(result))
