@@ -115,3 +115,17 @@ def test_recovery_options_parse_with_neuropilot_names():
             edgequant.make_options(**bad)
     with pytest.raises(edgequant.NotYetSupportedError, match="block reconstruction"):
         edgequant.make_options(finetune_level=2)
+
+
+def test_a_fixed_weight_clipping_ratio_replaces_the_mse_search(rng):
+    m, data = cnn(rng), [{"x": x} for x in calib(rng)]
+    r = edgequant.quantize(m, data, weights_quantization_clipping_ratio=0.8)  # NeuroPilot's name
+    assert r.options.weight_clipping_ratio == 0.8
+    inits = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
+    w1 = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "W1"))
+    dq = next(n for n in r.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("W1"))
+    want = 0.8 * np.abs(w1.reshape(4, -1)).max(axis=1) / 127  # symmetric int8, per output channel
+    np.testing.assert_allclose(inits[dq.input[1]], want, rtol=1e-6)
+    assert np.abs(inits[dq.input[0]]).max() == 127  # the largest weights now saturate
+    with pytest.raises(edgequant.ConfigError, match=r"\(0, 1\]"):
+        edgequant.make_options(weight_clipping_ratio=1.5)

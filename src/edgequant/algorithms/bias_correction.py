@@ -33,12 +33,11 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from edgequant.algorithms.report import StepReport
 from edgequant.planning.plan import BiasPlan, QuantPlan, WeightPlan
-from edgequant.quant.assign import weight_params
 from edgequant.quant.params import dequantize_array
 from edgequant.runtime.capture import channel_means, truncated
 from edgequant.runtime.feed import run_in_place
 from edgequant.runtime.session import make_session
-from edgequant.transform.qdq import Edits, insert_qdq, weight_key
+from edgequant.transform.qdq import Edits, insert_qdq, plain_weight, weight_key
 
 Progress = Callable[[str, int, int], None]
 SUPPORTED = ("Conv", "ConvTranspose", "Gemm")
@@ -247,7 +246,7 @@ def _fast_errors(model, layers, inits, edits: Edits, samples, device) -> dict:
         w = numpy_helper.to_array(inits[lay.weight.tensor]).astype(np.float32)
         chosen = edits.weights.get(weight_key(lay.weight))
         wp = lay.weight
-        q, p = chosen if chosen is not None else weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
+        q, p = chosen if chosen is not None else plain_weight(w, wp)
         delta = dequantize_array(q, p).astype(np.float64) - w
         out[lay.key] = _shift(lay.node, delta, means[lay.node.input[0]])
     return out

@@ -32,10 +32,9 @@ from edgequant.calibrated import CalibratedModel
 from edgequant.data.sources import Sample
 from edgequant.planning.options import Recovery
 from edgequant.planning.plan import QuantPlan, WeightPlan
-from edgequant.quant.assign import weight_params
 from edgequant.quant.params import dequantize_array, quantize_array
 from edgequant.runtime.capture import capture, truncated
-from edgequant.transform.qdq import Edits, insert_qdq, weight_key
+from edgequant.transform.qdq import Edits, insert_qdq, plain_weight, weight_key
 
 Progress = Callable[[str, int, int], None]
 ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
@@ -136,7 +135,7 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
         for lay, name in zip(level, q_in):
             w = numpy_helper.to_array(inits[lay.weight.tensor]).astype(np.float32)
             wp = lay.weight
-            _, p = weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
+            _, p = plain_weight(w, wp)
             q, mse = _round_one(lay.node, w, p, wp, quantized[name], floats[lay.node.input[0]], algorithm, rec)
             if mse[1] < mse[0]:  # else round to nearest stays (a learned rounding may not beat it)
                 chosen[weight_key(wp)] = (q, p)

@@ -57,6 +57,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--per-channel/--per-tensor", default=None, help="Weight granularity [default: per-channel].")
 @click.option("--activation-dtype", type=click.Choice(["uint8", "int8", "uint16", "int16"]), help="[default: uint8]")
 @click.option("--weight-dtype", type=click.Choice(["int8", "uint8", "int4", "uint4"]), help="[default: int8; int4/uint4: W4A8, W4A16 at opset 21]")
+@click.option("--weight-clipping-ratio", type=float, metavar="R", help="Keep R (0-1] of each weight channel's min/max range instead of searching the MSE-best share (NeuroPilot weights_quantization_clipping_ratio).")
 @click.option("--symmetric", type=click.Choice(["weights", "activations", "both", "none"]), help="Symmetric ranges for [default: weights].")
 @click.option("--batch-size", type=int, help="Samples per inference batch [default: 1].")
 @click.option("--num-samples", type=int, help="Calibration samples to use [default: 100].")
@@ -157,7 +158,7 @@ def quantize(**flags: Any) -> None:
 OPTION_FLAGS = {"target": "target", "method": "method", "percentile": "percentile", "per_channel": "per_channel",
                 "activation_dtype": "activation_dtype", "weight_dtype": "weight_dtype", "batch_size": "batch_size",
                 "num_samples": "num_samples", "eval_samples": "eval_samples", "device": "device",
-                "workers": "workers", "ray_address": "ray_address", "cle": "cle", "bias_correction": "bias_correction",
+                "workers": "workers", "ray_address": "ray_address", "weight_clipping_ratio": "weight_clipping_ratio", "cle": "cle", "bias_correction": "bias_correction",
                 "adaround": "adaround", "gptq": "gptq", "smoothquant": "smoothquant", "finetune_level": "finetune_level"}
 
 

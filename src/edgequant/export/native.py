@@ -52,7 +52,8 @@ def dumps(result) -> str:
         "params": {root: {"scale": _list(p.scale), "zero_point": _list(p.zero_point), "dtype": p.dtype.value}
                    for root, p in result.params.items()},
         "weights": [{"node": k[0], "slot": k[1], "tensor": w.tensor, "dtype": w.dtype.value, "symmetric": w.symmetric,
-                     "axis": w.axis, "scheme": _scheme(w.scheme), **weights.get((k[0], k[1]), {})}
+                     "axis": w.axis, "scheme": _scheme(w.scheme), **({"clipping": w.clipping} if w.clipping else {}),
+                     **weights.get((k[0], k[1]), {})}
                     for k, w in plan.weight_items()],
         "biases": [{"node": k[0], "slot": k[1], "tensor": b.tensor, "input": b.input_tensor} for k, b in plan.bias_items()],
         "folded": plan.folded_nodes, "precision": plan.precision,
@@ -101,7 +102,7 @@ def _plan(data: dict) -> QuantPlan:
                                                        a["symmetric"], Scheme(**a["scheme"]))
     for w in data["weights"]:
         plan.weights.setdefault(w["node"], {})[w["slot"]] = WeightPlan(
-            w["tensor"], QuantDType(w["dtype"]), w["symmetric"], w["axis"], Scheme(**w["scheme"]))
+            w["tensor"], QuantDType(w["dtype"]), w["symmetric"], w["axis"], Scheme(**w["scheme"]), w.get("clipping"))
     for b in data["biases"]:
         wp = next(iter(plan.weights[b["node"]].values()))
         plan.biases.setdefault(b["node"], {})[b["slot"]] = BiasPlan(b["tensor"], b["input"], wp)

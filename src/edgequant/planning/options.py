@@ -92,7 +92,8 @@ class Recovery:
 
 RECOVERY_FIELDS = {f.name: f for f in dataclasses.fields(Recovery)}
 #: NeuroPilot's switches, as a user brings them (their sub-options share our names).
-ALIASES = {"use_adaround": "adaround", "use_hessian_opt": "gptq", "use_bias_correction": "bias_correction"}
+ALIASES = {"use_adaround": "adaround", "use_hessian_opt": "gptq", "use_bias_correction": "bias_correction",
+           "weights_quantization_clipping_ratio": "weight_clipping_ratio"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class QuantOptions:
     per_channel_ops: tuple[str, ...] | None = None  # with per_channel: only these op types (None: all)
     workers: int = 1
     ray_address: str | None = None
+    weight_clipping_ratio: float | None = None  # fixed share of each weight channel's range (else MSE search)
     recovery: Recovery = Recovery()
 
     def __post_init__(self) -> None:
@@ -144,6 +146,8 @@ class QuantOptions:
             raise ConfigError(f"calibration device must be auto, cpu or cuda, got {self.device!r}")
         if self.workers < 1:
             raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
+        if self.weight_clipping_ratio is not None and not 0.0 < self.weight_clipping_ratio <= 1.0:
+            raise ConfigError(f"weight clipping ratio must be in (0, 1] (e.g. 0.9), got {self.weight_clipping_ratio}")
         if self.ray_address is not None and self.workers != 1:
             raise ConfigError("give --workers or --ray, not both (a Ray cluster has its own workers)")
 
@@ -163,7 +167,7 @@ class QuantOptions:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(QuantOptions)}
-_NULLABLE = {"num_samples", "ray_address", "per_channel_ops"}
+_NULLABLE = {"num_samples", "ray_address", "per_channel_ops", "weight_clipping_ratio"}
 
 
 def parse_options(base: QuantOptions | None, changes: Mapping[str, object]) -> QuantOptions:
@@ -238,7 +242,7 @@ def _parse(key: str, value: object) -> object:
 
 
 _SIMPLE: dict[str, type] = {
-    "percentile": float, "collapse_cosine": float, "activation_symmetric": bool, "weight_symmetric": bool,
+    "percentile": float, "collapse_cosine": float, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
     "per_channel": bool, "quantize_outputs": bool, "simplify": bool, "batch_size": int, "num_samples": int,
     "eval_samples": int, "workers": int, "device": str, "ray_address": str,
 }

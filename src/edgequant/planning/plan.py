@@ -44,6 +44,7 @@ class WeightPlan:
     symmetric: bool
     axis: int | None
     scheme: Scheme = DEFAULT_SCHEME
+    clipping: float | None = None  # a fixed share of each channel's range instead of the MSE search
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ class _Builder:
             if t is None or t.data_type != TensorProto.FLOAT:
                 continue
             axis = weight_axis(node.op_type, len(t.dims), attrs) if per_channel else None
-            wp = WeightPlan(t.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis, self.opt.scheme)
+            wp = WeightPlan(t.name, self.opt.weight_dtype, self.opt.weight_symmetric, axis, self.opt.scheme,
+                            self.opt.weight_clipping_ratio)
             self.plan.weights.setdefault(node.name, {})[s] = wp
             wplan = wplan or wp
         assert wplan is not None

@@ -39,17 +39,20 @@ def _mse_shrink(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: QuantDT
 
 
 def weight_params(w: np.ndarray, dtype: QuantDType, symmetric: bool, axis: int | None,
-                  scheme: Scheme) -> tuple[np.ndarray, QuantParams]:
+                  scheme: Scheme, clipping: float | None = None) -> tuple[np.ndarray, QuantParams]:
     """Range of each output channel along ``axis`` (or the whole tensor) → params and the
     integer weight.
 
     The range is min/max shrunk by the factor in [0.5, 1] that minimises the channel's
-    quantization MSE (rounding and clipping error together); α = 1 is plain min/max.
+    quantization MSE (rounding and clipping error together); α = 1 is plain min/max. A fixed
+    ``clipping`` ratio (NeuroPilot's ``weights_quantization_clipping_ratio``) replaces the
+    search: every channel keeps ``clipping`` × its min/max (0.9 on [−2, 1] → [−1.8, 0.9]).
     """
     rows = (np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None
             else w.reshape(1, -1)).astype(np.float32)
     lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
-    alpha = _mse_shrink(rows, lo, hi, dtype, symmetric, scheme)
+    alpha = np.full(rows.shape[0], clipping) if clipping is not None else _mse_shrink(rows, lo, hi, dtype,
+                                                                                        symmetric, scheme)
     lo, hi = lo * alpha, hi * alpha
     if axis is None:
         lo, hi = lo.reshape(()), hi.reshape(())

@@ -29,11 +29,16 @@ from edgequant.quant.params import QuantParams, fit_bias, quantize_array, quanti
 
 log = logging.getLogger(__name__)
 
-WeightKey = tuple  # (tensor, axis, dtype, symmetric, scheme): a weight as a plan quantizes it
+WeightKey = tuple  # (tensor, axis, dtype, symmetric, scheme, clipping): a weight as a plan quantizes it
 
 
 def weight_key(wp: WeightPlan) -> WeightKey:
-    return (wp.tensor, wp.axis, wp.dtype, wp.symmetric, wp.scheme)
+    return (wp.tensor, wp.axis, wp.dtype, wp.symmetric, wp.scheme, wp.clipping)
+
+
+def plain_weight(w: np.ndarray, wp: WeightPlan) -> tuple[np.ndarray, QuantParams]:
+    """The integer weight and params of ``w`` as ``wp`` rounds it to nearest."""
+    return weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme, wp.clipping)
 
 
 @dataclass(frozen=True)
@@ -153,11 +158,11 @@ class _Inserter:
         made: list[NodeProto] = []
         for slot, wp in self.plan.weights.get(node.name, {}).items():
             bias = self._bias_for(node)
-            key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric) + (bias or ())
+            key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric, wp.clipping) + (bias or ())
             if key not in self.weight_cache:
                 w = numpy_helper.to_array(self.inits[wp.tensor])
                 chosen = self.edits.weights.get(weight_key(wp))
-                q, p = chosen if chosen is not None else weight_params(w, wp.dtype, wp.symmetric, wp.axis, wp.scheme)
+                q, p = chosen if chosen is not None else plain_weight(w, wp)
                 if bias is not None:  # keep the bias from overflowing its accumulator
                     fitted = fit_bias(p, self._bias_value(bias[0], wp), bias[1], wp.scheme)
                     if fitted is not None:
