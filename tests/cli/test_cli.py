@@ -164,8 +164,8 @@ def test_config_errors(tmp_path, npz_dir):
                "--calib", npz_dir, match="file_type 'mp4' not implemented")
     error_case(tmp_path, "-c", cfg(calibration_parameters={"input_parametres": [{"dtype": "int8"}]}),
                "--calib", npz_dir, match="config dtype int8 for input 'image' does not match the model's float32")
-    error_case(tmp_path, "-c", cfg(quantization_parameters={"finetune_level": 2}), "--calib", npz_dir,
-               match="block reconstruction (level 2 and up) is not available yet")
+    error_case(tmp_path, "-c", cfg(quantization_parameters={"finetune_level": 3}), "--calib", npz_dir,
+               match="levels above 2 are not available")
     error_case(tmp_path, "-c", cfg(quantization_parameters={"truncate_var_names": ["logitz"]}), "--calib", npz_dir,
                match="'logitz' is not a tensor of the model; closest:")
     error_case(tmp_path, "-c", cfg(quantization_parameters={"custom_setting": [{"input_names": ["image"]}]}),

@@ -92,8 +92,8 @@ def test_recovery_keys_with_xquant_and_neuropilot_names():
 
 def test_later_features_are_rejected_not_ignored():
     data = json.loads(json.dumps(XQUANT))
-    data["quantization_parameters"]["finetune_level"] = 2
-    with pytest.raises(NotYetSupportedError, match="block reconstruction .* is not available yet"):
+    data["quantization_parameters"]["finetune_level"] = 3
+    with pytest.raises(NotYetSupportedError, match="levels above 2 are not available"):
         load_config(data)
     data["quantization_parameters"] = {"bias_correction": "slow"}
     with pytest.raises(ConfigError, match="quantization_parameters: bias_correction must be empirical or fast"):

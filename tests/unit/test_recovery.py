@@ -113,8 +113,9 @@ def test_recovery_options_parse_with_neuropilot_names():
                        ({"adaround": True, "gptq": True}, "not both")):
         with pytest.raises(edgequant.ConfigError, match=match):
             edgequant.make_options(**bad)
-    with pytest.raises(edgequant.NotYetSupportedError, match="block reconstruction"):
-        edgequant.make_options(finetune_level=2)
+    assert edgequant.make_options(finetune_level=2).recovery.rounding == "blocks"
+    with pytest.raises(edgequant.NotYetSupportedError, match="levels above 2"):
+        edgequant.make_options(finetune_level=3)
 
 
 def test_a_fixed_weight_clipping_ratio_replaces_the_mse_search(rng):
@@ -129,3 +130,51 @@ def test_a_fixed_weight_clipping_ratio_replaces_the_mse_search(rng):
     assert np.abs(inits[dq.input[0]]).max() == 127  # the largest weights now saturate
     with pytest.raises(edgequant.ConfigError, match=r"\(0, 1\]"):
         edgequant.make_options(weight_clipping_ratio=1.5)
+
+
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[N, 3, 8, 8] x) => (float[N, 10] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)
+    c2 = Conv <pads = [1, 1, 1, 1]> (p1, W2, B2)
+    r2 = HardSwish (c2)
+    f = Flatten (r2)
+    y = Gemm <transB = 1> (f, W3, B3)
+}
+"""
+
+
+def test_block_reconstruction_runs_the_block_as_its_qdq_model_and_lowers_its_error(rng):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from edgequant.algorithms.blocks import _Runner, find_blocks
+    from edgequant.algorithms.stage import round_blocks
+    from edgequant.runtime.capture import capture, truncated
+
+    m = with_weights(CHAIN, rng, W1=(8, 3, 3, 3), B1=(8,), W2=(8, 8, 3, 3), B2=(8,), W3=(10, 128), B3=(10,))
+    data = [{"x": v} for v in calib(rng, 24)]
+    state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=4)
+    blocks = find_blocks(state.model, state.plan, max_layers=2)
+    assert [len(b.weights) for b in blocks] == [2, 1] and blocks[0].nodes[-1].op_type == "Flatten"
+    params = state.params(state.plan)
+    qmodel = insert_qdq(state.model, state.plan, params)
+    by_name = {n.name: n for n in qmodel.graph.node}
+    block = blocks[0]
+    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    from edgequant.transform.qdq import plain_weight
+
+    weights = {n: (inits[wp.tensor], plain_weight(inits[wp.tensor], wp)[1]) for n, wp in block.weights.items()}
+    biases = {n.name: inits[n.input[2]] for n in block.nodes if n.name in block.weights}
+    runner = _Runner(torch, block, state.model, state.plan, params, weights, biases)
+    q_in, q_out = by_name[block.nodes[0].name].input[0], by_name[block.nodes[-1].name].input[0]
+    got = capture(truncated(qmodel, [q_in, q_out]), [q_in, q_out], data)
+    # the runner's block (nearest rounding) against onnxruntime's QDQ model: what Flatten reads
+    x = torch.from_numpy(np.concatenate(got[q_in]))
+    out = runner.forward(x, None, nearest=True)  # the last node's output: Flatten(DQ(Q(HardSwish(c2))))
+    want = np.concatenate(got[q_out]).reshape(len(data), -1)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
+    edits, report = round_blocks(state, state.plan, Edits())
+    assert report.name == "block reconstruction" and report.layers == 3 and report.after < report.before
+    assert edits.weights  # at least one block kept its learned rounding

@@ -22,9 +22,10 @@ PyTorch is imported only inside ``adaround``; importing this module needs numpy 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,12 +93,25 @@ class AdaRoundStats:
     rows: int
 
 
-def _import_torch() -> Any:
+def import_torch() -> Any:
     try:
         import torch
     except ImportError:
-        raise ConfigError("AdaRound needs PyTorch: pip install 'edgequant[torch]' (torch==2.13.0)") from None
+        raise ConfigError("AdaRound and block reconstruction need PyTorch: pip install 'edgequant[torch]' (torch==2.13.0)") from None
     return torch
+
+
+@contextlib.contextmanager
+def one_thread(torch: Any) -> Iterator[None]:
+    """PyTorch on one thread while inside (restored after): the same bytes on any machine (a
+    reduction's order follows the thread count) and, on 2 busy cores, 4× faster than 2 threads
+    (block reconstruction of the MNIST CNN: 35 ms a step against 150)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def beta_at(step: int, options: AdaRoundOptions) -> float | None:
@@ -184,9 +198,16 @@ def adaround(layer: Layer, params: QuantParams, scheme: Scheme, x: np.ndarray, t
     layer output on float inputs without bias, both in ONNX layout and sample-aligned along the
     first axis (Conv [N, C, H, W] → [N, O, H', W']; Gemm [M, K] → [M, N]; MatMul [..., K] →
     [..., N]). Returns the integer weight (shape/dtype of ``quantize_array``) and statistics;
-    ``progress(step, steps)`` is called every 100 steps. Deterministic for a given seed.
+    ``progress(step, steps)`` is called every 100 steps. Deterministic for a given seed (on
+    one thread, ``one_thread``).
     """
-    torch = _import_torch()
+    torch = import_torch()
+    with one_thread(torch):
+        return _adaround(torch, layer, params, scheme, x, target, options, progress)
+
+
+def _adaround(torch: Any, layer: Layer, params: QuantParams, scheme: Scheme, x: np.ndarray, target: np.ndarray,
+              options: AdaRoundOptions, progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, AdaRoundStats]:
     began = time.perf_counter()
     if options.data_count is not None:
         x, target = x[: options.data_count], target[: options.data_count]

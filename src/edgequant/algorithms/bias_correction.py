@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
@@ -40,6 +41,7 @@ from edgequant.runtime.session import make_session
 from edgequant.transform.qdq import Edits, insert_qdq, plain_weight, weight_key
 
 Progress = Callable[[str, int, int], None]
+L = TypeVar("L")  # anything with a ``node`` (NodeProto)
 SUPPORTED = ("Conv", "ConvTranspose", "Gemm")
 #: A channel's mean error is taken from at least this many values, or not corrected: after a
 #: global pooling a channel has one value per sample, and from 32 samples the estimate is as
@@ -145,12 +147,12 @@ def correct_biases(model: ModelProto, plan: QuantPlan, params: dict, edits: Edit
         time.perf_counter() - started, f"{len(levels) + 1} runs of the quantized model")
 
 
-def depth_levels(model: ModelProto, layers: list[_Layer]) -> list[list[_Layer]]:
+def depth_levels(model: ModelProto, layers: list[L]) -> list[list[L]]:
     """``layers`` grouped by depth: the most layers of ``layers`` on a path from the graph's
     inputs to the layer's input (layers of one depth never feed one another)."""
-    which = {lay.node.name: lay for lay in layers}
+    which = {lay.node.name: lay for lay in layers}  # type: ignore[attr-defined]
     depth: dict[str, int] = {}
-    groups: dict[int, list[_Layer]] = {}
+    groups: dict[int, list[L]] = {}
     for node in model.graph.node:
         d = max((depth.get(i, 0) for i in node.input if i), default=0)
         if node.name in which:

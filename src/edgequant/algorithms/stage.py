@@ -23,6 +23,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from edgequant.algorithms.adaround import AdaRoundOptions, adaround
 from edgequant.algorithms.bias_correction import BiasCorrectionOptions, correct_biases, depth_levels
+from edgequant.algorithms.blocks import Block, find_blocks, reconstruct, supported_block
 from edgequant.algorithms.cle import channel_minima, equalize, pre_activations
 from edgequant.algorithms.gptq import GPTQOptions, gptq_round
 from edgequant.algorithms.layer import Layer, supported
@@ -38,6 +39,10 @@ from edgequant.transform.qdq import Edits, insert_qdq, plain_weight, weight_key
 
 Progress = Callable[[str, int, int], None]
 ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
+#: λ of block reconstruction, whose two terms are both normalised (``algorithms.blocks``): on a
+#: random Conv-Relu-Pool-Conv-HardSwish-Gemm chain at W4 per tensor, 1000 steps, the block MSE
+#: fell −4 % with 0.01, −47 % with 0.1 and −82 % with 1.
+BLOCK_REG_WEIGHT = 1.0
 
 
 def equalize_before(model: ModelProto, samples: Callable[[], Iterator[Sample]], rec: Recovery) -> list[StepReport]:
@@ -81,7 +86,10 @@ def recover(state: CalibratedModel, progress: Progress | None = None) -> Calibra
     """``state`` with the edits and reports of the rounding and bias-correction steps asked for."""
     rec = state.options.recovery
     edits, reports = state.edits, list(state.recovery)
-    if rec.rounding:
+    if rec.rounding == "blocks":
+        edits, report = round_blocks(state, state.plan, edits, progress)
+        reports.append(report)
+    elif rec.rounding:
         edits, report = round_weights(state, state.plan, edits, rec.rounding, progress)
         reports.append(report)
     if rec.bias:
@@ -124,7 +132,7 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
     params = state.params(plan)
     chosen: dict = dict(edits.weights)
     before, after, done = [], [], 0
-    for level in depth_levels(state.model, layers):  # type: ignore[arg-type]
+    for level in depth_levels(state.model, layers):
         qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases))
         by_name = {n.name: n for n in qmodel.graph.node}
         q_in = [by_name[lay.node.name].input[0] for lay in level]
@@ -149,6 +157,68 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
     return Edits(chosen, edits.biases), StepReport(
         name, len(layers), "layer MSE", 1.0 if ratio else 0.0, float(np.mean(ratio)) if ratio else 0.0,
         time.perf_counter() - started, f"{count} samples")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    """A block by its first node (what ``depth_levels`` orders)."""
+
+    node: NodeProto
+    block: Block
+
+
+def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
+                 progress: Progress | None = None) -> tuple[Edits, StepReport]:
+    """Block reconstruction (``algorithms.blocks``) of every chain of layers, depth by depth;
+    a block keeps round to nearest where its learned rounding does not lower the block error."""
+    started = time.perf_counter()
+    rec = state.options.recovery
+    count = min(rec.adaround_data_count, state.split.calibration)
+    heads = [_Head(b.nodes[0], b) for b in find_blocks(state.model, plan, rec.block_max_layers) if supported_block(b)]
+    inits = {t.name: t for t in state.model.graph.initializer}
+    params = state.params(plan)
+    opts = AdaRoundOptions(steps=rec.adaround_optim_steps, lr=rec.adaround_optim_lr, reg_weight=BLOCK_REG_WEIGHT)
+    chosen: dict = dict(edits.weights)
+    ratios, layers, done = [], 0, 0
+    for level in depth_levels(state.model, heads):
+        qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases))
+        by_name = {n.name: n for n in qmodel.graph.node}
+        q_in = list(dict.fromkeys(by_name[h.node.name].input[0] for h in level))
+        quantized = capture(truncated(qmodel, q_in), q_in, state.samples(0, count), state.options.device)
+        outs = list(dict.fromkeys(h.block.output for h in level))
+        floats = capture(state.model, outs, state.samples(0, count), state.options.device)
+        for head in level:
+            block = head.block
+            weights = {n: plain_weight(numpy_helper.to_array(inits[wp.tensor]).astype(np.float32), wp)
+                       for n, wp in block.weights.items()}
+            floats_w = {n: (numpy_helper.to_array(inits[wp.tensor]).astype(np.float32), weights[n][1])
+                        for n, wp in block.weights.items()}
+            biases = _block_biases(block, plan, inits, edits)
+            ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases,
+                                      _stack(quantized[by_name[head.node.name].input[0]], "Conv"),
+                                      _stack(floats[block.output], "Conv"), opts, rec.block_batch_size)
+            if stats.mse_after < stats.mse_before:
+                for n, wp in block.weights.items():
+                    chosen[weight_key(wp)] = (ints[n], weights[n][1])
+            ratios.append(min(stats.mse_after, stats.mse_before) / max(stats.mse_before, 1e-30))
+            layers += len(block.weights)
+            done += 1
+            if progress:
+                progress("block reconstruction", done, len(heads))
+    return Edits(chosen, edits.biases), StepReport(
+        "block reconstruction", layers, "block MSE", 1.0 if ratios else 0.0, float(np.mean(ratios)) if ratios else 0.0,
+        time.perf_counter() - started, f"{len(heads)} blocks, {count} samples")
+
+
+def _block_biases(block: Block, plan: QuantPlan, inits: dict, edits: Edits) -> dict[str, np.ndarray]:
+    """Float bias of each weighted node of ``block`` that has one (a corrected one if given)."""
+    out = {}
+    for node in block.nodes:
+        if node.name not in block.weights or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        wp = block.weights[node.name]
+        out[node.name] = edits.biases.get((node.input[2], weight_key(wp)), numpy_helper.to_array(inits[node.input[2]]))
+    return out
 
 
 def _attrs(node: NodeProto) -> dict:

@@ -36,7 +36,10 @@ class Recovery:
       (the weight rounding's shift on float input means); ``bias_correction_data_count``;
     * ``adaround`` (PyTorch) and ``gptq`` (Hessian-based, numpy) choose each weight's rounding
       layer by layer; their options carry NeuroPilot's names;
-    * ``finetune_level`` (XQuant): 0 none, 1 GPTQ rounding and empirical bias correction.
+    * ``finetune_level`` (XQuant): 0 none, 1 GPTQ rounding and empirical bias correction, 2
+      block reconstruction (chains of up to ``block_max_layers`` layers rounded together,
+      PyTorch; ``adaround_*`` steps, rate and data count, ``block_batch_size`` samples a step)
+      and empirical bias correction.
     """
 
     cle: bool = False
@@ -56,18 +59,21 @@ class Recovery:
     hessian_opt_sort_hessian: bool = True
     hessian_opt_use_fast_strategy: bool = False
     finetune_level: int = 0
+    block_max_layers: int = 4
+    block_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.bias_correction not in (None, "empirical", "fast"):
             raise ConfigError(f"bias_correction must be empirical or fast, got {self.bias_correction!r}")
         if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
             raise ConfigError(f"smoothquant alpha must be in [0, 1] (e.g. 0.5), got {self.smoothquant}")
-        if self.finetune_level not in (0, 1):
+        if self.finetune_level not in (0, 1, 2):
             raise NotYetSupportedError(
-                f"finetune_level {self.finetune_level}: block reconstruction (level 2 and up) is not available "
-                "yet; use finetune_level 1 (GPTQ rounding and bias correction) or --adaround")
+                f"finetune_level {self.finetune_level}: levels above 2 are not available; use 1 (GPTQ rounding "
+                "and bias correction) or 2 (block reconstruction and bias correction)")
         for name in ("bias_correction_data_count", "adaround_data_count", "adaround_optim_steps",
-                     "adaround_batch_size", "hessian_opt_block_size", "hessian_opt_data_count"):
+                     "adaround_batch_size", "hessian_opt_block_size", "hessian_opt_data_count", "block_max_layers",
+                     "block_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if not 0.0 <= self.hessian_opt_stability_ratio < 1.0:
@@ -77,9 +83,11 @@ class Recovery:
 
     @property
     def rounding(self) -> str | None:
-        """The rounding algorithm asked for, if any: ``adaround`` or ``gptq``."""
+        """The rounding algorithm asked for, if any: ``adaround``, ``gptq`` or ``blocks``."""
         if self.adaround:
             return "adaround"
+        if self.finetune_level >= 2:
+            return "blocks"
         return "gptq" if self.gptq or self.finetune_level >= 1 else None
 
     @property

@@ -1,0 +1,303 @@
+"""Block reconstruction (BRECQ-style; XQuant's ``finetune_level`` 2): learned rounding of the
+weights of several consecutive layers at once, so that each layer's rounding also makes up for
+the others' and for the activation quantization between them.
+
+A block is a chain of ONNX nodes, each reading only the previous one's output: up to
+``max_layers`` Conv/Gemm/MatMul layers with the one-input ops between them (activations,
+pools, Flatten). It runs in PyTorch exactly as its QDQ model does: every planned activation
+is fake-quantized with the calibrated parameters (straight-through gradients), and each weight
+is AdaRound's soft quantization ``W = s·(clip(⌊W/s⌋ + h(V) + z, qmin, qmax) − z)`` with the
+rectified sigmoid ``h``. All the blocks' ``V`` minimise ``‖block(x_q) − block_float(x)‖²``
+(the last node's output before its own quantization) plus the annealed regulariser that drives
+``h`` to 0 or 1, on the block's inputs in the partially quantized model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto, NodeProto, helper, numpy_helper
+
+from edgequant.algorithms.adaround import (
+    GAMMA,
+    ZETA,
+    AdaRoundOptions,
+    beta_at,
+    import_torch,
+    one_thread,
+)
+from edgequant.algorithms.layer import quant_range, supported
+from edgequant.planning.plan import QuantPlan, WeightPlan
+from edgequant.quant.params import QuantParams, Scheme, quantize_bias, round_values
+
+UNARY = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "GlobalAveragePool",
+         "MaxPool", "AveragePool", "Flatten")
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class Block:
+    """Consecutive nodes; ``weights`` maps a weighted node's name to its WeightPlan."""
+
+    nodes: list[NodeProto]
+    weights: dict[str, WeightPlan] = field(default_factory=dict)
+
+    @property
+    def input(self) -> str:
+        return self.nodes[0].input[0]
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1].output[0]
+
+
+def find_blocks(model: ModelProto, plan: QuantPlan, max_layers: int) -> list[Block]:
+    """Blocks in graph order, each starting at a weighted layer whose weight the plan
+    quantizes; a chain ends at a fork, a graph output, an op outside ``UNARY``, or before
+    its ``max_layers + 1``-th layer."""
+    readers: dict[str, list[NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    taken: set[str] = set()
+    blocks = []
+    for node in model.graph.node:
+        if node.name in taken or not _rounded(node, plan):
+            continue
+        block = Block([node], {node.name: plan.weights[node.name][1]})
+        while True:
+            out = block.nodes[-1].output[0]
+            nxt = readers.get(out, [])
+            if out in outputs or len(nxt) != 1 or nxt[0].input[0] != out or nxt[0].name in taken:
+                break
+            n = nxt[0]
+            if _rounded(n, plan) and len(block.weights) < max_layers:
+                block.weights[n.name] = plan.weights[n.name][1]
+            elif n.op_type not in UNARY or len([i for i in n.input[1:] if i]) > 2:
+                break
+            block.nodes.append(n)
+        taken.update(n.name for n in block.nodes)
+        blocks.append(block)
+    return blocks
+
+
+def _rounded(node: NodeProto, plan: QuantPlan) -> bool:
+    return node.op_type in WEIGHTED and 1 in plan.weights.get(node.name, {}) and supported(node)
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    mse_before: float
+    mse_after: float
+    seconds: float
+
+
+def reconstruct(block: Block, model: ModelProto, plan: QuantPlan, act_params: dict[str, QuantParams],
+                weights: dict[str, tuple[np.ndarray, QuantParams]], biases: dict[str, np.ndarray],
+                x: np.ndarray, target: np.ndarray, options: AdaRoundOptions, batch: int,
+                progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], BlockStats]:
+    """Integer weights (by node name) of ``block`` that reconstruct ``target`` from ``x``
+    (samples along axis 0). ``weights``: node → (float weight, params) to round; ``biases``:
+    node → float bias; ``act_params``: root → params of the plan's activations."""
+    torch = import_torch()
+    with one_thread(torch):
+        return _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress)
+
+
+def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress):
+    began = time.perf_counter()
+    runner = _Runner(torch, block, model, plan, act_params, weights, biases)
+    xs, ts = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(target, np.float32))
+    before = runner.mse(xs, ts, hard=True, nearest=True)
+    v = {k: t.clone().requires_grad_(True) for k, t in runner.v0.items()}
+    opt = torch.optim.Adam(list(v.values()), lr=options.lr)
+    gen = torch.Generator().manual_seed(options.seed)
+    power = float((ts ** 2).mean()) or 1.0
+    count = sum(t.numel() for t in v.values())
+    for step in range(options.steps):
+        idx = torch.randint(xs.shape[0], (min(batch, xs.shape[0]),), generator=gen)
+        out = runner.forward(xs.index_select(0, idx), v)
+        # both terms scale-free: the error relative to the target's power, the regulariser's
+        # mean over the block's weights (a block's outputs can be of any magnitude)
+        loss = ((out - ts.index_select(0, idx)) ** 2).mean() / power
+        beta = beta_at(step, options)
+        if beta is not None and options.reg_weight > 0:
+            loss = loss - options.reg_weight * sum((2 * _h(torch, t) - 1).abs().pow(beta).sum() for t in v.values()) / count
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None and ((step + 1) % 100 == 0 or step + 1 == options.steps):
+            progress(step + 1, options.steps)
+    chosen = {k: runner.integers(k, v[k].detach()) for k in v}
+    after = runner.mse(xs, ts, hard=True, v={k: t.detach() for k, t in v.items()})
+    return chosen, BlockStats(before, after, time.perf_counter() - began)
+
+
+def _h(torch: Any, v: Any) -> Any:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _shape(p: QuantParams, ndim: int) -> tuple[int, ...]:
+    if p.axis is None or np.ndim(p.scale) == 0:
+        return (1,) * ndim
+    shape = [1] * ndim
+    shape[p.axis] = -1
+    return tuple(shape)
+
+
+class _Runner:
+    """The block as its QDQ model computes it, in torch, with soft or hard rounded weights."""
+
+    def __init__(self, torch, block, model, plan, act_params, weights, biases):
+        self.torch, self.block, self.plan = torch, block, plan
+        self.act_params = act_params
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.biases = {k: torch.from_numpy(self._quantized_bias(k, b, weights)) for k, b in biases.items()}
+        self.base, self.v0, self.bounds, self.scale, self.zero, self.nearest = {}, {}, {}, {}, {}, {}
+        for name, wp in block.weights.items():
+            w, p = weights[name]
+            shape = _shape(p, w.ndim)
+            s = np.asarray(p.scale, np.float64).reshape(shape)
+            z = np.asarray(p.zero_point, np.float64).reshape(shape)
+            scaled = w.astype(np.float64) / s
+            floor = np.floor(scaled)
+            frac = np.clip(scaled - floor, 0.0, 1.0)
+            self.base[name] = torch.from_numpy(floor.astype(np.float32))
+            self.v0[name] = torch.from_numpy((-np.log((ZETA - GAMMA) / (np.clip(frac, 1e-4, 1 - 1e-4) - GAMMA) - 1))
+                                             .astype(np.float32))
+            self.scale[name] = torch.from_numpy(s.astype(np.float32))
+            self.zero[name] = torch.from_numpy(z.astype(np.float32))
+            self.bounds[name] = quant_range(p, wp.scheme)
+            self.nearest[name] = torch.from_numpy(np.clip(round_values(scaled, wp.scheme.rounding) + z,
+                                                          *self.bounds[name]).astype(np.float32))
+
+    def _quantized_bias(self, name: str, bias: np.ndarray, weights: dict) -> np.ndarray:
+        """The bias as the QDQ model holds it: int32 at ``s_in · s_w`` (``quantize_bias``)."""
+        node = next(n for n in self.block.nodes if n.name == name)
+        act = self.plan.activations.get(node.input[0])
+        wp = self.block.weights[name]
+        if act is None:
+            return np.array(bias, np.float32)
+        s_in = float(np.asarray(self.act_params[act.root].scale))
+        q, scale, _ = quantize_bias(np.asarray(bias), s_in, np.asarray(weights[name][1].scale), wp.scheme)
+        return (q.astype(np.float64) * scale).astype(np.float32)
+
+    def weight(self, name: str, v: dict | None, hard: bool, nearest: bool = False):
+        if nearest or v is None:
+            q = self.nearest[name]
+        else:
+            h = _h(self.torch, v[name])
+            h = (h >= 0.5).float() if hard else h
+            q = self.torch.clamp(self.base[name] + h + self.zero[name], *self.bounds[name])
+        return self.scale[name] * (q - self.zero[name])
+
+    def integers(self, name: str, v) -> np.ndarray:
+        q = self.torch.clamp(self.base[name] + (_h(self.torch, v) >= 0.5).float() + self.zero[name], *self.bounds[name])
+        wp = self.block.weights[name]
+        return q.numpy().astype(wp.dtype.np_dtype)
+
+    def fake_quant(self, tensor: str, y):
+        act = self.plan.activations.get(tensor)
+        if act is None:
+            return y
+        p = self.act_params[act.root]
+        s, z = float(np.asarray(p.scale)), float(np.asarray(p.zero_point))
+        lo, hi = p.dtype.qmin, p.dtype.qmax
+        q = self.torch.clamp(self.torch.round(y / s) + z, lo, hi)
+        return y + ((q - z) * s - y).detach()  # straight through
+
+    def forward(self, x, v: dict | None, hard: bool = False, nearest: bool = False):
+        """The last node's output before its own quantization."""
+        value = x
+        y = x
+        for node in self.block.nodes:
+            y = self.op(node, value, v, hard, nearest)
+            value = self.fake_quant(node.output[0], y)
+        return y
+
+    def mse(self, xs, ts, hard: bool, nearest: bool = False, v: dict | None = None) -> float:
+        with self.torch.no_grad():
+            total = 0.0
+            for start in range(0, xs.shape[0], 16):
+                out = self.forward(xs[start:start + 16], v, hard, nearest)
+                total += float(((out - ts[start:start + 16]) ** 2).sum())
+            return total / ts.numel()
+
+    def op(self, node: NodeProto, x, v, hard: bool, nearest: bool):
+        torch, f = self.torch, self.torch.nn.functional
+        a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        if node.op_type in WEIGHTED:
+            w = self.weight(node.name, v, hard, nearest)
+            b = self.biases.get(node.name)
+            if node.op_type == "Conv":
+                pads = list(a.get("pads", [0] * (2 * (w.ndim - 2))))
+                half = len(pads) // 2
+                if pads[:half] != pads[half:]:
+                    x = f.pad(x, [p for i in reversed(range(half)) for p in (pads[i], pads[i + half])])
+                    pads = [0] * len(pads)
+                conv = {3: f.conv1d, 4: f.conv2d, 5: f.conv3d}[w.ndim]
+                return conv(x, w, b, a.get("strides", 1), pads[:half] or 0, a.get("dilations", 1), a.get("group", 1))
+            if node.op_type == "Gemm":
+                y = x @ (w.t() if a.get("transB", 0) else w) * a.get("alpha", 1.0)
+                return y + a.get("beta", 1.0) * b if b is not None else y
+            return x @ w
+        if node.op_type == "Relu":
+            return torch.relu(x)
+        if node.op_type == "Clip":
+            lo, hi = (self._const(n) for n in (list(node.input[1:3]) + ["", ""])[:2])
+            return torch.clamp(x, a.get("min", lo), a.get("max", hi))
+        if node.op_type == "LeakyRelu":
+            return f.leaky_relu(x, a.get("alpha", 0.01))
+        if node.op_type == "HardSwish":
+            return f.hardswish(x)
+        if node.op_type == "HardSigmoid":
+            return torch.clamp(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0.0, 1.0)
+        if node.op_type == "Sigmoid":
+            return torch.sigmoid(x)
+        if node.op_type == "Tanh":
+            return torch.tanh(x)
+        if node.op_type == "GlobalAveragePool":
+            return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+        if node.op_type == "Flatten":
+            axis = a.get("axis", 1)
+            return x.reshape(int(np.prod(x.shape[:axis])), -1)
+        return self._pool(node, x, a)
+
+    def _const(self, name: str) -> float | None:
+        return float(numpy_helper.to_array(self.inits[name])) if name in self.inits else None
+
+    def _pool(self, node: NodeProto, x, a: dict):
+        f = self.torch.nn.functional
+        kernel = a["kernel_shape"]
+        pads = list(a.get("pads", [0] * (2 * len(kernel))))
+        half = len(pads) // 2
+        if pads[:half] != pads[half:] or len(kernel) != 2:
+            raise ValueError(f"{node.name}: asymmetric padding or non-2-D pooling")
+        strides = a.get("strides", [1] * len(kernel))
+        if node.op_type == "MaxPool":
+            return f.max_pool2d(x, kernel, strides, pads[:half], a.get("dilations", 1), bool(a.get("ceil_mode", 0)))
+        return f.avg_pool2d(x, kernel, strides, pads[:half], bool(a.get("ceil_mode", 0)),
+                            bool(a.get("count_include_pad", 0)))
+
+
+def supported_block(block: Block) -> bool:
+    """Whether the torch runner computes every node of ``block`` (Conv auto_pad NOTSET,
+    2-D pools with symmetric padding)."""
+    for node in block.nodes:
+        a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return False
+        if node.op_type in ("MaxPool", "AveragePool"):
+            pads = list(a.get("pads", [0, 0, 0, 0]))
+            if len(a.get("kernel_shape", [])) != 2 or pads[:2] != pads[2:] or a.get("storage_order", 0):
+                return False
+    return True
+
+
+def scheme_of(block: Block) -> Scheme:
+    return next(iter(block.weights.values())).scheme
