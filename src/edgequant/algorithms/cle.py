@@ -12,15 +12,15 @@ become ``sqrt(r1_i · r2_i)``: per-tensor weight quantization then wastes fewer 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from onnx import ModelProto, NodeProto, numpy_helper
 
-from edgequant.errors import CalibrationDataError, ConfigError
+from edgequant.errors import ConfigError
 from edgequant.ir.graph import FLOAT_TYPES, GraphIndex, NameScope, get_attr, initializers
-from edgequant.runtime.session import make_session
+from edgequant.runtime.capture import reduce_channels
 
 HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "Identity", "Clip"}
 CHANNEL_FIRST = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization"}
@@ -396,25 +396,6 @@ def equalize(model: ModelProto, iterations: int = 100, tolerance: float = 1e-4, 
 def pre_activations(model: ModelProto, relu6_to_relu: bool = True) -> list[str]:
     """The tensors ``equalize`` reads ``minima`` for (each pair's W1 output), in graph order."""
     return [p.first.output for p in find_pairs(model, relu6_to_relu)]
-
-
-def reduce_channels(model: ModelProto, tensors: list[str], samples: Iterable[dict[str, np.ndarray]],
-                    axes: dict[str, int], reduce: Callable[[np.ndarray], np.ndarray],
-                    merge: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
-    """Run ``model`` (onnxruntime, float) over ``samples`` and reduce each of ``tensors`` to one
-    value per channel (``axes[name]``): ``reduce`` maps ``[n, C]`` to ``[C]``, ``merge``
-    combines two samples' results. Reduced per sample: memory does not grow with them."""
-    names = list(tensors)
-    sess = make_session(model, extra_outputs=names)
-    result: dict[str, np.ndarray] = {}
-    for feed in samples:
-        for name, value in zip(names, sess.run(names, feed)):
-            v = np.moveaxis(np.asarray(value, np.float64), axes[name], -1)
-            low = reduce(v.reshape(-1, v.shape[-1]))
-            result[name] = merge(result[name], low) if name in result else low
-    if names and not result:
-        raise CalibrationDataError("no calibration samples were given; pass at least one feed dict")
-    return result
 
 
 def channel_minima(model: ModelProto, tensors: list[str], samples: Iterable[dict[str, np.ndarray]], *,

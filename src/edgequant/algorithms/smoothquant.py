@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from edgequant.algorithms.cle import reduce_channels
 from edgequant.ir.graph import FLOAT_TYPES, GraphIndex, NameScope, get_attr, initializers
+from edgequant.runtime.capture import reduce_channels
 
 log = logging.getLogger(__name__)
 

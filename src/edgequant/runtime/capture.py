@@ -7,12 +7,13 @@ keep only a running sum per channel, so memory does not grow with the number of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from onnx import ModelProto, ValueInfoProto
 
 from edgequant.data.sources import Sample
+from edgequant.errors import CalibrationDataError
 from edgequant.ir.graph import subgraph_inputs
 from edgequant.runtime.feed import run_in_place
 from edgequant.runtime.session import make_session
@@ -27,6 +28,25 @@ def capture(model: ModelProto, tensors: list[str], samples: Iterable[Sample],
         for t, v in zip(tensors, run_in_place(sess, tensors, feed, i)):
             out[t].append(np.array(v, dtype=np.float32))
     return out
+
+
+def reduce_channels(model: ModelProto, tensors: list[str], samples: Iterable[dict[str, np.ndarray]],
+                    axes: dict[str, int], reduce: Callable[[np.ndarray], np.ndarray],
+                    merge: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``model`` (onnxruntime, float) over ``samples`` and reduce each of ``tensors`` to one
+    value per channel (``axes[name]``): ``reduce`` maps ``[n, C]`` to ``[C]``, ``merge``
+    combines two samples' results. Reduced per sample: memory does not grow with them."""
+    names = list(tensors)
+    sess = make_session(model, names)
+    result: dict[str, np.ndarray] = {}
+    for feed in samples:
+        for name, value in zip(names, sess.run(names, feed)):
+            v = np.moveaxis(np.asarray(value, np.float64), axes[name], -1)
+            low = reduce(v.reshape(-1, v.shape[-1]))
+            result[name] = merge(result[name], low) if name in result else low
+    if names and not result:
+        raise CalibrationDataError("no calibration samples were given; pass at least one feed dict")
+    return result
 
 
 def channel_means(model: ModelProto, tensors: Mapping[str, int], samples: Iterable[Sample],
