@@ -178,3 +178,61 @@ def test_block_reconstruction_runs_the_block_as_its_qdq_model_and_lowers_its_err
     edits, report = round_blocks(state, state.plan, Edits())
     assert report.name == "block reconstruction" and report.layers == 3 and report.after < report.before
     assert edits.weights  # at least one block kept its learned rounding
+
+
+def _set(model, **values):
+    for t in model.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(values[t.name], np.float32), t.name))
+
+
+ENCODER = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16, 32] x) => (float[N, 16, 24] y) {
+    n = LayerNormalization <axis = -1> (x, G, B)
+    h = MatMul (n, W1)
+    y = MatMul (h, W2)
+}
+"""
+
+
+def test_smoothquant_through_quantize_flattens_the_outliers_and_lowers_the_error(rng):
+    g = np.ones(32, np.float32)
+    g[[3, 17]] = 40.0  # LayerNorm's scale makes outlier channels, as in transformers
+    m = with_weights(ENCODER, rng, G=(32,), B=(32,), W1=(32, 48), W2=(48, 24))
+    _set(m, G=g)
+    data = [{"x": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(40)]
+    plain = edgequant.quantize(m, data, method="minmax")
+    smooth = edgequant.quantize(m, data, method="minmax", smoothquant=0.5)
+    step = smooth.summary.recovery[0]
+    assert step.name.startswith("SmoothQuant") and step.layers == 2 and step.after < step.before / 3
+    assert 1 - smooth.summary.fidelity[0].cosine < 0.5 * (1 - plain.summary.fidelity[0].cosine)
+    x = data[-1]
+    np.testing.assert_allclose(make_session(smooth.float_model).run(None, x)[0], make_session(m).run(None, x)[0],
+                               rtol=1e-4, atol=1e-3)  # the rescaled float model computes the same
+
+
+RELU6 = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 8, 8] x) => (float[N, 6, 8, 8] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+    r1 = Clip (c1, lo, hi)
+    y = Conv <pads = [1, 1, 1, 1]> (r1, W2, B2)
+}
+"""
+
+
+def test_cle_through_relu6_checks_fidelity_against_the_original_model(rng):
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w1[0] *= 20.0  # one channel with a wide range: per-tensor weights lose the others
+    m = with_weights(RELU6, rng, W1=(4, 3, 3, 3), B1=(4,), W2=(6, 4, 3, 3), B2=(6,), lo=(), hi=())
+    _set(m, W1=w1, lo=np.float32(0), hi=np.float32(6))
+    data = [{"x": v} for v in calib(rng, 30)]
+    state = calibrate(m, data, target="espdl-s3", cle=True, eval_samples=8)
+    assert state.reference_model is not None  # ReLU6 became Relu: references come from the original
+    assert "ReLU6 → Relu" in state.recovery[0].detail
+    assert [n.op_type for n in state.model.graph.node] == ["Conv", "Relu", "Conv"]
+    assert [n.op_type for n in state.reference_model.graph.node] == ["Conv", "Clip", "Conv"]
+    ref = state.references(*state.split.eval_range)[0]
+    want = make_session(m).run(None, {"x": ref["x"]})[0]
+    np.testing.assert_allclose(ref["y"], want, rtol=1e-5, atol=1e-5)
