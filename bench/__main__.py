@@ -1,11 +1,11 @@
-"""``python -m bench run|memory|speed|scaling|order|report|smoke`` (see README, Benchmarks)."""
+"""``python -m bench run|memory|speed|scaling|order|recovery|report|smoke`` (see README, Benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from bench import order, scaling, speed
+from bench import order, recovery, scaling, speed
 from bench.report import report_markdown, write_report
 from bench.runner import RESULTS, environment, memory_scaling, merge, run
 from bench.zoo import ZOO
@@ -31,9 +31,22 @@ def _add_new_commands(sub) -> None:
     o.add_argument("--methods", default=",".join(order.METHODS))
     o.add_argument("--shuffles", type=int, default=order.SHUFFLES)
     o.add_argument("--samples", type=int, default=order.SAMPLES)
+    a = sub.add_parser("recovery", help="gain of each accuracy-recovery algorithm per zoo model (results/recovery.json)")
+    a.add_argument("--models", default=",".join(recovery.MODELS))
+    a.add_argument("--groups", default=",".join(g.key for g in recovery.GROUPS),
+                   help="espdl-s3 (per-tensor power-of-two int8), w4a8, int8; sq, sq-minmax (transformers)")
+    a.add_argument("--samples", type=int, default=recovery.SAMPLES, help="calibration samples, the same for every job")
+    a.add_argument("--timeout", type=int, default=recovery.TIMEOUT, help="seconds per job; a timeout is a result")
+    a.add_argument("--slow", choices=("last", "skip", "only"), default="last",
+                   help="the AdaRound jobs: after all others (default), not at all, or only them")
 
 
 def _run_new_command(args) -> None:
+    if args.cmd == "recovery":  # written after every job: a long run keeps what it measured
+        env, done = environment(), []
+        recovery.recovery(args.models.split(","), args.groups.split(","), args.samples, args.timeout,
+                          on_row=lambda row: (done.append(row), recovery.save(done, env)), slow=args.slow)
+        return
     if args.cmd == "speed":
         rows = speed.speed(args.models.split(","), _ints(args.counts), args.tools.split(","), args.repeat, args.timeout)
         path = RESULTS / "speed.json"
@@ -89,7 +102,7 @@ def main() -> None:
             rows = [r for r in old if (r["tool"], r["samples"]) not in new and r["model"] == args.model] + rows
         rows.sort(key=lambda r: (r["tool"], r["samples"]))
         path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
-    elif args.cmd in ("speed", "scaling", "order"):
+    elif args.cmd in ("speed", "scaling", "order", "recovery"):
         _run_new_command(args)
     elif args.cmd == "smoke":
         rows = run(["mnist-cnn"], ["edgequant"], ["percentile"], 16)

@@ -1,6 +1,10 @@
 """One quantization job in its own process, so that peak RSS and wall time are its own.
 
-``python -m bench.job TOOL MODEL CALIB_DIR METHOD N OUT RESULT_JSON``
+``python -m bench.job TOOL MODEL CALIB_DIR METHOD N OUT RESULT_JSON [KEYWORDS_JSON]``
+
+KEYWORDS_JSON (edgequant only): more ``edgequant.quantize`` keywords, e.g.
+``{"target": "espdl-s3", "cle": true}``; with it, weights are per channel or per tensor only
+when METHOD says so (``percentile@per-tensor``), so that a ``target`` profile decides otherwise.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ def _granularity(method: str) -> tuple[str, bool]:
     return name, gran != "per-tensor"
 
 
-def run_edgequant(model: str, calib: Path, method: str, n: int, out: str) -> None:
+def run_edgequant(model: str, calib: Path, method: str, n: int, out: str, options: dict | None = None) -> None:
     import edgequant
 
+    explicit = "@" in method
     method, per_channel = _granularity(method)
-    result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, eval_samples=0,
-                                per_channel=per_channel)
+    keywords = {"per_channel": per_channel} if options is None or explicit else {}
+    keywords.update(options or {})
+    result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, eval_samples=0, **keywords)
     result.save(out)
 
 
@@ -107,12 +113,18 @@ def run_ppq(model: str, calib: Path, method: str, n: int, out: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    tool, model, calib, method, n, out, result = argv
+    tool, model, calib, method, n, out, result, *more = argv
+    options = json.loads(more[0]) if more else None
     status, error = "ok", ""
     t = time.perf_counter()
     try:
         runner = {"edgequant": run_edgequant, "ort": run_ort, "ppq": run_ppq}[tool]
-        runner(model, Path(calib), method, int(n), out)
+        if options is not None and tool != "edgequant":
+            raise SystemExit(f"{tool} takes no edgequant keywords")
+        if options is None:
+            runner(model, Path(calib), method, int(n), out)
+        else:
+            run_edgequant(model, Path(calib), method, int(n), out, options)
     except SystemExit as exc:
         status, error = "unsupported", str(exc)
     except BaseException as exc:  # a crash is a result

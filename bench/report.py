@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from bench.report_rebuild import rebuild_sections
+from bench.report_recovery import recovery_sections
 from bench.runner import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +221,9 @@ def report_markdown(plot: bool = False) -> str:
     rebuild = rebuild_sections()
     if rebuild:
         parts += ["", rebuild]
+    recovered = recovery_sections()
+    if recovered:
+        parts += ["", recovered]
     return "\n".join(parts) + "\n"
 
 
@@ -232,6 +236,8 @@ def write_report() -> Path:
     readme = ROOT / "README.md"
     text = readme.read_text()
     table = headline(run["rows"]) + "\n\nFull results, memory scaling and the machine: [docs/BENCHMARKS.md](docs/BENCHMARKS.md)."
-    readme.write_text(re.sub(r"(<!-- bench:start -->\n).*?(\n<!-- bench:end -->)",
-                             lambda m: m.group(1) + table + m.group(2), text, flags=re.S))
+    new = re.sub(r"(<!-- bench:start -->\n).*?(\n<!-- bench:end -->)", lambda m: m.group(1) + table + m.group(2),
+                 text, flags=re.S)
+    if new != text:  # leave the README alone (others edit it) when its table is unchanged
+        readme.write_text(new)
     return out

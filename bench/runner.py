@@ -79,11 +79,15 @@ def watch(cmd: list[str], timeout: float, env: dict | None = None,
     return state, "".join(tail), time.perf_counter() - start
 
 
-def run_job(tool: str, model_path: Path, calib: Path, method: str, n: int, out: Path, timeout: int = 1800) -> dict:
+def run_job(tool: str, model_path: Path, calib: Path, method: str, n: int, out: Path, timeout: int = 1800,
+            options: dict | None = None) -> dict:
+    """One ``bench.job`` in its own process; ``options``: more ``edgequant.quantize`` keywords."""
     result = out.with_suffix(".json")
     result.unlink(missing_ok=True)
     python = os.environ.get("EDGEQUANT_BENCH_PPQ_PYTHON", sys.executable) if tool == "ppq" else sys.executable
     cmd = [python, "-m", "bench.job", tool, str(model_path), str(calib), method, str(n), str(out), str(result)]
+    if options is not None:
+        cmd.append(json.dumps(options, sort_keys=True))
     state, stderr, seconds = watch(cmd, timeout, job_env(tool))
     if state == "timeout":
         return {"status": "timeout", "error": f"over {timeout} s", "seconds": float(timeout), "peak_rss_mb": float("nan")}
