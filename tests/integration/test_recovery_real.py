@@ -81,3 +81,18 @@ def test_auto_mixed_recovers_before_it_takes_layers_out_of_8_bits(orientation):
     assert len(mixed.overrides) < len(plain.overrides)  # fewer layers leave 8 bits (here none)
     assert [r.name for r in recovered.summary.recovery] == ["CLE", "bias correction"]
     assert _scores(recovered, x, y, reference)[0] >= _scores(searched, x, y, reference)[0] - 0.01
+
+
+def test_gptq_and_bias_correction_bring_4_bit_ocr_back_from_collapse():
+    from tests.integration.realdata import captchas, ocr_charset
+    from tests.integration.test_real_models import ocr_accuracy
+
+    model = extract("ddddocr", "ddddocr/common.onnx")
+    charset, calib, test = ocr_charset(), [x for _, x in captchas(64, seed=1)], captchas(200, seed=2)
+    float_acc = ocr_accuracy(onnx.load(str(model)), test, charset)
+    nearest = edgequant.quantize(model, calib, weight_dtype="int4")
+    fixed = edgequant.quantize(model, calib, weight_dtype="int4", gptq=True, bias_correction="empirical")
+    near_acc, acc = ocr_accuracy(nearest.model, test, charset), ocr_accuracy(fixed.model, test, charset)
+    assert near_acc < float_acc - 0.2 and nearest.summary.collapse is not None  # round to nearest collapses
+    assert acc >= float_acc - 0.08 and fixed.summary.fidelity[0].cosine >= 0.98, (float_acc, near_acc, acc)
+    assert fixed.summary.collapse is None
