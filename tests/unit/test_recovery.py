@@ -236,3 +236,23 @@ def test_cle_through_relu6_checks_fidelity_against_the_original_model(rng):
     ref = state.references(*state.split.eval_range)[0]
     want = make_session(m).run(None, {"x": ref["x"]})[0]
     np.testing.assert_allclose(ref["y"], want, rtol=1e-5, atol=1e-5)
+
+
+STRIDED = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 8, W] x) => (float[N, 6, 4, V] y) {
+    c1 = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, W1)
+    r1 = Relu (c1)
+    y = Conv <pads = [1, 1, 1, 1]> (r1, W2)
+}
+"""
+
+
+def test_rounding_stages_take_samples_of_one_shape_when_widths_vary(rng):
+    pytest.importorskip("torch")
+    m = with_weights(STRIDED, rng, W1=(4, 3, 3, 3), W2=(6, 4, 3, 3))
+    widths = [8] * 10 + [7] * 8 + [12] * 6  # 8 is the commonest input width; 7 and 8 both give output width 4
+    data = [{"x": rng.standard_normal((1, 3, 8, w)).astype(np.float32)} for w in widths]
+    for kw in ({"finetune_level": 2, "adaround_optim_steps": 50}, {"gptq": True}):
+        r = edgequant.quantize(m, data, weight_dtype="int4", **kw)
+        assert r.summary.recovery[0].layers == 2 and r.summary.fidelity[0].cosine > 0.9

@@ -194,9 +194,9 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
             floats_w = {n: (numpy_helper.to_array(inits[wp.tensor]).astype(np.float32), weights[n][1])
                         for n, wp in block.weights.items()}
             biases = _block_biases(block, plan, inits, edits)
-            ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases,
-                                      _stack(quantized[by_name[head.node.name].input[0]], "Conv"),
-                                      _stack(floats[block.output], "Conv"), opts, rec.block_batch_size)
+            x, target = _paired(quantized[by_name[head.node.name].input[0]], floats[block.output])
+            ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases, x, target, opts,
+                                      rec.block_batch_size)
             if stats.mse_after < stats.mse_before:
                 for n, wp in block.weights.items():
                     chosen[weight_key(wp)] = (ints[n], weights[n][1])
@@ -248,6 +248,15 @@ def _mse_pair(layer, w, p, wp, q, x, target) -> tuple[float, float]:
             float(np.mean((layer.forward(x, got) - target) ** 2)))
 
 
+def _paired(inputs: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The samples whose input has the most common shape (dynamic widths), stacked, with their
+    outputs: the same samples on both sides."""
+    shapes = [a.shape[1:] for a in inputs]
+    common = max(sorted(set(shapes)), key=shapes.count)
+    keep = [i for i, s in enumerate(shapes) if s == common]
+    return np.concatenate([inputs[i] for i in keep]), np.concatenate([outputs[i] for i in keep])
+
+
 def _stack(arrays: list[np.ndarray], op_type: str) -> np.ndarray:
     """One array of the samples' values along axis 0: MatMul/Gemm inputs as rows of their last
     axis (any sequence lengths); Conv inputs of the most common shape (dynamic widths keep that
@@ -255,5 +264,5 @@ def _stack(arrays: list[np.ndarray], op_type: str) -> np.ndarray:
     if op_type != "Conv":
         return np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
     shapes = [a.shape[1:] for a in arrays]
-    common = max(set(shapes), key=shapes.count)
+    common = max(sorted(set(shapes)), key=shapes.count)  # sorted: ties go the same way every run
     return np.concatenate([a for a in arrays if a.shape[1:] == common])
