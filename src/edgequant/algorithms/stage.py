@@ -259,10 +259,10 @@ def _paired(inputs: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[np.nda
 
 def _stack(arrays: list[np.ndarray], op_type: str) -> np.ndarray:
     """One array of the samples' values along axis 0: MatMul/Gemm inputs as rows of their last
-    axis (any sequence lengths); Conv inputs of the most common shape (dynamic widths keep that
-    shape's samples)."""
+    axis (any sequence lengths); Conv inputs cropped to the smallest spatial size among them
+    (dynamic widths: every sample counts, only the widest ones lose their right edge)."""
     if op_type != "Conv":
         return np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
-    shapes = [a.shape[1:] for a in arrays]
-    common = max(sorted(set(shapes)), key=shapes.count)  # sorted: ties go the same way every run
-    return np.concatenate([a for a in arrays if a.shape[1:] == common])
+    least = tuple(min(a.shape[k] for a in arrays) for k in range(2, arrays[0].ndim))
+    window = (slice(None), slice(None)) + tuple(slice(0, n) for n in least)
+    return np.concatenate([a[window] for a in arrays])
