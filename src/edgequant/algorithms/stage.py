@@ -189,17 +189,15 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
         floats = capture(state.model, outs, state.samples(0, count), state.options.device)
         for head in level:
             block = head.block
-            weights = {n: plain_weight(numpy_helper.to_array(inits[wp.tensor]).astype(np.float32), wp)
-                       for n, wp in block.weights.items()}
-            floats_w = {n: (numpy_helper.to_array(inits[wp.tensor]).astype(np.float32), weights[n][1])
-                        for n, wp in block.weights.items()}
+            float_w = {n: numpy_helper.to_array(inits[wp.tensor]).astype(np.float32) for n, wp in block.weights.items()}
+            floats_w = {n: (w, plain_weight(w, block.weights[n])[1]) for n, w in float_w.items()}
             biases = _block_biases(block, plan, inits, edits)
             x, target = _paired(quantized[by_name[head.node.name].input[0]], floats[block.output])
             ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases, x, target, opts,
                                       rec.block_batch_size)
             if stats.mse_after < stats.mse_before:
                 for n, wp in block.weights.items():
-                    chosen[weight_key(wp)] = (ints[n], weights[n][1])
+                    chosen[weight_key(wp)] = (ints[n], floats_w[n][1])
             ratios.append(min(stats.mse_after, stats.mse_before) / max(stats.mse_before, 1e-30))
             layers += len(block.weights)
             done += 1
