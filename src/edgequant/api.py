@@ -22,7 +22,7 @@ from edgequant.data.open import open_calibration
 from edgequant.errors import ConfigError, TensorNameError, closest_names
 from edgequant.ir.model import load_model
 from edgequant.pipeline import calibrate as calibrate_prepared
-from edgequant.pipeline import check_onnx, finish, prepare
+from edgequant.pipeline import check_onnx, finish, prepare, specialization
 from edgequant.planning.options import QuantOptions, parse_options
 from edgequant.result import OutputFidelity, QuantizeResult, Summary
 
@@ -63,24 +63,38 @@ def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, op
     original = load_model(model)
     specs, settings = _match_settings(model_inputs(original), cfg, input_settings)
     check_onnx(original)
-    prepared = prepare(original, opts, min_opset)
-    del original  # ``prepared`` holds the (upgraded) model; the upgrade made a copy, or edited this one
     source = open_calibration(calibration, specs, settings, opts.batch_size)
+    prepared = prepare(original, opts, min_opset, specialization(original, opts, source))
+    del original  # ``prepared`` holds the (upgraded) model; the upgrade made a copy, or edited this one
     return calibrate_prepared(prepared, source, progress, started)
 
 
 def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, options: QuantOptions | None = None,
              input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
-             **changes: Any) -> QuantizeResult:
+             exports: tuple[str, ...] = (), **changes: Any) -> QuantizeResult:
     """Quantize a float ONNX model with calibration data; ``changes`` are ``QuantOptions``
     fields (``method="entropy"``, ``per_channel=False``, ``overrides=["Conv_3=int16"]``…).
 
     ``calibration``: a path (folder of .npz/.npy/images/raw, list file, single file), one path
     per input, or an iterable of arrays (single-input models) or dicts keyed by input name.
+
+    When the collapse guard finds the result broken, it is repaired before it is returned
+    (``mixed.repair``: recovery algorithms, then mixed precision; ``Summary.repair`` says
+    what changed); ``repair=False`` returns the plain result with the guard's finding.
+    ``exports``: the parameter-file formats the result will be written to (``export_params``);
+    the repair adds no recovery step those files cannot describe.
     """
     state = calibrate(model, calibration, config=config, options=options, input_settings=input_settings,
                       progress=progress, **changes)
-    return finish(state, progress=progress)
+    result = finish(state, progress=progress, rank=not state.options.repair)
+    if result.summary.collapse is None or not state.options.repair:
+        return result
+    from edgequant.mixed.repair import repair
+
+    def recalibrate(opts: QuantOptions, min_opset: int) -> CalibratedModel:
+        return calibrate(model, state.source, config=config, options=opts, input_settings=input_settings,
+                         progress=progress, min_opset=min_opset)
+    return repair(state, result, recalibrate, progress, exports)
 
 
 def _match_settings(specs: list[InputSpec], cfg: ResolvedConfig | None,

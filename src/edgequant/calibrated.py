@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import ModelProto
 
-from edgequant.analysis.metrics import FidelityAccumulator
+from edgequant.analysis.metrics import DecisionTally, FidelityAccumulator
 from edgequant.calibration.observers import MinMaxObserver
 from edgequant.data.sources import CalibrationSource, Sample
 from edgequant.errors import ConfigError
@@ -84,6 +84,7 @@ class CalibratedModel:
     recovery: tuple = ()  # what each recovery algorithm did (``algorithms.stage.StepReport``)
     reference_model: ModelProto | None = None  # the float model before recovery changed its semantics (ReLU6 → Relu)
     _references: dict[tuple[int, int], list[Sample]] = field(default_factory=dict, repr=False)
+    _shapes: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def model(self) -> ModelProto:
@@ -144,6 +145,17 @@ class CalibratedModel:
             self._references[key] = cache
         return self._references[key]
 
+    def tensor_shapes(self) -> dict[str, np.ndarray]:
+        """Every top-level tensor of the float model on the first sample, as zero-size views
+        that keep only the shape (what ``mixed.cost`` reads); run once, then kept."""
+        if self._shapes is None:
+            from edgequant.analysis.layerwise import float_cache
+
+            cache = float_cache(self.model, self.samples(0, 1), 1 << 62, self.options.device)
+            zero = np.zeros((), np.float32)
+            self._shapes = {k: np.broadcast_to(zero, np.shape(v)) for k, v in cache[0].items()} if cache else {}
+        return self._shapes
+
     def evaluate(self, qmodel: ModelProto, progress: Progress | None = None) -> list[OutputFidelity]:
         """Float against quantized outputs on the held-out samples (``split.eval_range``), one
         sample per run (the float outputs are cached per sample)."""
@@ -155,10 +167,13 @@ class CalibratedModel:
         names = [o.name for o in sess.get_outputs()]
         inputs = [i.name for i in sess.get_inputs()]
         acc = {n: FidelityAccumulator() for n in names}
+        tally = {n: DecisionTally() for n in names}
         for done, ref in enumerate(refs, 1):
             got = run_checked(sess, names, {k: ref[k] for k in inputs}, first + done - 1)
             for name, value in zip(names, got):
                 acc[name].update(ref[name], np.asarray(value))
+                tally[name].update(ref[name], np.asarray(value))
             if progress:
                 progress("evaluating", done, len(refs))
-        return [OutputFidelity(n, a.cosine, a.sqnr_db) for n, a in acc.items() if a.count]
+        return [OutputFidelity(n, a.cosine, a.sqnr_db, tally[n].decisions, tally[n].flips, tally[n].flipped)
+                for n, a in acc.items() if a.count]

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import onnx
 from onnx import ModelProto
 
@@ -23,8 +24,10 @@ from edgequant.calibration.collect import collect_ranges
 from edgequant.data.sources import CalibrationSource
 from edgequant.errors import CalibrationDataError, ModelLoadError
 from edgequant.ir.model import ensure_opset, opset_of, skeleton
-from edgequant.mixed.guard import collapse_report
-from edgequant.passes.pipeline import prepare_model
+from edgequant.mixed.cost import eight_bit_macs
+from edgequant.mixed.guard import collapse_report, judge
+from edgequant.passes.pipeline import PassResult, prepare_model
+from edgequant.passes.specialize import Specialize, has_control_flow
 from edgequant.planning.options import QuantOptions
 from edgequant.planning.plan import QuantPlan, build_plan, name_nodes
 from edgequant.result import QuantizeResult, Summary
@@ -43,8 +46,10 @@ def check_onnx(model: ModelProto) -> None:
             raise ModelLoadError(f"the model is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
 
 
-def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0) -> Prepared:
-    """Upgrade ``original`` to the opset the options need, run the graph passes, name nodes.
+def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0,
+            specialize: Specialize | None = None) -> Prepared:
+    """Upgrade ``original`` to the opset the options need, specialize its shapes (when given:
+    ``passes.specialize``), run the graph passes, name nodes.
 
     If per-channel weights are what cannot be had (the converter fails on this model), fall
     back to per-tensor weights and say so. ``original`` is the caller's own copy: the passes
@@ -62,9 +67,42 @@ def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0) -> 
                 f"to 13 that per-channel weights need failed ({exc})")
         log.warning(note)
         model, options, notes = original, fallback, [note]
-    passes = prepare_model(model, simplify=options.simplify)
+    passes: list[PassResult] = []
+    if specialize is not None:
+        passes.append(PassResult(specialize.name, specialize(model)))
+        notes.append(specialize.report.describe())
+    passes += prepare_model(model, simplify=options.simplify)
     name_nodes(model)
     return Prepared(model, options, passes, from_opset, tuple(notes))
+
+
+def specialization(model: ModelProto, options: QuantOptions, source: CalibrationSource) -> Specialize | None:
+    """The specialization the options ask for: their ``input_shapes`` and ``fixed_inputs``,
+    and, for a model with control flow (``options.specialize``), the shape each other input
+    has in every calibration sample and the value of each integer scalar input that is the
+    same in all of them. None when there is nothing to fix."""
+    shapes = dict(options.input_shapes)
+    values: dict[str, np.ndarray] = {n: np.asarray(v) for n, v in options.fixed_inputs}
+    if options.specialize and has_control_flow(model):
+        seen: dict[str, set[tuple[int, ...]]] = {}
+        scalars: dict[str, set] = {}
+        limit = None if options.num_samples is None else options.num_samples + options.eval_samples
+        for sample in source.samples(0, limit):
+            for name, value in sample.items():
+                value = np.asarray(value)
+                seen.setdefault(name, set()).add(value.shape)
+                if value.size == 1 and value.dtype.kind in "iub":
+                    scalars.setdefault(name, set()).add(value.item())
+        for name, kinds in seen.items():
+            if name not in shapes and name not in values and len(kinds) == 1:
+                shapes[name] = next(iter(kinds))
+        for name, kinds in scalars.items():
+            if name not in values and len(kinds) == 1 and len(seen[name]) == 1:
+                values[name] = np.asarray(next(iter(kinds)))
+    shapes = {n: s for n, s in shapes.items() if n not in values}  # a pinned input's shape is moot
+    if not shapes and not values:
+        return None
+    return Specialize(shapes, values)
 
 
 def split_samples(total: int | None, options: QuantOptions) -> SampleSplit:
@@ -109,9 +147,10 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
     return recover(state, progress) if opts.recovery.rounding or opts.recovery.bias else state
 
 
-def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Progress | None = None) -> QuantizeResult:
+def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Progress | None = None,
+           rank: bool = True) -> QuantizeResult:
     """Assemble ``plan`` (default: the state's own), check its fidelity on held-out samples,
-    and run the collapse guard."""
+    and run the collapse guard (``rank``: name the layers to blame, a sensitivity pass)."""
     plan = plan or state.plan
     qmodel, params = state.assemble(plan)
     opts = state.options
@@ -121,10 +160,13 @@ def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Prog
                       state.split.calibration, count, state.split.held_out == 0, state.calibration_seconds, 0.0,
                       (state.prepared.from_opset, opset_of(qmodel)), state.prepared.passes, fidelity,
                       list(state.prepared.notes), dict(plan.precision), recovery=list(state.recovery))
+    summary.eight_bit_macs = eight_bit_macs(state.model, qmodel, state.tensor_shapes())
     result = QuantizeResult(qmodel, state.model, plan, state.ranges(plan), params, summary, opts)
-    if opts.collapse_cosine > 0 and fidelity and min(f.cosine for f in fidelity) < opts.collapse_cosine:
-        summary.collapse = collapse_report(state, result, progress)
-        log.warning("quantized outputs collapsed (cosine %.3f < %.2f); most sensitive layers: %s",
-                    summary.collapse.cosine, opts.collapse_cosine, ", ".join(summary.collapse.layers))
+    reason = judge(fidelity, opts.collapse_cosine)
+    if reason:
+        summary.collapse = collapse_report(state, result, reason, progress, rank=rank)
+        if rank:
+            log.warning("quantized outputs collapsed (%s); most sensitive layers: %s",
+                        reason, ", ".join(summary.collapse.layers))
     summary.total_seconds = time.perf_counter() - state.started
     return result

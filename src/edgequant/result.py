@@ -20,9 +20,21 @@ from edgequant.quant.params import QuantParams
 
 @dataclass(frozen=True)
 class OutputFidelity:
+    """One output on the held-out samples: cosine and SQNR to float, and for outputs that
+    decide something, how often the decision survives (None where the output decides nothing).
+
+    ``decisions``: class-probability outputs (softmax rows), the share of samples whose every
+    confident row keeps its top-1 class; ``flips``: outputs in [0, 1] (sigmoid scores, masks),
+    1 − F1 of the confident decisions (float at least 0.1 from 0.5) against float, and
+    ``flipped`` how many crossed 0.5 (``analysis.metrics.DecisionTally``).
+    """
+
     name: str
     cosine: float
     sqnr_db: float
+    decisions: float | None = None
+    flips: float | None = None
+    flipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class Collapse:
     layers: tuple[str, ...]
     overrides: tuple[Override, ...] = field(default=())
     recovery: str = ""  # recovery switches to try first (every layer stays in its bits)
+    reason: str = ""  # what the guard saw, e.g. "worst output cosine 0.467 < 0.9"
 
     def advice(self) -> str:
         flags = " ".join(f"--override '{o}'" for o in self.overrides)
@@ -62,6 +75,9 @@ class Summary:
     precision: dict[str, str] = field(default_factory=dict)  # node → precision set by an override
     collapse: Collapse | None = None
     recovery: list[StepReport] = field(default_factory=list)  # what each recovery algorithm did
+    repair: list[str] = field(default_factory=list)  # what the default repair changed, and why
+    #: (MACs with both operands 8-bit, all MACs) of the written model's compute ops (mixed.cost)
+    eight_bit_macs: tuple[int, int] | None = None
 
 
 @dataclass

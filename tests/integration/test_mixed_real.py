@@ -3,7 +3,8 @@
 * magika (integer input, layer norms, GELU): plain int8 breaks it (73 % top-1 on 172 held-out
   files against 98.8 % float); the collapse guard must fire and name its LayerNorm ops;
   ``--auto-mixed`` with defaults must bring it back within a point with a tiny share of MACs
-  in 16-bit; the override file it writes must reproduce the same model.
+  in 16-bit; the override file it writes must reproduce the same model; plain ``quantize``
+  (the default repair) must come within 3 points of float.
 * silero-vad (STFT, convolutions, an LSTM whose state streams from chunk to chunk): plain int8
   loses 7 points of voice-activity accuracy on real speech in noise; ``--auto-mixed`` with
   defaults must win them back within the MAC budget.
@@ -59,17 +60,23 @@ def accuracy(model, test, names) -> float:
 def test_guard_fires_and_auto_mixed_restores_magika():
     model, names, test = extract(*MODEL), labels(), labelled_files(150, part=1)  # 172 files
     data = calibration()
-    int8 = edgequant.quantize(str(model), data)
-    assert int8.summary.collapse is not None
+    int8 = edgequant.quantize(str(model), data, repair=False)
+    assert int8.summary.collapse is not None and not int8.summary.repair
     assert int8.summary.collapse.cosine < 0.8 and "--override" in int8.summary.collapse.advice()
     assert all("LayerNorm" in n for n in int8.summary.collapse.layers[:3])
     result, mixed = auto_mixed(str(model), data)
     assert mixed.reached and 0 < len(mixed.overrides) <= 32 and mixed.cost <= 0.01  # 28 layers, 0.3 % of MACs
     assert result.summary.collapse is None
-    float_acc, int8_acc, mixed_acc = (accuracy(m, test, names) for m in (int8.float_model, int8.model, result.model))
-    print(f"float {float_acc:.4f} int8 {int8_acc:.4f} auto-mixed {mixed_acc:.4f}", mixed.describe())
+    repaired = edgequant.quantize(str(model), data)  # the default: repaired before it is returned
+    assert repaired.summary.collapse is None and "broken" in repaired.summary.repair[0]
+    assert "mixed-precision" in repaired.summary.repair[-1] and repaired.summary.precision
+    float_acc, int8_acc, mixed_acc, repaired_acc = (accuracy(m, test, names) for m in (
+        int8.float_model, int8.model, result.model, repaired.model))
+    print(f"float {float_acc:.4f} int8 {int8_acc:.4f} auto-mixed {mixed_acc:.4f} default {repaired_acc:.4f}",
+          mixed.describe(), repaired.summary.repair)
     assert float_acc > 0.98 and int8_acc < float_acc - 0.2
     assert mixed_acc >= float_acc - 0.01, (mixed_acc, mixed.overrides)
+    assert repaired_acc >= float_acc - 0.03, repaired.summary.repair
 
 
 def test_cli_strict_auto_mixed_and_override_file(tmp_path):
@@ -83,9 +90,13 @@ def test_cli_strict_auto_mixed_and_override_file(tmp_path):
         return subprocess.run([sys.executable, "-m", "edgequant", "quantize", str(model), "--calib", str(calib),
                                "-q", *map(str, args)], capture_output=True, text=True, timeout=600)
 
-    strict = cli("-o", tmp_path / "a.onnx", "--strict")
+    strict = cli("-o", tmp_path / "a.onnx", "--strict", "--no-repair")
     assert strict.returncode == 3 and "collapsed" in strict.stderr and "--override" in strict.stderr
-    assert cli("-o", tmp_path / "b.onnx").returncode == 0  # without --strict: a warning only
+    plain = cli("-o", tmp_path / "b.onnx", "--no-repair")  # without --strict: a warning only
+    assert plain.returncode == 0 and "collapsed" in plain.stderr
+    repaired = cli("-o", tmp_path / "d.onnx", "--strict")  # the default repairs: nothing left to fail on
+    assert repaired.returncode == 0 and "collapsed" not in repaired.stderr, repaired.stderr
+    assert (tmp_path / "d.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()
     mixed = cli("-o", tmp_path / "m.onnx", "--auto-mixed", "--strict")
     assert mixed.returncode == 0, mixed.stderr
     override_file = tmp_path / "m.mixed.yaml"
@@ -120,7 +131,7 @@ def test_auto_mixed_restores_the_streaming_voice_activity_lstm():
     model = extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx")
     data = vad_calibration(model)[::6]
     test = vad_scenes(40, seed=7)
-    int8 = edgequant.quantize(str(model), data)
+    int8 = edgequant.quantize(str(model), data, repair=False)
     assert int8.summary.collapse is not None and int8.summary.quantized_ops["LSTM"] == 1
     result, mixed = auto_mixed(str(model), data)
     assert mixed.cost <= 0.10 and any(o.precision == "float" for o in mixed.overrides)  # power spectrum
@@ -145,7 +156,7 @@ def test_auto_mixed_restores_the_ppocr_transformer_recognizer():
         sess = session(m)
         return float(np.mean([ctc_decode(sess.run(None, {"x": x})[0][0], charset) == t for t, x in test]))
 
-    int8 = edgequant.quantize(str(model), data)
+    int8 = edgequant.quantize(str(model), data, repair=False)
     result, mixed = auto_mixed(str(model), data)
     float_acc, int8_acc, mixed_acc = (line_accuracy(m) for m in (int8.float_model, int8.model, result.model))
     print(f"float {float_acc:.4f} int8 {int8_acc:.4f} auto-mixed {mixed_acc:.4f}", mixed.describe())
@@ -155,15 +166,62 @@ def test_auto_mixed_restores_the_ppocr_transformer_recognizer():
 
 
 def test_auto_mixed_on_the_standard_silero_export_whose_lstm_sits_in_if_bodies():
-    """Its default export keeps the compute in If bodies; models assembled during the search
-    used to reuse a body's name at the top level (onnxruntime: "Graph must be in single static
-    assignment (SSA) form")."""
+    """Kept as control flow (``specialize=False``), its compute stays in If bodies; models
+    assembled during the search used to reuse a body's name at the top level (onnxruntime:
+    "Graph must be in single static assignment (SSA) form")."""
     import onnx
 
     model = extract("silero_vad", "silero_vad/data/silero_vad_16k_op15.onnx")
     carried = vad_calibration(extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx"))[::24]
-    data = [{"input": f["input"][:, 64:], "state": f["state"], "sr": np.array(16000, np.int64)} for f in carried]
-    result, mixed = auto_mixed(str(model), data)
+    data = [{"input": f["input"], "state": f["state"], "sr": np.array(16000, np.int64)} for f in carried]
+    result, mixed = auto_mixed(str(model), data, specialize=False)
     onnx.checker.check_model(result.model, full_check=True)
     assert result.summary.subgraph_float_ops > 200 and mixed.steps
     assert min(f.cosine for f in result.summary.fidelity) > 0.99
+
+
+class _WithRate:
+    """The standard silero export's interface: the 576-sample window, the state, and ``sr``."""
+
+    def __init__(self, sess):
+        self.sess = sess
+
+    def run(self, names, feed):
+        return self.sess.run(None, {**feed, "sr": np.array(16000, np.int64)})
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    pos = labels.astype(bool)
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def test_the_defaults_fold_the_standard_silero_export_flat_and_quantize_its_lstm():
+    """silero-vad's standard export wraps the whole model in If(sr == 16000), with shape tests
+    ("is the batch 1?", "is the state empty?") nested inside. At the calibration data's shapes
+    and sample rate the defaults fold all of them away, quantize the LSTM with the rest, and
+    repair what plain int8 breaks (its power spectrum)."""
+    import onnx
+
+    model = extract("silero_vad", "silero_vad/data/silero_vad.onnx")
+    feeds = vad_calibration(extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx"))[::6]
+    data = [{**f, "sr": np.array(16000, np.int64)} for f in feeds]
+    result = edgequant.quantize(str(model), data)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert not any(n.op_type in ("If", "Loop", "Scan") for n in result.model.graph.node)
+    assert result.summary.subgraph_float_ops == 0 and result.summary.quantized_ops["LSTM"] == 1
+    assert any(n.startswith("specialized at input=1x576, state=2x1x128, sr=16000") for n in result.summary.notes)
+    eight, total = result.summary.eight_bit_macs
+    assert eight >= 0.9 * total, result.summary.repair
+    scenes = vad_scenes(40, seed=7)
+    labels = np.concatenate([y for _, y in scenes])
+
+    def auc(m) -> float:
+        sess = _WithRate(session(m))
+        return _auc(np.concatenate([vad_stream(sess, x) for x, _ in scenes]), labels)
+    float_auc, q_auc = auc(onnx.load(str(model))), auc(result.model)
+    print(f"AUC float {float_auc:.4f} default {q_auc:.4f}; 8-bit MACs {eight / total:.3f}", result.summary.repair)
+    assert float_auc > 0.95 and q_auc >= float_auc - 0.02

@@ -34,8 +34,9 @@ def _scores(result, x, y, reference):
 def test_cle_and_bias_correction_rescue_per_tensor_power_of_two_int8(orientation):
     model, calib, x, y, reference = orientation
     float_acc = float((reference.argmax(1) == y).mean())
-    plain = edgequant.quantize(model, calib, target="espdl-s3")
-    fixed = edgequant.quantize(model, calib, target="espdl-s3", cle=True, bias_correction="empirical")
+    plain = edgequant.quantize(model, calib, target="espdl-s3", repair=False)
+    fixed = edgequant.quantize(model, calib, target="espdl-s3")  # the default repair: recovery first
+    assert "kept: the recovered result" in fixed.summary.repair[-1], fixed.summary.repair
     plain_acc, plain_cos = _scores(plain, x, y, reference)
     acc, cos = _scores(fixed, x, y, reference)
     assert plain_acc < float_acc - 0.2 and plain.summary.collapse is not None  # what there is to recover
@@ -49,7 +50,7 @@ def test_cle_and_bias_correction_rescue_per_tensor_power_of_two_int8(orientation
 def test_gptq_lowers_the_error_of_4_bit_weights(orientation):
     model, calib, x, y, reference = orientation
     float_acc = float((reference.argmax(1) == y).mean())
-    nearest = edgequant.quantize(model, calib, weight_dtype="int4")
+    nearest = edgequant.quantize(model, calib, weight_dtype="int4", repair=False)
     gptq = edgequant.quantize(model, calib, weight_dtype="int4", gptq=True)
     _, near_cos = _scores(nearest, x, y, reference)
     acc, cos = _scores(gptq, x, y, reference)
@@ -62,7 +63,7 @@ def test_adaround_lowers_the_error_of_4_bit_weights(orientation):
     pytest.importorskip("torch")
     model, calib, x, y, reference = orientation
     float_acc = float((reference.argmax(1) == y).mean())
-    nearest = edgequant.quantize(model, calib, weight_dtype="int4")
+    nearest = edgequant.quantize(model, calib, weight_dtype="int4", repair=False)
     learned = edgequant.quantize(model, calib, weight_dtype="int4", adaround=True, adaround_optim_steps=200)
     _, near_cos = _scores(nearest, x, y, reference)
     acc, cos = _scores(learned, x, y, reference)
@@ -92,7 +93,7 @@ def test_gptq_and_bias_correction_bring_4_bit_ocr_back_from_collapse():
     model = extract("ddddocr", "ddddocr/common.onnx")
     charset, calib, test = ocr_charset(), [x for _, x in captchas(64, seed=1)], captchas(200, seed=2)
     float_acc = ocr_accuracy(onnx.load(str(model)), test, charset)
-    nearest = edgequant.quantize(model, calib, weight_dtype="int4")
+    nearest = edgequant.quantize(model, calib, weight_dtype="int4", repair=False)
     fixed = edgequant.quantize(model, calib, weight_dtype="int4", gptq=True, bias_correction="empirical")
     near_acc, acc = ocr_accuracy(nearest.model, test, charset), ocr_accuracy(fixed.model, test, charset)
     assert near_acc < float_acc - 0.2 and nearest.summary.collapse is not None  # round to nearest collapses

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 import edgequant
-from edgequant.analysis.metrics import FidelityAccumulator
+from edgequant.analysis.metrics import FidelityAccumulator, decisions_agree, is_distribution
 from edgequant.errors import ConfigError
 from edgequant.mixed.cost import layer_macs, node_macs
 from edgequant.mixed.search import (
@@ -13,8 +13,6 @@ from edgequant.mixed.search import (
     Step,
     _Search,
     auto_mixed,
-    decisions_agree,
-    is_distribution,
     worst_sample_score,
 )
 from edgequant.planning.overrides import Override
@@ -49,7 +47,6 @@ def test_macs_follow_the_formulas(rng):
 
 
 def test_recurrent_macs_count_every_step_and_gate():
-    from onnx import helper
 
     node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=8)
     values = {"x": np.zeros((5, 2, 6)), "y": np.zeros((5, 1, 2, 8)), "W": np.zeros((1, 32, 6)),
@@ -225,3 +222,33 @@ def test_search_out_of_reach_keeps_only_the_float_layers_that_score():
     chosen = s.run(order, budget=0.5, escalate=True)
     assert {"L1", "L2", "L4"} <= set(chosen) and s.value(chosen) == 0.75
     assert {str(o) for o in s.overrides(chosen) if o.precision == "float"} == {"L1=float"}
+
+
+def test_a_layer_is_charged_the_macs_of_the_compute_ops_whose_inputs_it_widens(rng):
+    from edgequant.mixed.search import charged_macs
+    from edgequant.passes import prepare_model
+    from edgequant.planning import QuantOptions, build_plan
+
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 3, 8, 8] z) {
+        a = MaxPool <kernel_shape = [1, 1]> (x)
+        y = Conv <pads = [1, 1, 1, 1]> (a, W)
+        z = Sigmoid (a)
+    }
+    """, check=False)
+    m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"))
+    prepare_model(m)
+    for k, n in enumerate(m.graph.node):
+        n.name = f"{n.op_type}_{k}"
+    plan = build_plan(m, QuantOptions())
+    assert "a" in plan.activations
+    values = {"x": np.zeros((1, 3, 8, 8)), "a": np.zeros((1, 3, 8, 8)), "y": np.zeros((1, 4, 8, 8)),
+              "z": np.zeros((1, 3, 8, 8))}
+    names = ["MaxPool_0", "Conv_1", "Sigmoid_2"]
+    macs = layer_macs(m, values, names)
+    conv = 4 * 8 * 8 * 3 * 3 * 3
+    assert macs == {"MaxPool_0": 192, "Conv_1": conv, "Sigmoid_2": 192}
+    charged = charged_macs(m, plan, macs, names)
+    # a 16-bit Sigmoid widens its input a, which the Conv reads too: it pays for the Conv
+    assert charged == {"MaxPool_0": 192, "Conv_1": conv, "Sigmoid_2": 192 + conv}

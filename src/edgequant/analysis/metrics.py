@@ -152,3 +152,93 @@ class FidelityAccumulator:
     def metrics(self) -> Metrics:
         mse = self.noise / self.elements if self.elements else 0.0
         return Metrics(self.cosine, self.sqnr_db, self.snr, self.euclidean, mse, self.max_abs, self.nonfinite)
+
+
+#: Rows whose two most likely classes are closer than this in float decide nothing.
+UNDECIDED_MARGIN = 0.1
+
+
+def decisions_agree(ref: np.ndarray, got: np.ndarray) -> bool:
+    """Does every decided row (top-1 ahead of top-2 by ``UNDECIDED_MARGIN``) keep its argmax?
+
+    A sample is judged whole: one flipped frame of forty can change a decoded text line, so a
+    share of agreeing rows pooled over samples hides broken samples.
+    """
+    ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, ref.shape[-1])
+    top2 = np.partition(ref, -2, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] >= UNDECIDED_MARGIN
+    return bool(np.all(ref[decided].argmax(-1) == got[decided].argmax(-1)))
+
+
+def is_distribution(x: np.ndarray | None) -> bool:
+    """Rows of class probabilities along the last axis (a softmax output)?"""
+    if x is None or x.dtype.kind != "f" or x.ndim == 0 or x.shape[-1] < 2 or not x.size:
+        return False
+    return bool(np.all(x >= 0) and np.all(x <= 1) and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def is_score(x: np.ndarray | None) -> bool:
+    """Independent scores in [0, 1] (sigmoid outputs, masks, a voice or face probability),
+    not rows of class probabilities?"""
+    if x is None or x.dtype.kind != "f" or not x.size or is_distribution(x):
+        return False
+    return bool(np.all(x >= 0) and np.all(x <= 1))
+
+
+@dataclass
+class DecisionTally:
+    """How often an output's decisions survive quantization, over samples.
+
+    Class probabilities (``is_distribution``): samples whose every confident row keeps its
+    top-1 class (``decisions_agree``). Scores in [0, 1] (``is_score``): the confident elements
+    (float at least ``UNDECIDED_MARGIN`` from 0.5) that land on the other side of 0.5, counted
+    against the positive decisions as 1 − F1 = (fp + fn) / (2 tp + fp + fn), so that a sparse
+    output (note frames, a mask) is not judged by its sea of confident zeros. An output is
+    judged as a kind only if every sample's float output is of that kind.
+    """
+
+    samples: int = 0
+    distributions: int = 0
+    agree: int = 0
+    scores: int = 0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if ref.dtype.kind != "f" or ref.shape != np.shape(test):
+            return
+        self.samples += 1
+        test = np.asarray(test)
+        if is_distribution(ref):
+            self.distributions += 1
+            self.agree += decisions_agree(ref, test)
+        elif is_score(ref):
+            self.scores += 1
+            sure = np.abs(ref - 0.5) >= UNDECIDED_MARGIN
+            want, got = (ref > 0.5)[sure], (test > 0.5)[sure]
+            self.tp += int((want & got).sum())
+            self.fp += int((~want & got).sum())
+            self.fn += int((want & ~got).sum())
+
+    def merge(self, other: DecisionTally) -> None:
+        """Add ``other``'s counts: both sample sets pooled."""
+        for f in ("samples", "distributions", "agree", "scores", "tp", "fp", "fn"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+    @property
+    def decisions(self) -> float | None:
+        """Share of samples keeping their top-1 decisions (None: not class probabilities)."""
+        return self.agree / self.samples if self.samples and self.distributions == self.samples else None
+
+    @property
+    def flipped(self) -> int:
+        """Confident scores on the other side of 0.5."""
+        return self.fp + self.fn
+
+    @property
+    def flips(self) -> float | None:
+        """1 − F1 of the confident score decisions (None: not scores, or no positive decision)."""
+        if not self.samples or self.scores != self.samples or not self.tp + self.flipped:
+            return None
+        return self.flipped / (2 * self.tp + self.flipped)

@@ -81,12 +81,16 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--max-high-precision", default="10%", show_default=True, help="--auto-mixed budget: share of MACs allowed in higher precision (10% or 0.1).")
 @click.option("--fallback", type=click.Choice(["int16", "uint16", "float"]), default="int16", show_default=True, help="--auto-mixed precision for the layers it picks.")
 @click.option("--recover", is_flag=True, default=None, help="--auto-mixed: first fix the rounding with bias correction (+ CLE for per-tensor weights, GPTQ for 4-bit ones), then search [default: when the target cannot run float].")
-@click.option("--strict", is_flag=True, help="Exit with status 3 when the collapse guard fires (outputs far from float).")
+@click.option("--no-repair", is_flag=True, help="Write the plain result even when the collapse guard finds it broken (default: repair it first with recovery algorithms, then mixed precision).")
+@click.option("--strict", is_flag=True, help="Exit with status 3 when the written model is still broken (the collapse guard fires after any repair).")
 @click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON). Repeatable.")
 @click.option("--import-params", multiple=True, metavar="FORMAT:PATH", help="Read parameters (same formats) as overrides; edgequant:PATH re-creates the model without calibration. Repeatable.")
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Fix an input's shape, e.g. input=1x512: shape-derived values fold to constants and If/Loop tests on them fold away. Repeatable.")
+@click.option("--fix-input", "fixed_inputs", multiple=True, metavar="NAME=VALUE", help="Pin an input to a value, e.g. sr=16000: the graph is specialized to it (the input stays, unused). Repeatable.")
+@click.option("--no-specialize", is_flag=True, help="Keep control flow as it is [default: a model with If/Loop/Scan is specialized at the shapes, and constant integer scalars, of its calibration data].")
 @click.option("--cle", is_flag=True, default=None, help="Cross-layer equalization of consecutive Conv/Gemm pairs before calibration (ReLU6 between them becomes Relu).")
 @click.option("--bias-correction", type=click.Choice(["empirical", "fast"]), is_flag=False, flag_value="empirical", help="Remove each layer's mean output error from its bias: empirical (measured layer by layer) or fast (weight rounding on input means) [flag alone: empirical].")
 @click.option("--adaround", is_flag=True, default=None, help="Learn each weight's rounding layer by layer (AdaRound; needs pip install 'edgequant[torch]').")
@@ -139,7 +143,8 @@ def quantize(**flags: Any) -> None:
                                        max_high_precision=_share(f["max_high_precision"]), fallback=f["fallback"],
                                        recover=f["recover"], **changes)
         else:
-            result = run(model_path, calib, config=cfg, input_settings=settings, progress=progress, **changes)
+            result = run(model_path, calib, config=cfg, input_settings=settings, progress=progress,
+                         exports=tuple(fmt for fmt, _ in exports), **changes)
     saved = result.save(out)
     written = [str(saved)] + [str(write_params(result, fmt, path)) for fmt, path in exports]
     if mixed is not None:
@@ -172,6 +177,14 @@ def option_changes(f: dict[str, Any], cfg, imports) -> dict[str, Any]:
         changes["activation_symmetric"] = f["symmetric"] in ("activations", "both")
     if f["no_simplify"]:
         changes["simplify"] = False
+    if f["no_repair"]:
+        changes["repair"] = False
+    if f["no_specialize"]:
+        changes["specialize"] = False
+    if f["input_shapes"]:
+        changes["input_shapes"] = list(f["input_shapes"])
+    if f["fixed_inputs"]:
+        changes["fixed_inputs"] = list(f["fixed_inputs"])
     extra = cli_overrides(f["overrides"], f["float_after"], f["float_before"], f["precision_level"])
     if f["override_file"]:
         extra = read_override_file(f["override_file"]) + extra

@@ -60,13 +60,21 @@ def print_summary(summary: Summary, output: str | None) -> None:
 
         kinds = Counter(summary.precision.values())
         t.add_row("overrides", f"{len(summary.precision)} layers: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    if summary.eight_bit_macs and summary.eight_bit_macs[1]:
+        eight, total = summary.eight_bit_macs
+        t.add_row("8-bit MACs", f"{eight / total:.1%} of {total:,} (Conv/Gemm/MatMul/LSTM with 8-bit weights and "
+                                "8-bit activations)")
     t.add_row("calibration", f"{summary.calibration_samples} samples in {summary.calibration_seconds:.1f} s")
     where = "calibration samples (too few to hold some out)" if summary.eval_on_calibration else "held-out samples"
     for f in summary.fidelity:
-        t.add_row(f"output {f.name}", f"cosine {f.cosine:.5f}   SQNR {f.sqnr_db:.1f} dB   "
+        kept = f"   decisions kept {f.decisions:.0%}" if f.decisions is not None else ""
+        kept += f"   confident scores flipped {f.flipped} (1 − F1 {f.flips:.3f})" if f.flips is not None else ""
+        t.add_row(f"output {f.name}", f"cosine {f.cosine:.5f}   SQNR {f.sqnr_db:.1f} dB{kept}   "
                                       f"({summary.eval_samples} {where})")
     for step in summary.recovery:
         t.add_row("recovery", step.line())
+    for line in summary.repair:
+        t.add_row("repair", line)
     if summary.opset[0] != summary.opset[1]:
         t.add_row("opset", f"upgraded {summary.opset[0]} → {summary.opset[1]}")
     for note in summary.notes:
@@ -133,8 +141,9 @@ def print_comparison(result, tolerance: tuple[float, float], verbose: bool) -> N
 
 def print_collapse(collapse) -> None:
     """The collapse guard's warning: loud, on stderr, even with --quiet."""
-    err.print(f"[bold red]WARNING: the quantized model's outputs collapsed[/bold red] (worst output cosine "
-              f"{collapse.cosine:.3f} < {collapse.threshold}).", soft_wrap=True)
+    err.print(f"[bold red]WARNING: the quantized model's outputs collapsed[/bold red] "
+              f"({collapse.reason or f'worst output cosine {collapse.cosine:.3f} < {collapse.threshold}'}).",
+              soft_wrap=True)
     if collapse.layers:
         err.print("most sensitive layers: " + ", ".join(collapse.layers), soft_wrap=True)
     err.print("fix: " + collapse.advice(), soft_wrap=True)

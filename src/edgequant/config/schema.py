@@ -93,6 +93,8 @@ class QuantizationParameters(_Strict):
     hessian_opt_use_fast_strategy: bool | None = None
     weights_quantization_clipping_ratio: float | None = Field(
         None, description="NeuroPilot: keep this share (0-1] of each weight channel's range instead of the MSE search")
+    repair: bool = Field(True, description="edgequant: when the collapse guard finds the result broken, repair it "
+                         "before writing (recovery algorithms, then mixed precision); false writes the plain result")
     max_percentile: float = 0.9999
     custom_setting: list[CustomSetting] | None = None
     truncate_var_names: list[str] | None = None
@@ -244,6 +246,7 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         overrides=config_overrides(q),
         recovery=config_recovery(q),
         weight_clipping_ratio=q.weights_quantization_clipping_ratio,
+        repair=q.repair,
     )
     inputs = c.input_parametres or []
     settings = tuple(_settings(p, base) for p in inputs)

@@ -47,6 +47,19 @@ def check_exportable(fmt: str, recovery) -> None:
                           "cannot hold those --gptq/--adaround/--bias-correction chose; keep the QDQ model instead")
 
 
+def exportable_recovery(recovery, formats):
+    """``recovery`` (``Recovery``) less what the parameter files in ``formats`` cannot describe
+    (``check_exportable``): what the default repair may add when such files are to be written."""
+    import dataclasses
+
+    if not formats:
+        return recovery
+    recovery = dataclasses.replace(recovery, cle=False, smoothquant=None)
+    if "edgequant" in formats:
+        recovery = dataclasses.replace(recovery, bias_correction=None, adaround=False, gptq=False, finetune_level=0)
+    return recovery
+
+
 def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
     """Write ``result``'s parameters in ``fmt`` (atomically)."""
     check_exportable(fmt, result.options.recovery)

@@ -54,3 +54,51 @@ def layer_macs(model: ModelProto, values: dict[str, np.ndarray], names: list[str
     inits = initializers(model.graph)
     wanted = set(names)
     return {n.name: node_macs(n, values, inits) for n in model.graph.node if n.name in wanted}
+
+
+#: Compute ops and the inputs that carry their multiplied operands (activations, weights,
+#: recurrent weights).
+OPERANDS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (0, 1),
+            "LSTM": (0, 1, 2), "GRU": (0, 1, 2), "RNN": (0, 1, 2)}
+
+
+def eight_bit_macs(float_model: ModelProto, qmodel: ModelProto, values: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(MACs whose every operand arrives through an 8-bit DequantizeLinear, all MACs) of the
+    compute ops (``OPERANDS``) in the main graph, as a user's NPU runs them: a Conv reading a
+    16-bit activation is a 16-bit Conv whatever its weights. MACs come from ``float_model``
+    with one sample's tensors ``values`` (their shapes are read); the operands' precision from
+    the node of the same name in ``qmodel``. Ops inside If/Loop bodies are not counted."""
+    from edgequant.ir.graph import producers as producers_of
+
+    inits = initializers(float_model.graph)
+    q_inits = initializers(qmodel.graph)
+    prods = producers_of(qmodel.graph)
+    quantized = {n.name: n for n in qmodel.graph.node if n.op_type in OPERANDS}
+    eight = total = 0
+    for node in float_model.graph.node:
+        slots = OPERANDS.get(node.op_type)
+        if slots is None:
+            continue
+        macs = node_macs(node, values, inits)
+        total += macs
+        q = quantized.get(node.name)
+        if q is not None and all(_is_8_bit(q.input[k], prods, q_inits) for k in slots
+                                 if k < len(q.input) and q.input[k]):
+            eight += macs
+    return eight, total
+
+
+def _is_8_bit(name: str, producers: dict[str, NodeProto], inits: dict) -> bool:
+    """Is the DequantizeLinear writing ``name`` fed 8-bit integers?"""
+    from onnx import TensorProto
+
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    q = producers.get(dq.input[0])
+    if q is not None and q.op_type == "QuantizeLinear":
+        zp = q.input[2] if len(q.input) > 2 and q.input[2] else None
+        if zp is None:
+            return True  # QuantizeLinear without a zero point writes uint8
+        return zp in inits and inits[zp].data_type in (TensorProto.INT8, TensorProto.UINT8)
+    return dq.input[0] in inits and inits[dq.input[0]].data_type in (TensorProto.INT8, TensorProto.UINT8)

@@ -16,7 +16,8 @@ a few elements (a probability, a score) and samples whose output is near zero (a
 state at rest) are judged pooled over the samples instead, where a cosine means something.
 Outputs that are class probabilities (rows in [0, 1] summing to 1) must also keep their
 decisions: the share of samples whose every decided row keeps its argmax counts against the
-same target.
+same target. So must scores in [0, 1] (sigmoid outputs): 1 − (1 − F1) of their confident
+decisions (``analysis.metrics.DecisionTally``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from onnx import ModelProto
 
 from edgequant.analysis.layerwise import float_cache
-from edgequant.analysis.metrics import FidelityAccumulator
+from edgequant.analysis.metrics import DecisionTally, FidelityAccumulator, is_distribution, is_score
 from edgequant.analysis.plots import png_of, pyplot
 from edgequant.api import calibrate, resolve_config
 from edgequant.calibrated import CalibratedModel
@@ -170,11 +171,11 @@ class _ScoreJob:
 
     references: list[Sample]  # inputs and float outputs of the search samples
     inputs: list[str]
-    decisions: list[str]  # class-probability outputs, judged on their top-1 decisions too
+    decisions: list[str]  # class-probability outputs and [0, 1] scores, judged on their decisions too
     device: str
 
 
-SampleScore = tuple[dict[str, FidelityAccumulator], dict[str, bool]]
+SampleScore = tuple[dict[str, FidelityAccumulator], dict[str, DecisionTally]]
 
 
 def _score_span(job: _ScoreJob, item: tuple[ModelProto, int, int]) -> list[SampleScore]:
@@ -186,15 +187,16 @@ def _score_span(job: _ScoreJob, item: tuple[ModelProto, int, int]) -> list[Sampl
     for i in range(lo, hi):
         values = job.references[i]
         got = run_checked(sess, names, {k: values[k] for k in job.inputs}, i)
-        accs, agree = {}, {}
+        accs, tallies = {}, {}
         for n, v in zip(names, got):
             acc = FidelityAccumulator()
             acc.update(values[n], np.asarray(v))
             if acc.count:
                 accs[n] = acc
-            if n in job.decisions and np.shape(v) == values[n].shape:
-                agree[n] = decisions_agree(values[n], np.asarray(v))
-        out.append((accs, agree))
+            if n in job.decisions:
+                tallies[n] = DecisionTally()
+                tallies[n].update(values[n], np.asarray(v))
+        out.append((accs, tallies))
     return out
 
 
@@ -214,39 +216,16 @@ class _Scorer:
         spans = shards(len(self.job.references), self.parts)
         samples = [r for part in self.pool.map(_score_span, [(qmodel, lo, hi) for lo, hi in spans]) for r in part]
         pairs: dict[str, list[FidelityAccumulator]] = {}
-        same: dict[str, list[int]] = {n: [0, 0] for n in self.job.decisions}
-        for accs, agree in samples:
+        kept = {n: DecisionTally() for n in self.job.decisions}
+        for accs, tallies in samples:
             for n, acc in accs.items():
                 pairs.setdefault(n, []).append(acc)
-            for n, ok in agree.items():
-                same[n][0] += int(ok)
-                same[n][1] += 1
+            for n, t in tallies.items():
+                kept[n].merge(t)
         scores = [worst_sample_score(accs, self.measure) for accs in pairs.values() if accs]
-        scores += [a / b for a, b in same.values() if b]
+        scores += [t.decisions for t in kept.values() if t.decisions is not None]
+        scores += [1.0 - t.flips for t in kept.values() if t.flips is not None]
         return min(scores) if scores else 1.0
-
-
-#: Rows whose two most likely classes are closer than this in float decide nothing.
-UNDECIDED_MARGIN = 0.1
-
-
-def decisions_agree(ref: np.ndarray, got: np.ndarray) -> bool:
-    """Does every decided row (top-1 ahead of top-2 by ``UNDECIDED_MARGIN``) keep its argmax?
-
-    A sample is judged whole: one flipped frame of forty can change a decoded text line, so a
-    share of agreeing rows pooled over samples hides broken samples.
-    """
-    ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, ref.shape[-1])
-    top2 = np.partition(ref, -2, axis=-1)[:, -2:]
-    decided = top2[:, 1] - top2[:, 0] >= UNDECIDED_MARGIN
-    return bool(np.all(ref[decided].argmax(-1) == got[decided].argmax(-1)))
-
-
-def is_distribution(x: np.ndarray | None) -> bool:
-    """Rows of class probabilities along the last axis (a softmax output)?"""
-    if x is None or x.dtype.kind != "f" or x.ndim == 0 or x.shape[-1] < 2 or not x.size:
-        return False
-    return bool(np.all(x >= 0) and np.all(x <= 1) and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3))
 
 
 #: Below this many elements per sample an output is judged pooled over the samples (the cosine
@@ -326,8 +305,10 @@ def search_mixed(state: CalibratedModel, settings: MixedOptions,
     measure = settings.measure
     inputs = [i.name for i in state.model.graph.input if i.name in references[0]]
     outputs = [o.name for o in state.model.graph.output]
-    # class probabilities: the decision (top-1 per row) must survive too, not only the cosine
-    decisions = [n for n in outputs if measure == "cosine" and all(is_distribution(v.get(n)) for v in references)]
+    # class probabilities and [0, 1] scores: the decisions (top-1 per row, the side of 0.5)
+    # must survive too, not only the cosine
+    decisions = [n for n in outputs if measure == "cosine" and (all(is_distribution(v.get(n)) for v in references)
+                                                                 or all(is_score(v.get(n)) for v in references))]
     if settings.metric is not None:
         target = float(settings.metric(state.model)) - settings.metric_tolerance
     else:
@@ -350,12 +331,39 @@ def search_mixed(state: CalibratedModel, settings: MixedOptions,
 
 
 def _ranking(state: CalibratedModel, sens: Sensitivity) -> tuple[dict[str, float], list[str]]:
-    """(share of MACs of each damaging layer, those layers in order of damage per cost)."""
-    macs = layer_macs(state.model, sens.cache[0], [r.node for r in sens.layers])
-    total = max(sum(macs.values()), 1)
+    """(share of MACs each damaging layer costs, those layers in order of damage per cost)."""
+    names = [r.node for r in sens.layers]
+    macs = layer_macs(state.model, sens.cache[0], [n.name for n in state.model.graph.node])
+    total = max(sum(macs.get(n, 0) for n in names), 1)
+    charged = charged_macs(state.model, state.plan, macs, names)
     ranked = [r for r in sens.ranked() if r.output.nonfinite or r.output.cosine < 1.0 - 1e-7]
-    ranked.sort(key=lambda r: (not r.output.nonfinite, -(1.0 - r.output.cosine) / max(macs[r.node] / total, 1e-4)))
-    return {r.node: macs[r.node] / total for r in ranked}, [r.node for r in ranked]
+    ranked.sort(key=lambda r: (not r.output.nonfinite, -(1.0 - r.output.cosine) / max(charged[r.node] / total, 1e-4)))
+    return {r.node: charged[r.node] / total for r in ranked}, [r.node for r in ranked]
+
+
+def charged_macs(model: ModelProto, plan: QuantPlan, macs: dict[str, int], names: list[str]) -> dict[str, int]:
+    """What moving each named layer out of 8 bits costs, in MACs: its own, and those of every
+    compute op (Conv, Gemm, MatMul, LSTM…) that reads a tensor whose precision the move
+    changes. An override widens the layer's input tensors and every tensor sharing their
+    parameters, so a 16-bit Slice in front of a Conv makes that Conv a 16-bit Conv: on an NPU
+    both operands must be 8-bit for an 8-bit MAC."""
+    from edgequant.ir.graph import consumers as consumers_of
+    from edgequant.mixed.cost import OPERANDS
+
+    readers = consumers_of(model.graph)
+    members = plan.members()
+    by_name = {n.name: n for n in model.graph.node}
+    out: dict[str, int] = {}
+    for name in names:
+        node = by_name.get(name)
+        cost = macs.get(name, 0)
+        if node is not None:
+            changed = {t for i in node.input if i in plan.activations
+                       for t in members.get(plan.activations[i].root, [i])}
+            hit = {c.name for t in changed for c in readers.get(t, []) if c.op_type in OPERANDS and c.name != name}
+            cost += sum(macs.get(c, 0) for c in hit)
+        out[name] = cost
+    return out
 
 
 #: Most single-layer trials (pruning, moving a float layer back to 16 bits) in one search.

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgequant.calibration.method import Method
 from edgequant.errors import ConfigError, NotYetSupportedError, closest_names
 from edgequant.planning.overrides import Override, parse_precision
@@ -129,6 +131,13 @@ class QuantOptions:
     device: str = "auto"
     overrides: tuple[Override, ...] = ()
     collapse_cosine: float = 0.9
+    repair: bool = True  # fix a result the collapse guard finds broken (mixed.repair)
+    # shape specialization (passes.specialize): static input shapes and pinned input values;
+    # with ``specialize`` a model with control flow is also specialized at the shapes (and the
+    # constant integer scalars) its calibration data has
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    fixed_inputs: tuple[tuple[str, float], ...] = ()
+    specialize: bool = True
     scheme: Scheme = DEFAULT_SCHEME
     target: str = "generic"
     per_channel_ops: tuple[str, ...] | None = None  # with per_channel: only these op types (None: all)
@@ -241,6 +250,10 @@ def _parse(key: str, value: object) -> object:
         return value if isinstance(value, QuantDType) else QuantDType.parse(_text(key, value))
     if key == "overrides":
         return parse_overrides(value)
+    if key == "input_shapes":
+        return tuple((n, parse_shape(n, v)) for n, v in _named(key, value))
+    if key == "fixed_inputs":
+        return tuple((n, parse_number(n, v)) for n, v in _named(key, value))
     kind = _SIMPLE.get(key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -250,10 +263,54 @@ def _parse(key: str, value: object) -> object:
 
 
 _SIMPLE: dict[str, type] = {
-    "percentile": float, "collapse_cosine": float, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
+    "percentile": float, "collapse_cosine": float, "repair": bool, "specialize": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
     "per_channel": bool, "quantize_outputs": bool, "simplify": bool, "batch_size": int, "num_samples": int,
     "eval_samples": int, "workers": int, "device": str, "ray_address": str,
 }
+
+
+def _named(key: str, value: object) -> list[tuple[str, object]]:
+    """``{"x": V}``, ``"x=V"``, ``["x=V", ...]`` or ``[("x", V), ...]`` as (name, V) pairs."""
+    if isinstance(value, Mapping):
+        return [(str(k), v) for k, v in value.items()]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Iterable):
+        raise ConfigError(f"option {key} must map input names to values (NAME=VALUE), got {value!r}")
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            name, sep, text = item.partition("=")
+            if not sep or not name.strip() or not text.strip():
+                raise ConfigError(f"option {key}: {item!r} must read NAME=VALUE (e.g. input=1x512, sr=16000)")
+            pairs.append((name.strip(), text.strip()))
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            pairs.append((str(item[0]), item[1]))
+        else:
+            raise ConfigError(f"option {key}: {item!r} must read NAME=VALUE (e.g. input=1x512, sr=16000)")
+    return pairs
+
+
+def parse_shape(name: str, value: object) -> tuple[int, ...]:
+    """``"1x512"``, ``"1,512"`` or ``(1, 512)``; every dimension a positive integer."""
+    parts = value.replace(",", "x").split("x") if isinstance(value, str) else value
+    try:
+        dims = tuple(int(str(d).strip()) for d in parts) if str(value).strip() else ()
+    except (TypeError, ValueError):
+        raise ConfigError(f"input shape for {name!r}: {value!r} is not a shape like 1x3x224x224") from None
+    if any(d < 1 for d in dims):
+        raise ConfigError(f"input shape for {name!r}: {value!r} has a dimension below 1")
+    return dims
+
+
+def parse_number(name: str, value: object) -> float:
+    """A finite number an input is pinned to (``16000``, ``0.5``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"fixed input {name!r}: {value!r} is not a number") from None
+    if not np.isfinite(number):
+        raise ConfigError(f"fixed input {name!r}: {value!r} is not a finite number")
+    return int(number) if number.is_integer() else number
 
 
 def parse_overrides(value: object) -> tuple[Override, ...]:
