@@ -23,6 +23,7 @@ from edgequant.data.sources import CalibrationSource, Sample
 from edgequant.errors import ConfigError
 from edgequant.ir.model import opset_of
 from edgequant.passes.pipeline import PassResult
+from edgequant.passes.shapes import inferred_shapes
 from edgequant.planning.options import QuantOptions
 from edgequant.planning.overrides import Override
 from edgequant.planning.plan import ActivationPlan, QuantPlan, build_plan
@@ -146,14 +147,28 @@ class CalibratedModel:
         return self._references[key]
 
     def tensor_shapes(self) -> dict[str, np.ndarray]:
-        """Every top-level tensor of the float model on the first sample, as zero-size views
-        that keep only the shape (what ``mixed.cost`` reads); run once, then kept."""
+        """The operands and outputs of the float model's compute ops (``mixed.cost.OPERANDS``)
+        on the first sample, as zero-size views that keep only the shape (what ``mixed.cost``
+        reads); run once, then kept."""
         if self._shapes is None:
-            from edgequant.analysis.layerwise import float_cache
+            from edgequant.mixed.cost import OPERANDS
 
-            cache = float_cache(self.model, self.samples(0, 1), 1 << 62, self.options.device)
             zero = np.zeros((), np.float32)
-            self._shapes = {k: np.broadcast_to(zero, np.shape(v)) for k, v in cache[0].items()} if cache else {}
+            self._shapes = {}
+            produced = {o for n in self.model.graph.node for o in n.output if o}
+            names = list(dict.fromkeys(t for n in self.model.graph.node if n.op_type in OPERANDS
+                                       for t in list(n.input) + list(n.output) if t in produced))
+            sample = next(iter(self.samples(0, 1)), None)
+            inputs = [i.name for i in self.model.graph.input]
+            if sample is not None:
+                self._shapes = {k: np.broadcast_to(zero, np.shape(v)) for k, v in sample.items()}
+                inferred = inferred_shapes(self.model, {k: np.shape(v) for k, v in sample.items()})
+                self._shapes |= {k: np.broadcast_to(zero, v) for k, v in inferred.items() if k in names}
+                names = [n for n in names if n not in self._shapes]  # what inference could not tell
+                if names:
+                    sess = make_session(self.model, names, device=self.options.device)
+                    got = run_checked(sess, names, {k: sample[k] for k in inputs if k in sample}, 0)
+                    self._shapes |= {k: np.broadcast_to(zero, np.shape(v)) for k, v in zip(names, got)}
         return self._shapes
 
     def evaluate(self, qmodel: ModelProto, progress: Progress | None = None) -> list[OutputFidelity]:
@@ -175,5 +190,6 @@ class CalibratedModel:
                 tally[name].update(ref[name], np.asarray(value))
             if progress:
                 progress("evaluating", done, len(refs))
-        return [OutputFidelity(n, a.cosine, a.sqnr_db, tally[n].decisions, tally[n].flips, tally[n].flipped)
+        return [OutputFidelity(n, a.cosine, a.sqnr_db, tally[n].decisions, tally[n].flips, tally[n].flipped,
+                               tally[n].row_flips)
                 for n, a in acc.items() if a.count]

@@ -24,7 +24,8 @@ class OutputFidelity:
     decide something, how often the decision survives (None where the output decides nothing).
 
     ``decisions``: class-probability outputs (softmax rows), the share of samples whose every
-    confident row keeps its top-1 class; ``flips``: outputs in [0, 1] (sigmoid scores, masks),
+    confident row keeps its top-1 class, and ``row_flips`` the share of confident rows that
+    change it; ``flips``: outputs in [0, 1] (sigmoid scores, masks),
     1 − F1 of the confident decisions (float at least 0.1 from 0.5) against float, and
     ``flipped`` how many crossed 0.5 (``analysis.metrics.DecisionTally``).
     """
@@ -35,6 +36,7 @@ class OutputFidelity:
     decisions: float | None = None
     flips: float | None = None
     flipped: int = 0
+    row_flips: float | None = None
 
 
 @dataclass(frozen=True)

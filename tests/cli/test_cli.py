@@ -205,3 +205,28 @@ def test_demo_runs(tmp_path):
     r = cli("demo", "-q", "-o", tmp_path / "d")
     assert r.returncode == 0, r.stderr
     assert "top-1 accuracy" in r.stdout and (tmp_path / "d" / "mnist_cnn.q.onnx").is_file()
+
+
+def test_shape_specialization_flags(tmp_path):
+    from tests.unit.test_specialize import batch_test_model
+
+    model = tmp_path / "branchy.onnx"
+    onnx.save(batch_test_model(), model)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        np.savez(calib / f"{i:02d}.npz", x=rng.standard_normal((1, 4)).astype(np.float32),
+                 k=np.array(5 + i % 2, np.int64))  # k varies: the default pins nothing but shapes
+    out = tmp_path / "flat.onnx"
+    r = cli("quantize", model, "-o", out, "--calib", calib, "--fix-input", "k=5")
+    assert r.returncode == 0, r.stderr
+    assert "folded 2 If" in r.stdout and "k=5" in r.stdout
+    assert not any(n.op_type == "If" for n in onnx.load(str(out)).graph.node)
+    r = cli("quantize", model, "-o", tmp_path / "kept.onnx", "--calib", calib, "--no-specialize")
+    assert r.returncode == 0 and "folded" not in r.stdout and "If/Loop/Scan bodies" in r.stdout
+    bad = cli("quantize", model, "-o", tmp_path / "x.onnx", "--calib", calib, "--input-shape", "nope=1x4")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "not an input of the model" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+    bad = cli("quantize", model, "-o", tmp_path / "x.onnx", "--calib", calib, "--input-shape", "x")
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr

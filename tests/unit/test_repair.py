@@ -6,7 +6,7 @@ from onnx import numpy_helper
 
 import edgequant
 from edgequant.analysis.metrics import DecisionTally
-from edgequant.mixed.guard import DECISION_FLOOR, FLIP_CEILING, MIN_FLIPPED, judge
+from edgequant.mixed.guard import DECISION_FLOOR, FLIP_CEILING, MIN_FLIPPED, ROW_FLIP_CEILING, judge
 from edgequant.mixed.repair import fallback_for, health
 from edgequant.result import OutputFidelity
 from tests.conftest import parse
@@ -47,8 +47,10 @@ def test_judge_names_the_broken_output_and_stays_quiet_on_healthy_ones():
     assert "cosine 0.500 < 0.9" in judge([ok, OutputFidelity("z", 0.5, 1.0)], 0.9)
     assert "cosine nan" in judge([OutputFidelity("z", float("nan"), float("nan"))], 0.9)  # NaN is broken
     assert judge([OutputFidelity("z", 0.5, 1.0)], 0.0) == ""  # collapse_cosine 0: guard off
-    misread = OutputFidelity("p", 0.97, 20.0, decisions=DECISION_FLOOR - 0.05)
+    misread = OutputFidelity("p", 0.97, 20.0, decisions=DECISION_FLOOR - 0.05, row_flips=0.033)
     assert "keep their top-1 decisions" in judge([misread], 0.9)
+    boundary = OutputFidelity("p", 0.99, 20.0, decisions=0.56, row_flips=ROW_FLIP_CEILING / 2)
+    assert judge([boundary], 0.9) == ""  # many samples, each with a rare flip: decoding forgives it
     flips = OutputFidelity("s", 0.95, 15.0, flips=FLIP_CEILING + 0.01, flipped=MIN_FLIPPED)
     assert "cross 0.5" in judge([flips], 0.9)
     assert judge([OutputFidelity("s", 0.95, 15.0, flips=FLIP_CEILING / 2, flipped=10)], 0.9) == ""
@@ -61,7 +63,7 @@ def test_decision_tally_counts_kept_decisions_and_flipped_scores():
     t = DecisionTally()
     t.update(probs, probs + 0.01)
     t.update(probs, probs[:, [1, 0, 2]])  # both rows flip
-    assert t.decisions == 0.5 and t.flips is None
+    assert t.decisions == 0.5 and t.flips is None and t.row_flips == 0.5
     scores = np.array([0.9, 0.1, 0.55, 0.8], np.float32)  # 0.55 is not confident
     s = DecisionTally()
     s.update(scores, np.array([0.9, 0.6, 0.3, 0.8], np.float32))  # tp 2, fp 1: 1 − F1 = 1/5

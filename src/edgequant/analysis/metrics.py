@@ -164,10 +164,15 @@ def decisions_agree(ref: np.ndarray, got: np.ndarray) -> bool:
     A sample is judged whole: one flipped frame of forty can change a decoded text line, so a
     share of agreeing rows pooled over samples hides broken samples.
     """
+    return row_flips(ref, got)[0] == 0
+
+
+def row_flips(ref: np.ndarray, got: np.ndarray) -> tuple[int, int]:
+    """(decided rows whose argmax changed, decided rows) of class-probability rows."""
     ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, ref.shape[-1])
     top2 = np.partition(ref, -2, axis=-1)[:, -2:]
     decided = top2[:, 1] - top2[:, 0] >= UNDECIDED_MARGIN
-    return bool(np.all(ref[decided].argmax(-1) == got[decided].argmax(-1)))
+    return int((ref[decided].argmax(-1) != got[decided].argmax(-1)).sum()), int(decided.sum())
 
 
 def is_distribution(x: np.ndarray | None) -> bool:
@@ -190,7 +195,7 @@ class DecisionTally:
     """How often an output's decisions survive quantization, over samples.
 
     Class probabilities (``is_distribution``): samples whose every confident row keeps its
-    top-1 class (``decisions_agree``). Scores in [0, 1] (``is_score``): the confident elements
+    top-1 class (``decisions_agree``), and the confident rows that change it, pooled. Scores in [0, 1] (``is_score``): the confident elements
     (float at least ``UNDECIDED_MARGIN`` from 0.5) that land on the other side of 0.5, counted
     against the positive decisions as 1 − F1 = (fp + fn) / (2 tp + fp + fn), so that a sparse
     output (note frames, a mask) is not judged by its sea of confident zeros. An output is
@@ -200,6 +205,8 @@ class DecisionTally:
     samples: int = 0
     distributions: int = 0
     agree: int = 0
+    rows: int = 0
+    rows_flipped: int = 0
     scores: int = 0
     tp: int = 0
     fp: int = 0
@@ -212,7 +219,10 @@ class DecisionTally:
         test = np.asarray(test)
         if is_distribution(ref):
             self.distributions += 1
-            self.agree += decisions_agree(ref, test)
+            flipped, rows = row_flips(ref, test)
+            self.agree += flipped == 0
+            self.rows += rows
+            self.rows_flipped += flipped
         elif is_score(ref):
             self.scores += 1
             sure = np.abs(ref - 0.5) >= UNDECIDED_MARGIN
@@ -223,13 +233,19 @@ class DecisionTally:
 
     def merge(self, other: DecisionTally) -> None:
         """Add ``other``'s counts: both sample sets pooled."""
-        for f in ("samples", "distributions", "agree", "scores", "tp", "fp", "fn"):
+        for f in ("samples", "distributions", "agree", "rows", "rows_flipped", "scores", "tp", "fp", "fn"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
     @property
     def decisions(self) -> float | None:
         """Share of samples keeping their top-1 decisions (None: not class probabilities)."""
         return self.agree / self.samples if self.samples and self.distributions == self.samples else None
+
+    @property
+    def row_flips(self) -> float | None:
+        """Share of confident class-probability rows whose top-1 changed (None: not class
+        probabilities, or no confident row)."""
+        return self.rows_flipped / self.rows if self.decisions is not None and self.rows else None
 
     @property
     def flipped(self) -> int:

@@ -35,3 +35,23 @@ class InferShapes:
         model.graph.ClearField("value_info")
         model.graph.value_info.extend(inferred.graph.value_info)
         return [v.SerializeToString() for v in model.graph.value_info] != before
+
+
+def inferred_shapes(model: ModelProto, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The static shape of every tensor shape inference can tell with the graph inputs at
+    ``inputs`` (no run; best effort: what it cannot tell is left out)."""
+    from edgequant.ir.graph import static_shapes
+
+    stripped = skeleton(model)
+    stripped.graph.ClearField("value_info")
+    for i in stripped.graph.input:
+        if i.name in inputs and i.type.HasField("tensor_type"):
+            i.type.tensor_type.shape.ClearField("dim")
+            for d in inputs[i.name]:
+                i.type.tensor_type.shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False, data_prop=True)
+    except Exception:  # best effort
+        return {}
+    return {k: tuple(v) for k, v in static_shapes(inferred.graph).items()
+            if all(isinstance(d, int) and d > 0 for d in v)}
