@@ -26,6 +26,7 @@ from edgequant.errors import CalibrationDataError, ModelLoadError
 from edgequant.ir.model import ensure_opset, opset_of, skeleton
 from edgequant.mixed.cost import eight_bit_macs
 from edgequant.mixed.guard import collapse_report, judge
+from edgequant.passes.constants import DivideByConstantToMul
 from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.passes.specialize import Specialize, has_control_flow
 from edgequant.planning.options import QuantOptions
@@ -72,6 +73,9 @@ def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0,
         passes.append(PassResult(specialize.name, specialize(model)))
         notes.append(specialize.report.describe())
     passes += prepare_model(model, simplify=options.simplify)
+    if options.quantize_constants and options.simplify:  # onnxruntime runs x · (1/c) in integer, not x / c
+        div = DivideByConstantToMul()
+        passes.append(PassResult(div.name, div(model)))
     name_nodes(model)
     return Prepared(model, options, passes, from_opset, tuple(notes))
 

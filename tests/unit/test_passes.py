@@ -255,3 +255,25 @@ def test_stale_exporter_shapes_do_not_freeze_dynamic_dims():
     prepare_model(m)
     x = np.zeros((1, 7, 4), np.float32)
     assert run(m, {"x": x})[0].shape == (1, 4, 7)
+
+
+def test_divide_by_a_constant_becomes_a_multiply_by_its_reciprocal(rng):
+    from edgequant.passes.constants import DivideByConstantToMul
+
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[2, 4] x) => (float[2, 4] y, float[2, 4] z) {
+        y = Div (x, C)
+        z = Div (x, Z)
+    }
+    """, check=False)
+    m.graph.initializer.extend([numpy_helper.from_array(np.array([6.0, 3.0, -0.5, 7.0], np.float32), "C"),
+                                numpy_helper.from_array(np.array([1.0, 0.0, 2.0, 4.0], np.float32), "Z")])
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    ref = run(m, {"x": x})
+    assert DivideByConstantToMul()(m)
+    assert [n.op_type for n in m.graph.node] == ["Mul", "Div"]  # a divisor with a zero stays a Div
+    got = run(m, {"x": x})
+    np.testing.assert_allclose(got[0], ref[0], rtol=2e-7)
+    np.testing.assert_array_equal(got[1], ref[1])
+    assert not DivideByConstantToMul()(m)

@@ -301,3 +301,48 @@ def test_recurrent_weights_and_states_are_quantized(op, rng):
     feed = data[0]
     for ref, got in zip(run(model, feed), run(q, feed)):
         assert np.abs(ref - got).max() < 0.05
+
+
+def _kernels(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    """The op types onnxruntime runs after its graph optimizations (its saved optimized model)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+AFFINE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, W, B)
+    s = Add (c, K)
+    m = Mul (G, s)
+    y = Conv <pads = [1, 1, 1, 1]> (m, W2, B2)
+}
+"""
+
+
+def test_generic_target_quantizes_constant_operands_so_onnxruntime_fuses_integer_kernels(rng, tmp_path):
+    m = parse(AFFINE, check=False)
+    for name, shape in {"W": (4, 3, 3, 3), "B": (4,), "W2": (4, 4, 3, 3), "B2": (4,)}.items():
+        m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(3.0, np.float32), "K"),
+                                numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 4, 1, 1)).astype(np.float32), "G")])
+    onnx.checker.check_model(m)
+    data = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(24)]
+    generic = edgequant.quantize(m, data)
+    kernels = _kernels(generic.model, tmp_path)
+    assert kernels["QLinearAdd"] == 1 and kernels["QLinearMul"] == 1 and kernels["QLinearConv"] == 1, kernels
+    assert "Add" not in kernels and "Mul" not in kernels  # no float op between a DQ and a Q
+    k = next(n for n in generic.model.graph.node if n.op_type == "Add").input[1]
+    assert k.endswith("_dequantized")  # 3.0 arrives through an 8-bit DequantizeLinear...
+    x = data[0]
+    ref, got = run(m, {"x": x})[0], run(generic.model, {"x": x})[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+    off = edgequant.quantize(m, data, quantize_constants=False)  # ...which NPU targets leave to their toolchain
+    assert _kernels(off.model, tmp_path)["Add"] == 1
+    npu = edgequant.quantize(m, data, target="tpu-mlir")
+    assert not next(n for n in npu.model.graph.node if n.op_type == "Add").input[1].endswith("_dequantized")

@@ -144,6 +144,10 @@ class QuantOptions:
     workers: int = 1
     ray_address: str | None = None
     weight_clipping_ratio: float | None = None  # fixed share of each weight channel's range (else MSE search)
+    # constant operands of Add/Mul quantized (as activations: onnxruntime's QLinearAdd/QLinearMul
+    # need every input 8-bit, else the op runs in float between a DequantizeLinear and a
+    # QuantizeLinear); set by the target profile
+    quantize_constants: bool = True
     recovery: Recovery = Recovery()
 
     def __post_init__(self) -> None:
@@ -263,7 +267,7 @@ def _parse(key: str, value: object) -> object:
 
 
 _SIMPLE: dict[str, type] = {
-    "percentile": float, "collapse_cosine": float, "repair": bool, "specialize": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
+    "percentile": float, "collapse_cosine": float, "repair": bool, "specialize": bool, "quantize_constants": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
     "per_channel": bool, "quantize_outputs": bool, "simplify": bool, "batch_size": int, "num_samples": int,
     "eval_samples": int, "workers": int, "device": str, "ray_address": str,
 }

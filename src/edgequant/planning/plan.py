@@ -99,6 +99,10 @@ def _attrs(node: NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+#: Ops whose constant operands the generic target quantizes (``_Builder.plan_constants``).
+CONSTANT_OPERAND_OPS = ("Add", "Mul")
+
+
 class _Builder:
     def __init__(self, model: ModelProto, options: QuantOptions):
         self.graph = model.graph
@@ -210,6 +214,8 @@ class _Builder:
                     self.mark(out)
         if facts.kind == "weighted":
             self.plan_weights(node, facts)
+        elif node.op_type in CONSTANT_OPERAND_OPS and self.opt.quantize_constants:
+            self.plan_constants(node)
         weighted = node.name in self.plan.weights
         folded = node.name in self.plan.folded_nodes
         if folded:
@@ -218,6 +224,23 @@ class _Builder:
             self.plan.quantized_ops[node.op_type] += 1
         else:
             self.plan.float_ops[node.op_type] += 1
+
+    def plan_constants(self, node: NodeProto) -> None:
+        """A float constant beside a quantized activation (``x + 3``, ``γ · x``) gets the
+        activations' dtype and its own exact range, so onnxruntime fuses the op into an integer
+        kernel (QLinearAdd/QLinearMul need every input 8-bit). Constants of one or a few
+        values are exact at 8 bits; a per-channel vector (a layer norm's β) rounds to 1/255 of
+        its range."""
+        quantized = [i for i in node.input if i in self.quantized]
+        written = any(o in self.quantized or self.folding_relu(o) is not None for o in node.output)
+        if not quantized or not written:  # (a Relu/Clip that folds into the output: ORT drops it)
+            return
+        for slot, name in enumerate(node.input):
+            t = self.inits.get(name)
+            if t is None or t.data_type != TensorProto.FLOAT or not numpy_helper.to_array(t).size:
+                continue
+            self.plan.weights.setdefault(node.name, {})[slot] = WeightPlan(
+                name, self.opt.activation_dtype, self.opt.activation_symmetric, None, self.opt.scheme, 1.0)
 
     def plan_weights(self, node: NodeProto, facts) -> None:
         slot = self._weight_slot(node, facts)

@@ -40,7 +40,7 @@ def apply_target(options, name: str):
     return dataclasses.replace(options, target=p.name, activation_dtype=p.activation,
                                activation_symmetric=p.activation_symmetric, weight_dtype=p.weight,
                                weight_symmetric=p.weight_symmetric, per_channel=p.per_channel, scheme=p.scheme,
-                               per_channel_ops=p.per_channel_ops)
+                               per_channel_ops=p.per_channel_ops, quantize_constants=p.constants)
 
 
 __all__ = ["PROFILES", "TargetProfile", "Violation", "apply_target", "check_model", "get_target"]

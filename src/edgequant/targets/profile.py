@@ -34,6 +34,7 @@ class TargetProfile:
     notes: tuple[str, ...] = ()
     per_channel_ops: tuple[str, ...] | None = None  # per-channel weights only for these op types
     fallback_weight: QuantDType = QuantDType.INT16
+    constants: bool = False  # constant operands of Add/Mul quantized (onnxruntime's QLinearAdd/QLinearMul)
 
     def rules(self) -> list[tuple[str, str]]:
         s = self.scheme
@@ -76,10 +77,16 @@ def check_model(model: ModelProto, profile: TargetProfile) -> list[Violation]:
     """Every rule of ``profile`` the QDQ ``model`` breaks (empty when it obeys)."""
     out: list[Violation] = []
     s = profile.scheme
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
     for node, scale, zp, data in _dq_params(model):
         name = node.output[0]
-        is_weight = data is not None and data.data_type != 6  # int32 data: a bias
-        is_bias = data is not None and data.data_type == 6
+        is_bias = data is not None and data.data_type == 6  # int32 data
+        # a constant operand of Add/Mul is quantized as an activation (plan_constants)
+        constant = data is not None and bool(readers.get(name)) and readers[name] <= {"Add", "Mul"}
+        is_weight = data is not None and not is_bias and not constant
         if s.power_of_two:
             exps = np.log2(scale.astype(np.float64))
             if not np.allclose(exps, np.round(exps), atol=1e-6):
@@ -94,7 +101,7 @@ def check_model(model: ModelProto, profile: TargetProfile) -> list[Violation]:
             per_channel = scale.size > 1
             consumer_ops = {c.op_type for c in model.graph.node if name in c.input}
             wants = profile.per_channel and (profile.per_channel_ops is None or bool(consumer_ops & set(profile.per_channel_ops)))
-            if wants != per_channel and data.dims[0] > 1:
+            if wants != per_channel and data.dims and data.dims[0] > 1:
                 out.append(Violation(name, f"weights must be {'per channel' if wants else 'per tensor'}"))
             if s.narrow_range and dtype.signed:
                 q = numpy_helper.to_array(data)
