@@ -38,7 +38,9 @@ def run_edgequant(model: str, calib: Path, method: str, n: int, out: str, option
     method, per_channel = _granularity(method)
     keywords = {"per_channel": per_channel} if options is None or explicit else {}
     keywords.update(options or {})
-    result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, eval_samples=0, **keywords)
+    if options is not None:  # a recovery setting: calibrate on all n, nothing held out, no repair
+        keywords = {"eval_samples": 0, **keywords}
+    result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, **keywords)
     result.save(out)
 
 

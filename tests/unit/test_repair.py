@@ -123,3 +123,15 @@ def test_the_repair_adds_no_recovery_the_requested_parameter_files_cannot_descri
     assert not exportable_recovery(full, ("qparams", "edgequant"))
     r = edgequant.quantize(offset_model(), offset_data(), per_channel=False, exports=("edgequant",))
     assert "recovery (nothing applies)" in r.summary.repair[1] and not r.summary.recovery
+
+
+def test_eight_bit_macs_count_only_ops_whose_operands_both_arrive_8_bit():
+    model, data = offset_model(), offset_data()
+    plain = edgequant.quantize(model, data, repair=False)
+    eight, total = plain.summary.eight_bit_macs
+    assert total == 16 * 16 + 16 * 8 and eight == total  # two MatMuls, 8-bit in and 8-bit weights
+    fixed = edgequant.quantize(model, data)  # the repair widens Sub's inputs: no MatMul reads them
+    assert fixed.summary.precision == {"Sub_3": "int16,int16"}
+    assert fixed.summary.eight_bit_macs == (total, total)
+    wide = edgequant.quantize(model, data, overrides=["Sub_3=int16", "MatMul_4=int16"], repair=False)
+    assert wide.summary.eight_bit_macs == (16 * 16, total)  # the last MatMul now reads 16 bits
