@@ -11,8 +11,9 @@ written, instead of writing the broken model with a warning.
    accuracy (PP-OCRv4: bias correction 163 s against 4 s, exact lines 0.86 → 0.81), so the
    repair goes straight to step 2.
 2. **Mixed precision**: the search (``search_mixed``, default target and 10 % MAC budget)
-   moves the fewest, cheapest layers to the best fallback the target allows: int16, else
-   float. Targets with neither keep step 1's result.
+   moves the fewest, cheapest layers to the fallback ``fallback_for`` picks: float for
+   onnxruntime on a host, int16 for NPUs (they run it; float goes to their CPU). Targets
+   with neither keep step 1's result.
 
 The result with the best held-out fidelity wins (``health``; the plain one if no step
 helped), and ``Summary.repair`` says what was tried and what each step measured.
@@ -37,9 +38,13 @@ Recalibrate = Callable[..., CalibratedModel]
 
 
 def fallback_for(target: str) -> str | None:
-    """The precision the repair's search may move layers to on ``target``: int16, else float."""
-    allowed = get_target(target).fallback
-    return next((f for f in ("int16", "float") if f in allowed), None)
+    """The precision the repair's search moves layers to on ``target``: the profile's
+    ``repair_fallback`` (float for onnxruntime on a host, whose 16-bit layers are float
+    kernels behind Q/DQ), else int16, else float."""
+    profile = get_target(target)
+    if profile.repair_fallback in profile.fallback:
+        return profile.repair_fallback
+    return next((f for f in ("int16", "float") if f in profile.fallback), None)
 
 
 def health(fidelity: list[OutputFidelity]) -> tuple[float, float]:

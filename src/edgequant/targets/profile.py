@@ -35,6 +35,7 @@ class TargetProfile:
     per_channel_ops: tuple[str, ...] | None = None  # per-channel weights only for these op types
     fallback_weight: QuantDType = QuantDType.INT16
     constants: bool = False  # constant operands of Add/Mul quantized (onnxruntime's QLinearAdd/QLinearMul)
+    repair_fallback: str | None = None  # what the default repair moves layers to (None: int16, else float)
 
     def rules(self) -> list[tuple[str, str]]:
         s = self.scheme
@@ -50,7 +51,8 @@ class TargetProfile:
             ("bias", f"int32 holding at most {s.bias_bits} bits, scale = s_in · s_w"),
             ("fallback", ", ".join(f"{f} (weights {self.fallback_weight.value})" if f == "int16" else f
                                    for f in self.fallback) or "none"),
-        ] + [("note", n) for n in self.notes]
+        ] + ([("repair", f"moves layers to {self.repair_fallback}")] if self.repair_fallback else []) \
+            + [("note", n) for n in self.notes]
 
 
 @dataclass(frozen=True)
