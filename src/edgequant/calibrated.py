@@ -70,6 +70,14 @@ class SampleSplit:
         return min(count, self.calibration + self.held_out)
 
 
+_ZERO = np.zeros((), np.float32)
+
+
+def _shape_views(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zero-size stand-ins that keep only each array's shape."""
+    return {k: np.broadcast_to(_ZERO, np.shape(v)) for k, v in values.items()}
+
+
 @dataclass
 class CalibratedModel:
     """The prepared model, its plan, its observers and samples (see the module doc)."""
@@ -134,41 +142,58 @@ class CalibratedModel:
 
     def references(self, first: int, count: int) -> list[Sample]:
         """Inputs and float outputs of samples ``[first, first + count)``, computed once (from
-        the float model as it was before recovery, where that changed its semantics)."""
+        the float model as it was before recovery, where that changed its semantics). The
+        first run also fetches what ``tensor_shapes`` needs and shape inference cannot tell."""
         key = (first, count)
         if key not in self._references:
-            sess = make_session(self.reference_model or self.model, device=self.options.device)
-            names = [o.name for o in sess.get_outputs()]
+            model = self.reference_model or self.model
+            sess = None
             cache = []
             for i, feed in enumerate(self.samples(first, count)):
-                values = run_checked(sess, names, feed, first + i)
+                if sess is None:
+                    extra = self._shape_gaps(feed) if self._shapes is None and model is self.model else []
+                    names = [o.name for o in model.graph.output]
+                    sess = make_session(model, extra, device=self.options.device)
+                values = run_checked(sess, names + (extra if i == 0 else []), feed, first + i)
+                if i == 0 and extra:
+                    self._shapes = (self._shapes or {}) | _shape_views(dict(zip(extra, values[len(names):])))
+                    values = values[: len(names)]
                 cache.append({**feed, **{n: np.asarray(v) for n, v in zip(names, values)}})
             self._references[key] = cache
         return self._references[key]
 
+    def _shape_gaps(self, sample: Sample) -> list[str]:
+        """Fill ``_shapes`` from shape inference at ``sample``'s input shapes; the compute-op
+        tensors it could not tell (to fetch from a run)."""
+        from edgequant.ir.graph import initializers
+        from edgequant.mixed.cost import OPERANDS, node_macs
+
+        produced = {o for n in self.model.graph.node for o in n.output if o}
+        compute = [n for n in self.model.graph.node if n.op_type in OPERANDS]
+        wanted = {t for n in compute for t in list(n.input) + list(n.output) if t in produced}
+        shapes = _shape_views({k: np.asarray(v) for k, v in sample.items()})
+        inferred = inferred_shapes(self.model, {k: np.shape(v) for k, v in sample.items()})
+        shapes |= {k: np.broadcast_to(_ZERO, v) for k, v in inferred.items() if k in wanted}
+        self._shapes = shapes
+        inits = initializers(self.model.graph)
+        return list(dict.fromkeys(t for n in compute if not node_macs(n, shapes, inits)
+                                  for t in list(n.input) + list(n.output) if t in produced and t not in shapes))
+
     def tensor_shapes(self) -> dict[str, np.ndarray]:
         """The operands and outputs of the float model's compute ops (``mixed.cost.OPERANDS``)
-        on the first sample, as zero-size views that keep only the shape (what ``mixed.cost``
-        reads); run once, then kept."""
+        on one sample, as zero-size views that keep only the shape (what ``mixed.cost``
+        reads): from shape inference, and from the first reference run (or a run of the first
+        sample) for what inference cannot tell; computed once."""
         if self._shapes is None:
-            from edgequant.mixed.cost import OPERANDS
-
-            zero = np.zeros((), np.float32)
-            self._shapes = {}
-            produced = {o for n in self.model.graph.node for o in n.output if o}
-            names = list(dict.fromkeys(t for n in self.model.graph.node if n.op_type in OPERANDS
-                                       for t in list(n.input) + list(n.output) if t in produced))
             sample = next(iter(self.samples(0, 1)), None)
-            inputs = [i.name for i in self.model.graph.input]
+            self._shapes = {}
             if sample is not None:
-                self._shapes = {k: np.broadcast_to(zero, np.shape(v)) for k, v in sample.items()}
-                inferred = inferred_shapes(self.model, {k: np.shape(v) for k, v in sample.items()})
-                self._shapes |= {k: np.broadcast_to(zero, v) for k, v in inferred.items() if k in names}
-                names = [n for n in names if n not in self._shapes]  # what inference could not tell
-                if names:
-                    sess = make_session(self.model, names, device=self.options.device)
-                    got = run_checked(sess, names, {k: sample[k] for k in inputs if k in sample}, 0)
-                    self._shapes |= {k: np.broadcast_to(zero, np.shape(v)) for k, v in zip(names, got)}
+                gaps = self._shape_gaps(sample)
+                if gaps:
+                    inputs = [i.name for i in self.model.graph.input]
+                    sess = make_session(self.model, gaps, device=self.options.device)
+                    got = run_checked(sess, gaps, {k: sample[k] for k in inputs if k in sample}, 0)
+                    self._shapes |= _shape_views(dict(zip(gaps, got)))
         return self._shapes
 
     def evaluate(self, qmodel: ModelProto, progress: Progress | None = None) -> list[OutputFidelity]:

@@ -25,6 +25,17 @@ def _shape(name: str, values: dict[str, np.ndarray], inits: dict) -> tuple[int, 
 
 
 def node_macs(node: NodeProto, values: dict[str, np.ndarray], inits: dict) -> int:
+    """The node's MACs from the shapes in ``values`` (0 when they are not known)."""
+    if node.op_type in ("LSTM", "GRU", "RNN") and len(node.input) > 2:
+        x, w = _shape(node.input[0], values, inits), _shape(node.input[1], values, inits)
+        if x and w and len(x) == 3 and len(w) == 3:  # X: [steps, batch, in] (or batch first); W: [dirs, gH, in]
+            return x[0] * x[1] * w[0] * w[1] * (w[2] + w[1] // {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op_type])
+    if node.op_type == "Gemm" and len(node.input) > 1:
+        a, b = _shape(node.input[0], values, inits), _shape(node.input[1], values, inits)
+        if a and b and len(a) == 2 and len(b) == 2:
+            m, k = (a[1], a[0]) if get_attr(node, "transA", 0) else (a[0], a[1])
+            n = b[0] if get_attr(node, "transB", 0) else b[1]
+            return m * n * k
     out = _shape(node.output[0], values, inits) if node.output and node.output[0] else None
     if out is None:
         return 0
@@ -37,10 +48,6 @@ def node_macs(node: NodeProto, values: dict[str, np.ndarray], inits: dict) -> in
             return n_out * math.prod(w[1:])
         cin = _shape(node.input[0], values, inits)  # W: [Cin, Cout/group, k...]
         return (math.prod(cin) if cin else n_out) * math.prod(w[1:])
-    if node.op_type in ("LSTM", "GRU", "RNN") and len(node.input) > 2:
-        x, w = _shape(node.input[0], values, inits), _shape(node.input[1], values, inits)
-        if x and w and len(x) == 3 and len(w) == 3:  # X: [steps, batch, in] (or batch first); W: [dirs, gH, in]
-            return x[0] * x[1] * w[0] * w[1] * (w[2] + w[1] // {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op_type])
     if node.op_type in ("Gemm", "MatMul") and node.input:
         a = _shape(node.input[0], values, inits)
         if a:
