@@ -53,5 +53,9 @@ def inferred_shapes(model: ModelProto, inputs: dict[str, tuple[int, ...]]) -> di
         inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False, data_prop=True)
     except Exception:  # best effort
         return {}
-    return {k: tuple(v) for k, v in static_shapes(inferred.graph).items()
-            if all(isinstance(d, int) and d > 0 for d in v)}
+    out: dict[str, tuple[int, ...]] = {}
+    for k, v in static_shapes(inferred.graph).items():
+        dims = tuple(d for d in v if isinstance(d, int) and d > 0)
+        if len(dims) == len(v):
+            out[k] = dims
+    return out

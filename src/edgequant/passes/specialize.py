@@ -47,7 +47,7 @@ class Specialization:
     they brought into the main graph, and the control flow left."""
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    values: dict[str, float | int] = field(default_factory=dict)
+    values: dict[str, float | int | str] = field(default_factory=dict)
     folded: int = 0
     inlined_ops: int = 0
     left: int = 0  # control-flow nodes still in the main graph

@@ -280,7 +280,7 @@ def _named(key: str, value: object) -> list[tuple[str, object]]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, Iterable):
         raise ConfigError(f"option {key} must map input names to values (NAME=VALUE), got {value!r}")
-    pairs = []
+    pairs: list[tuple[str, object]] = []
     for item in items:
         if isinstance(item, str):
             name, sep, text = item.partition("=")
@@ -298,6 +298,8 @@ def parse_shape(name: str, value: object) -> tuple[int, ...]:
     """``"1x512"``, ``"1,512"`` or ``(1, 512)``; every dimension a positive integer."""
     parts = value.replace(",", "x").split("x") if isinstance(value, str) else value
     try:
+        if not isinstance(parts, Iterable):
+            raise TypeError
         dims = tuple(int(str(d).strip()) for d in parts) if str(value).strip() else ()
     except (TypeError, ValueError):
         raise ConfigError(f"input shape for {name!r}: {value!r} is not a shape like 1x3x224x224") from None
@@ -309,6 +311,8 @@ def parse_shape(name: str, value: object) -> tuple[int, ...]:
 def parse_number(name: str, value: object) -> float:
     """A finite number an input is pinned to (``16000``, ``0.5``)."""
     try:
+        if not isinstance(value, int | float | str | np.number):
+            raise TypeError
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"fixed input {name!r}: {value!r} is not a number") from None
