@@ -111,3 +111,17 @@ def test_granularity_by_op_type(rng):
     assert check_model(r.model, get_target("acuity-perchannel")) == []
     assert any("per tensor" in v.rule for v in check_model(edgequant.quantize(model, data).model,
                                                                get_target("acuity-perchannel")))
+
+
+def test_npu_targets_refuse_control_flow_that_specialization_would_fold(rng):
+    from tests.unit.test_specialize import batch_test_model
+
+    model = batch_test_model()
+    data = [{"x": rng.standard_normal((1, 4)).astype(np.float32), "k": np.array(5 + i % 2, np.int64)} for i in range(12)]
+    kept = edgequant.quantize(model, data, target="espdl", specialize=False, collapse_cosine=0)
+    found = check_model(kept.model, get_target("espdl"))
+    assert any("runs no control flow" in v.rule and v.tensor == "outer" for v in found), found
+    assert not any("control flow" in v.rule for v in check_model(kept.model, get_target("generic")))
+    folded = edgequant.quantize(model, data, target="espdl", fixed_inputs={"k": 5}, collapse_cosine=0)
+    assert not any("control flow" in v.rule for v in check_model(folded.model, get_target("espdl")))
+    assert dict(get_target("espdl").rules())["control flow"].startswith("none")

@@ -36,6 +36,7 @@ class TargetProfile:
     fallback_weight: QuantDType = QuantDType.INT16
     constants: bool = False  # constant operands of Add/Mul quantized (onnxruntime's QLinearAdd/QLinearMul)
     repair_fallback: str | None = None  # what the default repair moves layers to (None: int16, else float)
+    control_flow: bool = False  # runs If/Loop/Scan (onnxruntime does; an NPU sends them to its CPU, if anywhere)
 
     def rules(self) -> list[tuple[str, str]]:
         s = self.scheme
@@ -51,6 +52,8 @@ class TargetProfile:
             ("bias", f"int32 holding at most {s.bias_bits} bits, scale = s_in · s_w"),
             ("fallback", ", ".join(f"{f} (weights {self.fallback_weight.value})" if f == "int16" else f
                                    for f in self.fallback) or "none"),
+            ("control flow", "If/Loop/Scan run" if self.control_flow else
+             "none: fix the shapes (--input-shape, --fix-input) so the Ifs fold away"),
         ] + ([("repair", f"moves layers to {self.repair_fallback}")] if self.repair_fallback else []) \
             + [("note", n) for n in self.notes]
 
@@ -83,6 +86,11 @@ def check_model(model: ModelProto, profile: TargetProfile) -> list[Violation]:
     for n in model.graph.node:
         for i in n.input:
             readers.setdefault(i, set()).add(n.op_type)
+    if not profile.control_flow:
+        for n in model.graph.node:
+            if n.op_type in ("If", "Loop", "Scan"):
+                out.append(Violation(n.name or n.op_type, f"{n.op_type}: the target runs no control flow; quantize with "
+                                     "the input shapes fixed (--input-shape, --fix-input) so it folds away"))
     for node, scale, zp, data in _dq_params(model):
         name = node.output[0]
         is_bias = data is not None and data.data_type == 6  # int32 data
