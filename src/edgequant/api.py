@@ -22,7 +22,7 @@ from edgequant.data.open import open_calibration
 from edgequant.errors import ConfigError, TensorNameError, closest_names
 from edgequant.ir.model import load_model
 from edgequant.pipeline import calibrate as calibrate_prepared
-from edgequant.pipeline import check_onnx, finish, prepare, specialization
+from edgequant.pipeline import check_onnx, finish, prepare, protect_statistics, specialization
 from edgequant.planning.options import QuantOptions, parse_options
 from edgequant.result import OutputFidelity, QuantizeResult, Summary
 
@@ -63,6 +63,7 @@ def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, op
     original = load_model(model)
     specs, settings = _match_settings(model_inputs(original), cfg, input_settings)
     check_onnx(original)
+    opts = protect_statistics(original, opts)
     source = open_calibration(calibration, specs, settings, opts.batch_size)
     prepared = prepare(original, opts, min_opset, specialization(original, opts, source))
     del original  # ``prepared`` holds the (upgraded) model; the upgrade made a copy, or edited this one

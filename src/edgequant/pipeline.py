@@ -30,9 +30,12 @@ from edgequant.passes.constants import DivideByConstantToMul
 from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.passes.specialize import Specialize, has_control_flow
 from edgequant.planning.options import QuantOptions
+from edgequant.planning.overrides import Override, parse_precision, statistics_path
 from edgequant.planning.plan import QuantPlan, build_plan, name_nodes
+from edgequant.planning.selectors import Statistics
 from edgequant.result import QuantizeResult, Summary
 from edgequant.runtime.executor import executor_for
+from edgequant.targets import get_target, repair_fallback
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -73,11 +76,32 @@ def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0,
         passes.append(PassResult(specialize.name, specialize(model)))
         notes.append(specialize.report.describe())
     passes += prepare_model(model, simplify=options.simplify)
+    protected = [o for o in options.overrides if isinstance(o.selector, Statistics)]
+    if protected:
+        name_nodes(model)
+        count = len(Statistics().select(model))
+        notes.append(f"kept in {protected[0].precision} from the start: {count} nodes of decomposed normalisation "
+                     "statistics (mean, x − mean, its square, + eps), which 8 bits cancel away "
+                     "(--protect-statistics)")
     if options.quantize_constants and options.simplify:  # onnxruntime runs x · (1/c) in integer, not x / c
         div = DivideByConstantToMul()
         passes.append(PassResult(div.name, div(model)))
     name_nodes(model)
     return Prepared(model, options, passes, from_opset, tuple(notes))
+
+
+def protect_statistics(model: ModelProto, options: QuantOptions) -> QuantOptions:
+    """``options`` with the statistics of decomposed normalisations (``Statistics``) in the
+    target's repair fallback from the start, before the user's overrides (which win), when
+    ``options.protect_statistics`` and the model has any: float on onnxruntime, int16 on NPUs.
+    Models without such a path keep their options, and their bytes."""
+    precision = repair_fallback(get_target(options.target))
+    if not options.protect_statistics or precision is None or any(isinstance(o.selector, Statistics) for o in options.overrides):
+        return options
+    if not statistics_path(list(model.graph.node)):
+        return options
+    return dataclasses.replace(options, overrides=(Override(Statistics(), parse_precision(precision)),)
+                               + options.overrides)
 
 
 def specialization(model: ModelProto, options: QuantOptions, source: CalibrationSource) -> Specialize | None:

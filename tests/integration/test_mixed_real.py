@@ -94,7 +94,7 @@ def test_cli_strict_auto_mixed_and_override_file(tmp_path):
     assert strict.returncode == 3 and "collapsed" in strict.stderr and "--override" in strict.stderr
     plain = cli("-o", tmp_path / "b.onnx", "--no-repair")  # without --strict: a warning only
     assert plain.returncode == 0 and "collapsed" in plain.stderr
-    repaired = cli("-o", tmp_path / "d.onnx", "--strict")  # the default repairs: nothing left to fail on
+    repaired = cli("-o", tmp_path / "d.onnx", "--strict")  # repaired: nothing left to fail on
     assert repaired.returncode == 0 and "collapsed" not in repaired.stderr, repaired.stderr
     assert (tmp_path / "d.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()
     mixed = cli("-o", tmp_path / "m.onnx", "--auto-mixed", "--strict")

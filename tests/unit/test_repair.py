@@ -137,3 +137,44 @@ def test_eight_bit_macs_count_only_ops_whose_operands_both_arrive_8_bit():
     assert fixed.summary.eight_bit_macs == (total, total)
     wide = edgequant.quantize(model, data, overrides=["Sub_3=int16", "MatMul_4=int16"], repair=False)
     assert wide.summary.eight_bit_macs == (16 * 16, total)  # the last MatMul now reads 16 bits
+
+
+LAYER_NORM = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 16] x) => (float[N, 8] y) {
+    a = MatMul (x, W)
+    b = Add (a, B)
+    m = ReduceMean <axes = [1]> (b)
+    c = Sub (b, m)
+    s = Mul (c, c)
+    v = ReduceMean <axes = [1]> (s)
+    e = Add (v, Eps)
+    r = Sqrt (e)
+    n = Div (c, r)
+    y = MatMul (n, V)
+}
+"""
+
+
+def test_protect_statistics_keeps_decomposed_layer_norm_statistics_out_of_8_bits_from_the_start():
+    m = parse(LAYER_NORM, check=False)
+    rng = np.random.default_rng(0)
+    m.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.1, "W"),
+        numpy_helper.from_array(np.full(16, 1000, np.float32), "B"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "Eps"),
+        numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "V")])
+    data = offset_data()
+    r = edgequant.quantize(m, data, repair=False, protect_statistics=True)
+    assert r.summary.collapse is None and r.summary.fidelity[0].cosine > 0.99
+    assert set(r.summary.precision.values()) == {"float"} and "Sub_3" in r.summary.precision
+    assert "Div_8" not in r.summary.precision  # the normalised output stays 8-bit
+    assert any(n.startswith("kept in float from the start") for n in r.summary.notes)
+    plain = edgequant.quantize(m, data, repair=False)  # the default: left to the repair
+    assert plain.summary.collapse is not None and not plain.summary.precision
+    npu = edgequant.quantize(m, data, repair=False, target="tpu-mlir", protect_statistics=True)
+    assert set(npu.summary.precision.values()) == {"int16"}
+    user = edgequant.quantize(m, data, repair=False, overrides=["Sub_3=int16"], protect_statistics=True)
+    assert user.summary.precision["Sub_3"] == "int16"
+    healthy = edgequant.quantize(offset_model(), data, repair=False, protect_statistics=True)  # no statistics
+    assert not healthy.summary.precision and not any("from the start" in n for n in healthy.summary.notes)

@@ -81,6 +81,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--max-high-precision", default="10%", show_default=True, help="--auto-mixed budget: share of MACs allowed in higher precision (10% or 0.1).")
 @click.option("--fallback", type=click.Choice(["int16", "uint16", "float"]), default="int16", show_default=True, help="--auto-mixed precision for the layers it picks.")
 @click.option("--recover", is_flag=True, default=None, help="--auto-mixed: first fix the rounding with bias correction (+ CLE for per-tensor weights, GPTQ for 4-bit ones), then search [default: when the target cannot run float].")
+@click.option("--protect-statistics", is_flag=True, help="Keep the statistics of decomposed normalisations (mean, x - mean, its square, + eps) in the target's repair fallback (float on generic, int16 on NPUs) from the start, instead of leaving a collapse to the repair.")
 @click.option("--no-repair", is_flag=True, help="Write the plain result even when the collapse guard finds it broken (default: repair it first with recovery algorithms, then mixed precision).")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when the written model is still broken (the collapse guard fires after any repair).")
 @click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON). Repeatable.")
@@ -187,6 +188,8 @@ def option_changes(f: dict[str, Any], cfg, imports) -> dict[str, Any]:
         changes["simplify"] = False
     if f["no_repair"]:
         changes["repair"] = False
+    if f["protect_statistics"]:
+        changes["protect_statistics"] = True
     if f["no_specialize"]:
         changes["specialize"] = False
     if f["input_shapes"]:

@@ -95,6 +95,8 @@ class QuantizationParameters(_Strict):
         None, description="NeuroPilot: keep this share (0-1] of each weight channel's range instead of the MSE search")
     repair: bool = Field(True, description="edgequant: when the collapse guard finds the result broken, repair it "
                          "before writing (recovery algorithms, then mixed precision); false writes the plain result")
+    protect_statistics: bool = Field(False, description="edgequant: keep the statistics of decomposed normalisations "
+                                     "in the target's repair fallback (float on generic, int16 on NPUs) from the start")
     max_percentile: float = 0.9999
     custom_setting: list[CustomSetting] | None = None
     truncate_var_names: list[str] | None = None
@@ -247,6 +249,7 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         recovery=config_recovery(q),
         weight_clipping_ratio=q.weights_quantization_clipping_ratio,
         repair=q.repair,
+        protect_statistics=q.protect_statistics,
     )
     inputs = c.input_parametres or []
     settings = tuple(_settings(p, base) for p in inputs)

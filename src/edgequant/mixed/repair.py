@@ -29,7 +29,7 @@ from collections.abc import Callable
 from edgequant.calibrated import CalibratedModel
 from edgequant.ir.model import opset_of
 from edgequant.result import OutputFidelity, QuantizeResult
-from edgequant.targets import get_target
+from edgequant.targets import get_target, repair_fallback
 
 Progress = Callable[[str, int, int], None]
 #: Re-calibrates with new options: ``(options, min_opset) -> CalibratedModel`` (api.calibrate
@@ -38,13 +38,8 @@ Recalibrate = Callable[..., CalibratedModel]
 
 
 def fallback_for(target: str) -> str | None:
-    """The precision the repair's search moves layers to on ``target``: the profile's
-    ``repair_fallback`` (float for onnxruntime on a host, whose 16-bit layers are float
-    kernels behind Q/DQ), else int16, else float."""
-    profile = get_target(target)
-    if profile.repair_fallback in profile.fallback:
-        return profile.repair_fallback
-    return next((f for f in ("int16", "float") if f in profile.fallback), None)
+    """The precision the repair's search moves layers to on ``target`` (``targets.repair_fallback``)."""
+    return repair_fallback(get_target(target))
 
 
 def health(fidelity: list[OutputFidelity]) -> tuple[float, float]:

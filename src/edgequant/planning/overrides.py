@@ -158,10 +158,6 @@ def sensitive_nodes(model: ModelProto, reach: int = 6) -> set[str]:
     cancellation."""
     nodes = list(model.graph.node)
     prod = {o: n for n in nodes for o in n.output}
-    cons: dict[str, list[NodeProto]] = {}
-    for n in nodes:
-        for i in n.input:
-            cons.setdefault(i, []).append(n)
     names = {n.name for n in nodes if n.op_type in SENSITIVE_OPS}
     scaled = {o for n in nodes if n.op_type in ("Sqrt", "Reciprocal", "Div") for o in n.output}
     for n in nodes:
@@ -171,11 +167,23 @@ def sensitive_nodes(model: ModelProto, reach: int = 6) -> set[str]:
                 names.add(prod[n.input[0]].name)
         if any(i in scaled for i in n.input):
             names.add(n.name)
+    return names | statistics_path(nodes, reach)
+
+
+def statistics_path(nodes: list[NodeProto], reach: int = 6) -> set[str]:
+    """The statistics of decomposed normalisations: nodes within ``reach`` steps after a
+    reduction and before a Sqrt/Reciprocal (mean, x − mean, its square, E[x²], + eps), where
+    8 bits lose everything to cancellation (magika's layer norms: top-1 0.07 at int8)."""
+    prod = {o: n for n in nodes for o in n.output}
+    cons: dict[str, list[NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
     reductions = [o for n in nodes if n.op_type.startswith("Reduce") for o in n.output]
     after = _hops(reductions, lambda t: [(c, list(c.output)) for c in cons.get(t, [])], reach)
     roots = [i for n in nodes if n.op_type in ("Sqrt", "Reciprocal") for i in n.input]
     before = _hops(roots, lambda t: [(prod[t], list(prod[t].input))] if t in prod else [], reach)
-    return names | (after & before)
+    return after & before
 
 
 def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], options) -> None:

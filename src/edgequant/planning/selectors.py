@@ -214,3 +214,18 @@ class Before:
 
     def __str__(self) -> str:
         return f"up to {self.tensor}"
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """The statistics path of every decomposed normalisation (``overrides.statistics_path``)."""
+
+    def select(self, model: Graph) -> list[NodeProto]:
+        from edgequant.planning.overrides import statistics_path
+
+        index = GraphIndex.of(model)
+        wanted = statistics_path(index.nodes)
+        return [n for n in index.nodes if n.name in wanted]
+
+    def __str__(self) -> str:
+        return "normalisation statistics"

@@ -43,4 +43,13 @@ def apply_target(options, name: str):
                                per_channel_ops=p.per_channel_ops, quantize_constants=p.constants)
 
 
-__all__ = ["PROFILES", "TargetProfile", "Violation", "apply_target", "check_model", "get_target"]
+def repair_fallback(profile: TargetProfile) -> str | None:
+    """What the default repair (and the statistics protection) moves layers to on
+    ``profile``: its ``repair_fallback`` (float for onnxruntime on a host, whose 16-bit
+    layers are float kernels behind Q/DQ), else int16, else float; None when it has neither."""
+    if profile.repair_fallback in profile.fallback:
+        return profile.repair_fallback
+    return next((f for f in ("int16", "float") if f in profile.fallback), None)
+
+
+__all__ = ["PROFILES", "repair_fallback", "TargetProfile", "Violation", "apply_target", "check_model", "get_target"]
