@@ -14,25 +14,28 @@ from tests.conftest import parse
 # a layer-norm-like centring behind a large bias: b = xW + 1000, c = b − mean(b), y = cV. The
 # signal in b (±1) is 0.1 % of its range, so 8-bit b loses it (step ≈ 4) while 16-bit keeps it
 # (step ≈ 0.015): a collapse that bias correction cannot fix and mixed precision can
-OFFSET = """
+CENTRED = """
 <ir_version: 8, opset_import: ["" : 13]>
 g (float[N, 16] x) => (float[N, 8] y) {
     a = MatMul (x, W)
     b = Add (a, B)
     m = ReduceMean <axes = [1]> (b)
     c = Sub (b, m)
-    y = MatMul (c, V)
+"""
+OFFSET = CENTRED + """    y = MatMul (c, V)
 }
 """
 
 
-def offset_model():
+def offset_model(text: str = OFFSET):
     rng = np.random.default_rng(0)
-    m = parse(OFFSET, check=False)
+    m = parse(text, check=False)
     m.graph.initializer.extend([
         numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.1, "W"),
         numpy_helper.from_array(np.full(16, 1000, np.float32), "B"),
         numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "V")])
+    if "Eps" in text:
+        m.graph.initializer.append(numpy_helper.from_array(np.array(1e-5, np.float32), "Eps"))
     return m
 
 
@@ -139,14 +142,7 @@ def test_eight_bit_macs_count_only_ops_whose_operands_both_arrive_8_bit():
     assert wide.summary.eight_bit_macs == (16 * 16, total)  # the last MatMul now reads 16 bits
 
 
-LAYER_NORM = """
-<ir_version: 8, opset_import: ["" : 13]>
-g (float[N, 16] x) => (float[N, 8] y) {
-    a = MatMul (x, W)
-    b = Add (a, B)
-    m = ReduceMean <axes = [1]> (b)
-    c = Sub (b, m)
-    s = Mul (c, c)
+LAYER_NORM = CENTRED + """    s = Mul (c, c)
     v = ReduceMean <axes = [1]> (s)
     e = Add (v, Eps)
     r = Sqrt (e)
@@ -157,13 +153,7 @@ g (float[N, 16] x) => (float[N, 8] y) {
 
 
 def test_protect_statistics_keeps_decomposed_layer_norm_statistics_out_of_8_bits_from_the_start():
-    m = parse(LAYER_NORM, check=False)
-    rng = np.random.default_rng(0)
-    m.graph.initializer.extend([
-        numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.1, "W"),
-        numpy_helper.from_array(np.full(16, 1000, np.float32), "B"),
-        numpy_helper.from_array(np.array(1e-5, np.float32), "Eps"),
-        numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "V")])
+    m = offset_model(LAYER_NORM)
     data = offset_data()
     r = edgequant.quantize(m, data, repair=False, protect_statistics=True)
     assert r.summary.collapse is None and r.summary.fidelity[0].cosine > 0.99
