@@ -1,11 +1,11 @@
-"""``python -m bench run|memory|speed|scaling|order|recovery|report|smoke`` (see README, Benchmarks)."""
+"""``python -m bench run|memory|speed|scaling|order|recovery|tpu-mlir|report|smoke`` (see README, Benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from bench import order, recovery, scaling, speed
+from bench import order, recovery, scaling, speed, tpu_mlir
 from bench.report import report_markdown, write_report
 from bench.runner import RESULTS, environment, memory_scaling, merge, run
 from bench.zoo import ZOO
@@ -31,6 +31,9 @@ def _add_new_commands(sub) -> None:
     o.add_argument("--methods", default=",".join(order.METHODS))
     o.add_argument("--shuffles", type=int, default=order.SHUFFLES)
     o.add_argument("--samples", type=int, default=order.SAMPLES)
+    t = sub.add_parser("tpu-mlir", help="edgequant's TPU-MLIR files through the real TPU-MLIR (results/tpu_mlir.json)")
+    t.add_argument("--models", default=",".join(tpu_mlir.MODELS))
+    t.add_argument("--venv", default=None, help="TPU-MLIR's Python 3.10 environment (installed there if missing)")
     a = sub.add_parser("recovery", help="gain of each accuracy-recovery algorithm per zoo model (results/recovery.json)")
     a.add_argument("--models", default=",".join(recovery.MODELS))
     a.add_argument("--groups", default=",".join(g.key for g in recovery.GROUPS),
@@ -46,6 +49,14 @@ def _run_new_command(args) -> None:
         env, done = environment(), []
         recovery.recovery(args.models.split(","), args.groups.split(","), args.samples, args.timeout,
                           on_row=lambda row: (done.append(row), recovery.save(done, env)), slow=args.slow)
+        return
+    if args.cmd == "tpu-mlir":
+        from pathlib import Path
+
+        path = RESULTS / "tpu_mlir.json"
+        rows = tpu_mlir.tpu_mlir(args.models.split(","), Path(args.venv) if args.venv else None)
+        rows = merge(path, rows, ("model",))
+        path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
         return
     if args.cmd == "speed":
         rows = speed.speed(args.models.split(","), _ints(args.counts), args.tools.split(","), args.repeat, args.timeout)
@@ -102,7 +113,7 @@ def main() -> None:
             rows = [r for r in old if (r["tool"], r["samples"]) not in new and r["model"] == args.model] + rows
         rows.sort(key=lambda r: (r["tool"], r["samples"]))
         path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
-    elif args.cmd in ("speed", "scaling", "order", "recovery"):
+    elif args.cmd in ("speed", "scaling", "order", "recovery", "tpu-mlir"):
         _run_new_command(args)
     elif args.cmd == "smoke":
         rows = run(["mnist-cnn"], ["edgequant"], ["percentile"], 16)

@@ -228,6 +228,11 @@ def report_markdown(plot: bool = False) -> str:
     recovered = recovery_sections()
     if recovered:
         parts += ["", recovered]
+    client = RESULTS / "tpu_mlir.json"
+    if client.exists():
+        from bench.tpu_mlir import section
+
+        parts += ["", section(json.loads(client.read_text()))]
     return "\n".join(parts) + "\n"
 
 

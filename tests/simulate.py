@@ -2,7 +2,8 @@
 
 int accumulators of ``(q_x − z_x)·(q_w − z_w)`` plus the int32 bias, rescaled by
 ``M = s_x·s_w / s_y`` (a shift when every scale is a power of two), rounded the target's way,
-offset by ``z_y`` and clipped — compared with onnxruntime running the QDQ model in float.
+offset by ``z_y`` and clipped (at 0, and at the Clip's maximum, when the target runs a Relu /
+Relu6 fused into the convolution) — compared with onnxruntime running the QDQ model in float.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def first_conv_difference(result, feed: dict, stride: int, pad: int) -> tuple[np
     conv = next(n for n in q.graph.node if n.op_type == "Conv")
     dq_x, dq_w, dq_b = (prod[i] for i in conv.input)
     q_x = prod[dq_x.input[0]]
-    q_y = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
+    readers = [n for n in q.graph.node if conv.output[0] in n.input]
+    fused = readers[0] if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") else None
+    y_name = fused.output[0] if fused is not None else conv.output[0]
+    q_y = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == y_name)
     probe = onnx.ModelProto()
     probe.CopyFrom(q)
     probe.graph.output.extend([onnx.ValueInfoProto(name=q_x.output[0]), onnx.ValueInfoProto(name=q_y.output[0])])
@@ -52,5 +56,9 @@ def first_conv_difference(result, feed: dict, stride: int, pad: int) -> tuple[np
     m = (s_x * np.broadcast_to(s_w, (w_int.shape[0],)) / s_y).reshape(1, -1, 1, 1)
     scaled = acc * m
     y = (np.floor(scaled + 0.5) if result.options.scheme.rounding == "half_up" else np.rint(scaled)) + z_y
+    if fused is not None:  # Relu / Clip(0, hi) inside the convolution, on the integer output
+        y = np.maximum(y, z_y)
+        if fused.op_type == "Clip" and len(fused.input) > 2 and fused.input[2]:
+            y = np.minimum(y, np.floor(float(inits[fused.input[2]]) / s_y + 0.5) + z_y)
     info = np.iinfo(y_ort.dtype)
     return np.abs(np.clip(y, info.min, info.max) - y_ort.astype(np.int64)), m

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import ModelProto
+from onnx import GraphProto, ModelProto
 
 from edgequant.analysis.metrics import DecisionTally, FidelityAccumulator
 from edgequant.calibration.observers import MinMaxObserver
@@ -46,6 +46,19 @@ class Prepared:
     passes: list[PassResult]
     from_opset: int
     notes: tuple[str, ...] = ()
+    # the user's graph before the passes, without weight data (ir.graph.outline): what a
+    # toolchain that reads the original model names its ops after (export.tpu_mlir)
+    source: GraphProto | None = None
+
+
+def activation_params(rng: tuple[float, float], act: ActivationPlan, unsigned_nonnegative: bool = False) -> QuantParams:
+    """Scale and zero point of ``act`` for the range ``rng``. With ``unsigned_nonnegative`` a
+    symmetric signed tensor that is never negative takes the unsigned type with zero point 0
+    (``[0, max]`` in 255 steps, not 127), as TPU-MLIR quantizes a calibrated min ≥ 0."""
+    lo, hi = rng
+    if unsigned_nonnegative and act.symmetric and act.dtype.signed and lo >= 0:
+        return compute_params(0.0, hi, act.dtype.unsigned, False, scheme=act.scheme)
+    return compute_params(lo, hi, act.dtype, act.symmetric, scheme=act.scheme)
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,7 @@ class CalibratedModel:
         if options.required_opset > have:
             raise ConfigError(f"these overrides need opset {options.required_opset} (16-bit or 4-bit types) and the "
                               f"calibrated model is at opset {have}: calibrate with min_opset={options.required_opset}")
-        return build_plan(self.model, options)
+        return build_plan(self.model, options, self.prepared.source)
 
     def ranges(self, plan: QuantPlan) -> dict[str, tuple[float, float]]:
         """Each root's range under ``plan``: pinned, or from its observer at the root's dtype."""
@@ -129,7 +142,7 @@ class CalibratedModel:
         first: dict[str, ActivationPlan] = {}
         for act in plan.activations.values():
             first.setdefault(act.root, act)
-        return {root: compute_params(*ranges[root], a.dtype, a.symmetric, scheme=a.scheme) for root, a in first.items()}
+        return {root: activation_params(ranges[root], a, self.options.unsigned_nonnegative) for root, a in first.items()}
 
     def assemble(self, plan: QuantPlan) -> tuple[ModelProto, dict[str, QuantParams]]:
         """The QDQ model for ``plan`` (whose tensors were all observed) without recalibrating,

@@ -23,10 +23,12 @@ from edgequant.calibrated import CalibratedModel, Prepared, SampleSplit
 from edgequant.calibration.collect import collect_ranges
 from edgequant.data.sources import CalibrationSource
 from edgequant.errors import CalibrationDataError, ModelLoadError
+from edgequant.ir.graph import outline
 from edgequant.ir.model import ensure_opset, opset_of, skeleton
 from edgequant.mixed.cost import eight_bit_macs
 from edgequant.mixed.guard import collapse_report, judge
 from edgequant.passes.constants import DivideByConstantToMul
+from edgequant.passes.pad import FoldPadIntoConv
 from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.passes.specialize import Specialize, has_control_flow
 from edgequant.planning.options import QuantOptions
@@ -60,6 +62,7 @@ def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0,
     edit it in place when no upgrade was needed.
     """
     from_opset = opset_of(original)
+    source = outline(original.graph)
     notes: list[str] = []
     try:
         model = ensure_opset(original, max(options.required_opset, min_opset))
@@ -86,8 +89,11 @@ def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0,
     if options.quantize_constants and options.simplify:  # onnxruntime runs x · (1/c) in integer, not x / c
         div = DivideByConstantToMul()
         passes.append(PassResult(div.name, div(model)))
+    if "pad" in options.fusions and options.simplify:  # as the NPU compilers do: no Pad of its own
+        fold = FoldPadIntoConv()
+        passes.append(PassResult(fold.name, fold(model)))
     name_nodes(model)
-    return Prepared(model, options, passes, from_opset, tuple(notes))
+    return Prepared(model, options, passes, from_opset, tuple(notes), source)
 
 
 def protect_statistics(model: ModelProto, options: QuantOptions) -> QuantOptions:
@@ -162,7 +168,7 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
             original = None  # rescaling alone keeps the float model's outputs: no second copy
     if opts.recovery.bias:
         add_zero_biases(prepared.model)
-    plan = build_plan(prepared.model, opts)
+    plan = build_plan(prepared.model, opts, prepared.source)
     t0 = time.perf_counter()
     observers, seen = collect_ranges(prepared.model, plan.observed, source, opts.method, opts.percentile,
                                      split.calibration, batch_size=opts.batch_size, device=opts.device,
@@ -189,7 +195,8 @@ def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Prog
                       (state.prepared.from_opset, opset_of(qmodel)), state.prepared.passes, fidelity,
                       list(state.prepared.notes), dict(plan.precision), recovery=list(state.recovery))
     summary.eight_bit_macs = eight_bit_macs(state.model, qmodel, state.tensor_shapes())
-    result = QuantizeResult(qmodel, state.model, plan, state.ranges(plan), params, summary, opts)
+    result = QuantizeResult(qmodel, state.model, plan, state.ranges(plan), params, summary, opts,
+                            state.prepared.source)
     reason = judge(fidelity, opts.collapse_cosine)
     if reason:
         summary.collapse = collapse_report(state, result, reason, progress, rank=rank)

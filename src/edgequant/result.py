@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnx import ModelProto
+from onnx import GraphProto, ModelProto
 
 from edgequant._version import __version__
 from edgequant.algorithms.report import StepReport
@@ -93,6 +93,7 @@ class QuantizeResult:
     params: dict[str, QuantParams]
     summary: Summary
     options: QuantOptions
+    source_graph: GraphProto | None = None  # the user's graph before the passes (ir.graph.outline)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the quantized model atomically."""

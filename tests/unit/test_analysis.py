@@ -54,6 +54,8 @@ def test_metrics_match_their_formulas(rng):
     assert same.snr == 0 and same.cosine == pytest.approx(1) and same.euclidean == 1 and same.max_abs == 0
     bad = compare(np.ones(4, np.float32), np.array([1, np.inf, 1, np.nan], np.float32))
     assert bad.nonfinite == 2 and bad.flagged and bad.cosine == pytest.approx(1)
+    huge = compare(np.float32(1e30) * r[0], np.float32(1e30) * t[0])  # float32 squares overflow: float64
+    assert huge.cosine == pytest.approx(compare(r[0], t[0]).cosine, rel=1e-5)
     assert compare(np.ones(4, np.float32), -np.ones(4, np.float32)).flagged
 
 

@@ -51,7 +51,7 @@ def test_tpu_mlir_tables_round_trip(setup, tmp_path):
     gemm = next(n for n in result.float_model.graph.node if n.op_type == "Gemm")
     mixed = edgequant.quantize(model, data, overrides=[f"{gemm.name}=float"])
     qt = export_params(mixed, "qtable", tmp_path / "qtable").read_text()
-    assert f"{gemm.output[0]} F32" in qt
+    assert f"{gemm.output[0]}_Gemm F32" in qt  # TPU-MLIR names ops <output>_<OpType>
     back = edgequant.quantize(model, data, overrides=import_params("qtable", tmp_path / "qtable"))
     assert back.model.SerializeToString() == mixed.model.SerializeToString()
     (tmp_path / "bad").write_text("conv1 INT4\n")
@@ -111,3 +111,99 @@ def test_specs_and_missing_files(tmp_path):
     (tmp_path / "bad.json").write_text('{"version": "v1", "quantization_params": [{"activations": {"x": {"dtype": "INT3"}}}]}')
     with pytest.raises(ConfigError, match="INT3"):
         import_params("qparams", tmp_path / "bad.json")
+
+
+TPU_GRAPH = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] r, float[1, 32, 5] a, float[1, 2, 8, 8] s0, float[1, 2, 8, 8] s1) {
+    y = Conv <pads = [1, 1, 1, 1]> (x, W)
+    z = BatchNormalization (y, gamma, beta, mean, var)
+    c = Conv <pads = [1, 1, 1, 1]> (z, W2)
+    b = Add (c, B)
+    i = Identity (b)
+    r = Relu (i)
+    f = Reshape (r, S)
+    m = MatMul (f, M)
+    a = Add (m, A)
+    s0, s1 = Split <axis = 1> (r, two)
+}
+"""
+
+
+def tpu_model(rng):
+    m = onnx.parser.parse_model(TPU_GRAPH)
+    for name, shape in dict(W=(4, 3, 3, 3), W2=(4, 4, 3, 3), B=(1, 4, 1, 1), M=(8, 5), A=(5,), gamma=(4,),
+                            beta=(4,), mean=(4,)).items():
+        m.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    extra = {"var": rng.uniform(0.5, 2, 4).astype(np.float32), "S": np.array([1, 32, 8], np.int64),
+             "two": np.array([2, 2], np.int64)}
+    m.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in extra.items())
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_tpu_mlir_op_names_follow_its_onnx_front_end(rng):
+    """TPU-MLIR 1.30 names an op <first output>_<OpType>, a graph input by its name, after
+    onnxsim folded BatchNorm into the Conv (the Conv's name) and a per-channel Add into the Conv's
+    bias (the Conv's name); MatMul + Add is a Gemm named after the Add."""
+    from edgequant.export.tpu_mlir import op_names
+
+    names = op_names(tpu_model(rng).graph)
+    assert names["x"] == "x" and names["y"] == names["z"] == "y_Conv"
+    assert names["c"] == names["b"] == names["i"] == "c_Conv" and names["r"] == "r_Relu"
+    assert names["f"] == "f_Reshape" and names["m"] == "m_MatMul" and names["a"] == "a_Gemm"
+    assert names["s0"] == "s0_Split" and names["s1"] == "s1_Split"
+
+
+def test_tpu_mlir_tables_use_its_names_its_floor_and_its_number_grammar(rng, tmp_path):
+    import re
+
+    model = tpu_model(rng)
+    data = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(12)]
+    result = edgequant.quantize(model, data, target="tpu-mlir")
+    text = export_params(result, "cali-table", tmp_path / "t").read_text()
+    rows = {ln.split()[0]: ln for ln in text.splitlines() if not ln.startswith("#")}
+    assert all(re.fullmatch(r"\S+\s+[-0-9.e]+\s+[-0-9.e]+\s+[-0-9.e]+", ln) for ln in rows.values())  # its reader
+    # the input; the Conv+BN as one op; Conv + bias Add + Relu as one (the Relu's); the Gemm; the outputs
+    assert {"x", "y_Conv", "r_Relu", "a_Gemm", "s0_Split", "s1_Split"} <= set(rows)
+    assert "c_Conv" not in rows and "m_MatMul" not in rows  # fused: no quantization of their own
+    assert float(rows["r_Relu"].split()[2]) == 0.0  # min 0: TPU-MLIR makes it unsigned, as the QDQ model
+    again = edgequant.quantize(model, data, target="tpu-mlir", overrides=import_params("cali-table", tmp_path / "t"))
+    assert again.model.SerializeToString() == result.model.SerializeToString()
+
+    zero = result.ranges.copy()
+    zero[next(iter(zero))] = (0.0, 0.0)
+    import dataclasses
+
+    from edgequant.export.tpu_mlir import dumps_cali_table
+    first = dumps_cali_table(dataclasses.replace(result, ranges=zero)).splitlines()[3]
+    assert first.split()[1:] == ["1.0000000e-05", "0.0000000", "1.0000000e-05"]  # TPU-MLIR's floor
+
+
+def test_tpu_mlir_own_table_imports_with_its_sections_and_fused_names(rng, tmp_path):
+    model = tpu_model(rng)
+    data = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(12)]
+    own = tmp_path / "own"
+    own.write_text("# mlir version: v1.30.2 cali version 1.0\n# op_name    threshold    min    max\n"
+                   "x 3.0000000 -3.0000000 3.0000000\ny_Conv 5.0000000 -4.0000000 5.0000000\n"
+                   "c_Conv 7.0000000 -7.0000000 7.0000000\nr_Relu 6.0000000 0.0000000 6.0000000\n"
+                   "a_Gemm 9.0000000 -9.0000000 9.0000000\n#int4_th\nr_Relu 1.0000000 0.0000000 1.0000000\n")
+    r = edgequant.quantize(model, data, target="tpu-mlir", overrides=import_params("cali-table", own))
+    assert r.ranges["x"] == (-3.0, 3.0) and r.ranges["z"] == (-4.0, 5.0)  # z: the Conv+BN op's output
+    assert r.ranges["r"] == (0.0, 6.0) and r.ranges["a"] == (-9.0, 9.0)  # the int4 block is not read
+    own.write_text("nope_Conv 1.0 -1.0 1.0\n")
+    with pytest.raises(TensorNameError, match="names no op of the model"):
+        edgequant.quantize(model, data, target="tpu-mlir", overrides=import_params("cali-table", own))
+
+
+def test_tpu_mlir_qtable_lists_every_layer_run_in_float_and_says_what_it_cannot(rng, tmp_path):
+    model = tpu_model(rng)
+    data = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(12)]
+    mixed = edgequant.quantize(model, data, target="tpu-mlir", overrides=["op:MatMul=float"])
+    table = export_params(mixed, "qtable", tmp_path / "q").read_text()
+    assert "m_MatMul F32" in table.splitlines()
+    back = edgequant.quantize(model, data, target="tpu-mlir", overrides=import_params("qtable", tmp_path / "q"))
+    assert back.summary.precision == mixed.summary.precision
+    wide = edgequant.quantize(model, data, target="tpu-mlir", overrides=["op:MatMul=int16"])
+    assert "MatMul" not in export_params(wide, "qtable", tmp_path / "w").read_text().split("quantize_mode")[1]
+    assert any("no integer mode for 1 layers" in n for n in wide.summary.notes)

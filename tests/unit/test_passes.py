@@ -277,3 +277,43 @@ def test_divide_by_a_constant_becomes_a_multiply_by_its_reciprocal(rng):
     np.testing.assert_allclose(got[0], ref[0], rtol=2e-7)
     np.testing.assert_array_equal(got[1], ref[1])
     assert not DivideByConstantToMul()(m)
+
+
+
+PADDED = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 3, 8, 8] x) => (float[1, 4, 7, 8] y, float[1, 4, 8, 8] z, float[1, 3, 9, 9] w, float[1, 4, 8, 8] v) {
+    p = Pad (x, P)
+    y = Conv <pads = [0, 1, 0, 0]> (p, W)
+    q = Pad (x, S, one)
+    z = Conv (q, W)
+    n = Pad (x, P)
+    w = Relu (n)
+    c = Pad (x, C)
+    v = Conv (c, W4)
+}
+"""
+
+
+def test_fold_zero_pad_into_the_convolutions_that_read_it(rng):
+    """Folded: a zero Pad of H and W read by a Conv only. Kept: a Pad read by a Relu, a pad by
+    ones, a pad of the channels."""
+    from edgequant.passes.pad import FoldPadIntoConv
+
+    m = parse(PADDED, check=False)
+    m.graph.initializer.extend([
+        numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "P"),  # H begin 1, W end 1
+        numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "S"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array([0, 1, 1, 1, 0, 0, 1, 1], np.int64), "C"),
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W4")])
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    ref = run(m, {"x": x})
+    assert FoldPadIntoConv()(m)
+    assert ops(m) == ["Conv", "Pad", "Conv", "Pad", "Relu", "Pad", "Conv"]
+    conv = m.graph.node[0]
+    assert conv.input[0] == "x" and [list(a.ints) for a in conv.attribute if a.name == "pads"] == [[1, 1, 0, 1]]
+    for got, want in zip(run(m, {"x": x}), ref):
+        np.testing.assert_array_equal(got, want)
+    assert not FoldPadIntoConv()(m)

@@ -93,8 +93,10 @@ def test_the_default_repairs_a_collapse_with_the_fallback_the_target_allows():
     assert "broken" in lines[0] and "mixed precision" in lines[1] and len(lines) == 3, lines
     assert "kept: the mixed-precision result" in lines[-1]
     assert fixed.summary.precision == {"Sub_3": "float"}  # onnxruntime: float kernels beat 16-bit ones
-    npu = edgequant.quantize(model, data, target="tpu-mlir")  # an NPU runs int16 natively
+    npu = edgequant.quantize(model, data, target="acuity-perchannel")  # an NPU runs int16 natively
     assert npu.summary.collapse is None and set(npu.summary.precision.values()) == {"int16,int16"}
+    tpu = edgequant.quantize(model, data, target="tpu-mlir")  # TPU-MLIR has no int16 mode: float
+    assert tpu.summary.collapse is None and set(tpu.summary.precision.values()) == {"float"}
     again = edgequant.quantize(model, data)
     assert again.model.SerializeToString() == fixed.model.SerializeToString()  # same inputs, same bytes
     coarse = edgequant.quantize(model, data, per_channel=False).summary.repair  # rounding may be to blame
@@ -107,7 +109,7 @@ def test_a_target_without_fallbacks_keeps_the_best_it_can_in_8_bits(monkeypatch)
     from edgequant.mixed import repair as module
     from edgequant.targets import get_target
 
-    assert fallback_for("generic") == "float" and fallback_for("tpu-mlir") == "int16"
+    assert fallback_for("generic") == "float" and fallback_for("espdl") == "int16" and fallback_for("tpu-mlir") == "float"
     bare = dataclasses.replace(get_target("generic"), fallback=())
     monkeypatch.setattr(module, "get_target", lambda name: bare)
     assert fallback_for("generic") is None
@@ -162,7 +164,7 @@ def test_protect_statistics_keeps_decomposed_layer_norm_statistics_out_of_8_bits
     assert any(n.startswith("kept in float from the start") for n in r.summary.notes)
     plain = edgequant.quantize(m, data, repair=False)  # the default: left to the repair
     assert plain.summary.collapse is not None and not plain.summary.precision
-    npu = edgequant.quantize(m, data, repair=False, target="tpu-mlir", protect_statistics=True)
+    npu = edgequant.quantize(m, data, repair=False, target="acuity-perchannel", protect_statistics=True)
     assert set(npu.summary.precision.values()) == {"int16"}
     user = edgequant.quantize(m, data, repair=False, overrides=["Sub_3=int16"], protect_statistics=True)
     assert user.summary.precision["Sub_3"] == "int16"

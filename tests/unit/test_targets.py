@@ -125,3 +125,57 @@ def test_npu_targets_refuse_control_flow_that_specialization_would_fold(rng):
     folded = edgequant.quantize(model, data, target="espdl", fixed_inputs={"k": 5}, collapse_cosine=0)
     assert not any("control flow" in v.rule for v in check_model(folded.model, get_target("espdl")))
     assert dict(get_target("espdl").rules())["control flow"].startswith("none")
+
+
+def test_npu_targets_quantize_conv_relu_once_after_the_activation(rng):
+    """TPU-MLIR, ESP-DL and Acuity compile Conv+Relu (and Conv+Relu6) as one op: the symmetric
+    profiles put no Q/DQ between the Conv and its Relu, and the Relu stays (a symmetric
+    QuantizeLinear does not saturate at 0). generic-s8s8 (onnxruntime) quantizes both."""
+    model, data = cnn(rng), calib(rng)
+    for target, fused in (("tpu-mlir", True), ("espdl", True), ("acuity-dfp8", True), ("generic-s8s8", False)):
+        r = edgequant.quantize(model, data, target=target, collapse_cosine=0)
+        quantized = {n.input[0].removesuffix("_float") for n in r.model.graph.node if n.op_type == "QuantizeLinear"}
+        assert ("c1" in quantized) is not fused and "r1" in quantized, target
+        assert [n.op_type for n in r.model.graph.node].count("Relu") == 1
+        assert check_model(r.model, get_target(target)) == []
+    plain = edgequant.quantize(model, data, target="tpu-mlir", fusions=(), collapse_cosine=0)
+    assert "c1_float" in {n.input[0] for n in plain.model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+SILU = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 4, 8, 8] p, float[1, 8, 5] e) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, W, B)
+    s = Sigmoid (c)
+    y = Mul (c, s)
+    p = Sigmoid (y)
+    f = Reshape (y, S)
+    m = MatMul (f, M)
+    e = Exp (m)
+}
+"""
+
+
+def test_tpu_mlir_profile_quantizes_what_tpu_mlir_quantizes(rng):
+    """Every op (Exp too) and the outputs; SiLU as one op; Sigmoid over [0, 1]; a tensor that is
+    never negative unsigned; MatMul weights per tensor, convolutions per channel."""
+    from tests.conftest import parse
+
+    m = parse(SILU, check=False)
+    for name, v in (("W", rng.standard_normal((4, 3, 3, 3))), ("B", rng.standard_normal(4)),
+                    ("M", rng.standard_normal((32, 5)))):
+        m.graph.initializer.append(numpy_helper.from_array(v.astype(np.float32), name))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, 8, 32], np.int64), "S"))
+    data = calib(rng)
+    r = edgequant.quantize(m, data, target="tpu-mlir", collapse_cosine=0)
+    assert check_model(r.model, get_target("tpu-mlir")) == []
+    plan = r.plan
+    assert "s" not in plan.activations and "c" in plan.activations  # x · Sigmoid(x) is one op: SiLU, reading c
+    assert {"y", "p", "e", "m"} <= set(plan.activations)  # Exp quantized, outputs too
+    assert r.ranges["p"] == (0.0, 1.0)  # TPU-MLIR's Sigmoid range, whatever calibration saw
+    assert r.params["p"].zero_point.dtype == np.uint8 and r.params["e"].zero_point.dtype == np.uint8  # ≥ 0
+    assert r.params["y"].zero_point.dtype == np.int8
+    axes = {wp.tensor: wp.axis for (_, _), wp in plan.weight_items()}
+    assert axes["W"] == 0 and axes["M"] is None  # model_deploy: per-channel Conv, per-tensor MatMul
+    generic = edgequant.quantize(m, data, collapse_cosine=0).plan
+    assert "e" not in generic.activations and "s" in generic.activations

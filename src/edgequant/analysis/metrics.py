@@ -103,12 +103,20 @@ class FidelityAccumulator:
             self.nonfinite += int(bad.sum())
             keep = finite & ~bad
             r, t = r[keep], t[keep]
-        d = r - t
-        # float32 products (BLAS), accumulated per sample in float64
-        self.dot += float(np.dot(r, t))
-        self.ref2 += float(np.dot(r, r))
-        self.test2 += float(np.dot(t, t))
-        self.noise += float(np.dot(d, d))
+        # float32 products (BLAS), accumulated per sample in float64; in float64 throughout when
+        # float32 overflows (values beyond ~1e19)
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = r - t
+            sums = [float(np.dot(a, b)) for a, b in ((r, t), (r, r), (t, t), (d, d))]
+        if not all(np.isfinite(sums)):
+            r64, t64 = r.astype(np.float64), t.astype(np.float64)
+            d64 = r64 - t64
+            sums = [float(np.dot(a, b)) for a, b in ((r64, t64), (r64, r64), (t64, t64), (d64, d64))]
+            d = d64
+        self.dot += sums[0]
+        self.ref2 += sums[1]
+        self.test2 += sums[2]
+        self.noise += sums[3]
         self.elements += r.size
         if r.size:
             self.max_abs = max(self.max_abs, float(np.abs(d).max()))

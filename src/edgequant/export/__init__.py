@@ -65,7 +65,10 @@ def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
     check_exportable(fmt, result.options.recovery)
     writer = {"qparams": qparams.dumps, "cali-table": tpu_mlir.dumps_cali_table, "qtable": tpu_mlir.dumps_qtable,
               "acuity": acuity.dumps, "edgequant": native.dumps}[fmt]
-    return write_atomic(path, writer(result))
+    written = write_atomic(path, writer(result))
+    if fmt == "qtable":  # what the file cannot say goes into the summary
+        result.summary.notes += [n for n in tpu_mlir.qtable_rows(result)[1] if n not in result.summary.notes]
+    return written
 
 
 def import_params(fmt: str, path: str | os.PathLike) -> tuple:

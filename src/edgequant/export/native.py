@@ -135,7 +135,7 @@ def recreate(model: str | os.PathLike | ModelProto, path: str | os.PathLike) -> 
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops, 0, 0, False, 0.0,
                       time.perf_counter() - start, (prepared.from_opset, opset_of(qmodel)), prepared.passes,
                       notes=[f"parameters from {path}; no calibration"], precision=dict(plan.precision))
-    return QuantizeResult(qmodel, prepared.model, plan, ranges, params, summary, prepared.options)
+    return QuantizeResult(qmodel, prepared.model, plan, ranges, params, summary, prepared.options, prepared.source)
 
 
 def _check_weights(qmodel: ModelProto, data: dict, path) -> None:

@@ -107,6 +107,7 @@ class GraphIndex:
         self.consumers = consumers(graph)
         self.inputs = [i.name for i in graph.input]
         self.outputs = [o.name for o in graph.output]
+        self.source: GraphProto | None = None  # the user's graph before the passes, when known
 
     @classmethod
     def of(cls, model: ModelProto | GraphIndex) -> GraphIndex:
@@ -115,6 +116,23 @@ class GraphIndex:
     def tensor_names(self) -> list[str]:
         """Graph inputs and node outputs, in graph order."""
         return list(dict.fromkeys(self.inputs + [o for n in self.nodes for o in n.output if o]))
+
+
+def outline(graph: GraphProto) -> GraphProto:
+    """A copy of ``graph``'s structure: nodes (attributes included), inputs, outputs, and the
+    initializers' names, types and shapes without their data (a ``Constant`` node becomes
+    such an initializer). Small, whatever the weights."""
+    light = GraphProto(name=graph.name)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.input:
+            light.initializer.add(name=node.output[0])
+        else:
+            light.node.append(node)
+    light.input.extend(graph.input)
+    light.output.extend(graph.output)
+    for t in graph.initializer:
+        light.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return light
 
 
 def remove_nodes(graph, positions: set[int]) -> None:

@@ -380,6 +380,16 @@ def _output_cache(state: CalibratedModel, sens: Sensitivity, samples: int) -> li
     return float_cache(state.model, state.samples(0, count), 1 << 30, state.options.device, outputs_only=True)
 
 
+def _feeders(state: CalibratedModel) -> dict[str, list[str]]:
+    """Node → the nodes without weights (no MACs) that write its float inputs."""
+    graph = state.model.graph
+    weighted = {n.name for n in graph.node if any(i in {t.name for t in graph.initializer} for i in n.input[1:2])
+                and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")}
+    prod = {o: n for n in graph.node for o in n.output if o}
+    return {n.name: [prod[i].name for i in dict.fromkeys(n.input) if i in prod and prod[i].name not in weighted]
+            for n in graph.node}
+
+
 class _Search:
     """Layers are taken in ``order``; each goes to ``tag`` unless escalated to float."""
 
@@ -392,6 +402,7 @@ class _Search:
         self.precision: dict[str, str] = {}  # layers escalated beyond ``tag``
         self.scores: dict[tuple[Override, ...], float] = {}
         self.steps: list[Step] = []
+        self.feeders = _feeders(state) if state is not None and state.options.quantize_all_ops else {}
 
     def _override(self, name: str) -> Override:
         precision = parse_precision(self.precision.get(name, self.tag))
@@ -403,7 +414,17 @@ class _Search:
         return Override(name, precision, weight=self.wide_weight if wide else None)
 
     def overrides(self, layers) -> tuple[Override, ...]:
-        return tuple(self._override(n) for n in layers)
+        out = [self._override(n) for n in layers]
+        # on a chip that quantizes every op a float layer reads what its producer wrote in int8:
+        # the weightless producers of its inputs go to float with it (TPU-MLIR: F32 for both)
+        named = set(layers)
+        for n in layers if self.feeders else []:
+            if parse_precision(self.precision.get(n, self.tag)) == FLOAT:
+                for p in self.feeders.get(n, ()):
+                    if p not in named:
+                        named.add(p)
+                        out.append(Override(p, FLOAT))
+        return tuple(out)
 
     def plan(self, layers) -> QuantPlan:
         assert self.state is not None  # a search without a state scores no real plans

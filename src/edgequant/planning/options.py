@@ -152,6 +152,18 @@ class QuantOptions:
     # need every input 8-bit, else the op runs in float between a DequantizeLinear and a
     # QuantizeLinear); set by the target profile
     quantize_constants: bool = True
+    # what the target's compiler runs as one op, quantized once (planning.plan.FUSIONS): "relu"
+    # (Conv/Gemm/… + Relu/Relu6), "pad" (a zero Pad into the Conv), "bias" (Conv/MatMul + a
+    # constant Add), "silu" (x · Sigmoid(x)); set by the profile
+    fusions: tuple[str, ...] = ()
+    # ops without an entry in planning.ops quantized too (as TPU-MLIR quantizes every op)
+    quantize_all_ops: bool = False
+    # a symmetric activation that is never negative gets the unsigned type (zero point 0,
+    # twice the resolution), as TPU-MLIR's symmetric int8 does for a calibrated min ≥ 0
+    unsigned_nonnegative: bool = False
+    # op types whose outputs the target quantizes over [0, 1] whatever calibration saw
+    # (TPU-MLIR forces Sigmoid and Softmax to it)
+    unit_range_ops: tuple[str, ...] = ()
     recovery: Recovery = Recovery()
 
     def __post_init__(self) -> None:
@@ -262,6 +274,13 @@ def _parse(key: str, value: object) -> object:
         return tuple((n, parse_shape(n, v)) for n, v in _named(key, value))
     if key == "fixed_inputs":
         return tuple((n, parse_number(n, v)) for n, v in _named(key, value))
+    if key == "fusions":
+        from edgequant.planning.plan import FUSIONS
+
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or any(f not in FUSIONS for f in items):
+            raise ConfigError(f"option fusions must list some of {', '.join(FUSIONS)}, got {value!r}")
+        return tuple(dict.fromkeys(items))
     kind = _SIMPLE.get(key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -271,7 +290,7 @@ def _parse(key: str, value: object) -> object:
 
 
 _SIMPLE: dict[str, type] = {
-    "percentile": float, "collapse_cosine": float, "repair": bool, "protect_statistics": bool, "specialize": bool, "quantize_constants": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
+    "percentile": float, "collapse_cosine": float, "repair": bool, "protect_statistics": bool, "specialize": bool, "quantize_constants": bool, "quantize_all_ops": bool, "unsigned_nonnegative": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
     "per_channel": bool, "quantize_outputs": bool, "simplify": bool, "batch_size": int, "num_samples": int,
     "eval_samples": int, "workers": int, "device": str, "ray_address": str,
 }

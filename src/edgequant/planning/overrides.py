@@ -28,12 +28,12 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from onnx import ModelProto, NodeProto
+from onnx import GraphProto, ModelProto, NodeProto
 
 from edgequant.calibration.method import Method
 from edgequant.errors import ConfigError
 from edgequant.ir.graph import GraphIndex
-from edgequant.planning.selectors import ExactTensor, NamePattern, Selector
+from edgequant.planning.selectors import NamePattern, Selector
 from edgequant.quant.dtypes import QuantDType
 
 FLOAT = "float"
@@ -186,19 +186,21 @@ def statistics_path(nodes: list[NodeProto], reach: int = 6) -> set[str]:
     return after & before
 
 
-def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], options) -> None:
+def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], options,
+                    source: GraphProto | None = None) -> None:
     """Change ``plan`` (a QuantPlan) in place as the overrides say; see the module rules.
 
     Linear in the graph: one index of the graph, one table of parameter-sharing groups, and
     plan entries looked up by node name.
     """
     index = GraphIndex(model.graph)
-    edit = _PlanEdit(plan, index)
+    index.source = source  # the user's graph before the passes: names parameter files may use
+    edit = _PlanEdit(plan, index, keep_inputs=getattr(options, "quantize_all_ops", False))
     sensitive: set[str] | None = None
     for ov in overrides:
         selector = NamePattern(ov.selector) if isinstance(ov.selector, str) else ov.selector
-        if isinstance(selector, (NamePattern, ExactTensor)) and selector.tensors:
-            for t in selector.select_tensors(index, list(plan.activations)):
+        if getattr(selector, "tensors", None) is True:  # NamePattern tensor:…, ExactTensor, a file's tensor names
+            for t in selector.select_tensors(index, list(plan.activations)):  # type: ignore[attr-defined]
                 edit.tensors([t], ov.precision, ov)
             continue
         for node in selector.select(index):
@@ -219,6 +221,8 @@ def apply_overrides(plan, model: ModelProto, overrides: Iterable[Override], opti
                         slots[slot] = dataclasses.replace(wp, dtype=weight)
             if act is not None or weight is not None:
                 plan.precision[node.name] = ",".join(_name(v) for v in (act, weight) if v is not None)
+    if edit.keep_inputs:
+        edit.drop_between_float_layers()
     edit.drop_orphan_biases()
 
 
@@ -238,9 +242,12 @@ class _PlanEdit:
     """Edits of one plan: dtype, symmetry, range and method changes by parameter-sharing group,
     activations and layers left float."""
 
-    def __init__(self, plan, index: GraphIndex):
+    def __init__(self, plan, index: GraphIndex, keep_inputs: bool = False):
         self.plan, self.index = plan, index
         self.members = plan.members()  # root → tensors sharing its parameters
+        # a layer left float still reads quantized inputs (a chip that quantizes every op, as
+        # TPU-MLIR: its producer runs in int8 and the float layer casts what it reads)
+        self.keep_inputs = keep_inputs
 
     def tensors(self, tensors: list[str], act, ov: Override) -> None:
         plan = self.plan
@@ -269,12 +276,25 @@ class _PlanEdit:
         plan = self.plan
         was_quantized = node.name in plan.weights or bool(inputs)
         for t in inputs:
-            self.drop_activation(t)
+            if not self.keep_inputs or t not in self.index.producers:  # a graph input arrives in float
+                self.drop_activation(t)
         plan.weights.pop(node.name, None)
         plan.biases.pop(node.name, None)
         if was_quantized and plan.quantized_ops.get(node.op_type):
             _count(plan.quantized_ops, node.op_type, -1)
             plan.float_ops[node.op_type] += 1
+
+    def drop_between_float_layers(self) -> None:
+        """With ``keep_inputs``: a tensor that one float layer writes and another reads stays
+        float (the chip hands it over without a cast)."""
+        plan = self.plan
+        floats = {n for n, p in plan.precision.items() if p.split(",")[0] == "float"}
+        for name in floats:
+            node = self.index.by_name.get(name)
+            for t in node.input if node is not None else []:
+                prod = self.index.producers.get(t)
+                if prod is not None and prod.name in floats and t in plan.activations:
+                    self.drop_activation(t)
 
     def drop_activation(self, t: str) -> None:
         plan = self.plan

@@ -10,10 +10,10 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from edgequant.ir.graph import consumers, count_subgraph_nodes, elem_types, has_subgraph
-from edgequant.planning.ops import facts_for, weight_axis
+from edgequant.planning.ops import ALL, OpFacts, facts_for, weight_axis
 from edgequant.planning.options import QuantOptions
 from edgequant.planning.overrides import apply_overrides
 from edgequant.quant.dtypes import QuantDType
@@ -63,6 +63,8 @@ class QuantPlan:
     weights: dict[str, dict[int, WeightPlan]] = field(default_factory=dict)
     biases: dict[str, dict[int, BiasPlan]] = field(default_factory=dict)
     folded_nodes: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, str] = field(default_factory=dict)  # node → the node the target runs it inside
+    float_nodes: set[str] = field(default_factory=set)  # nodes with a float output that stay float
     quantized_ops: Counter = field(default_factory=Counter)
     float_ops: Counter = field(default_factory=Counter)
     subgraph_float_ops: int = 0
@@ -102,6 +104,16 @@ def _attrs(node: NodeProto) -> dict:
 #: Ops whose constant operands the generic target quantizes (``_Builder.plan_constants``).
 CONSTANT_OPERAND_OPS = ("Add", "Mul")
 
+#: What a target's compiler may run as one op, quantized once (``QuantOptions.fusions``):
+#: the producer's output gets no quantization of its own, the fused op's output does.
+FUSIONS = ("relu", "pad", "bias", "silu")
+
+#: Ops ``quantize_all_ops`` still leaves alone: control flow, and ops on shapes, types or indices.
+_NEVER = {"If", "Loop", "Scan", "Identity", "Dropout", "Constant", "ConstantOfShape", "Shape", "Size", "Cast",
+          "CastLike", "Range", "NonZero", "NonMaxSuppression", "TopK", "ArgMax", "ArgMin", "EyeLike",
+          "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"}
+_ANY = OpFacts("compute", ALL)
+
 
 class _Builder:
     def __init__(self, model: ModelProto, options: QuantOptions):
@@ -116,14 +128,21 @@ class _Builder:
         self.root: dict[str, str] = {}
         self.source: dict[str, str] = {}
 
+    def facts(self, node: NodeProto) -> OpFacts | None:
+        facts = facts_for(node.op_type, node.domain)
+        if facts is None and self.opt.quantize_all_ops and node.domain in ("", "ai.onnx") and node.op_type not in _NEVER:
+            return _ANY
+        return facts
+
     def is_float_activation(self, name: str) -> bool:
         return bool(name) and name not in self.inits and self.types.get(name) == TensorProto.FLOAT
 
     def requested(self, name: str) -> bool:
         """Does some consumer want this tensor quantized as an activation input?"""
+        fused = self.fused_into(name)
         for node in self.cons.get(name, []):
-            facts = facts_for(node.op_type, node.domain)
-            if facts is None or facts.kind == "shared":
+            facts = self.facts(node)
+            if facts is None or facts.kind == "shared" or node is fused:
                 continue
             if facts.kind == "relu" and self.folding_relu(name) is node:
                 continue
@@ -167,8 +186,40 @@ class _Builder:
         if node.op_type == "Clip" and self._clip_min(node) != 0.0:
             return None
         prod = self.producer.get(x)
-        facts = facts_for(prod.op_type, prod.domain) if prod is not None else None
+        facts = self.facts(prod) if prod is not None else None
         return node if facts is not None and facts.kind in ("weighted", "compute") else None
+
+    def fused_into(self, x: str) -> NodeProto | None:
+        """The node the target's compiler runs ``x``'s producer inside (``QuantOptions.fusions``):
+        ``x`` then gets no quantization of its own and the fused node's output is quantized.
+        Unlike ``folding_relu`` the node stays in the QDQ model, computing what the fused op does.
+
+        * relu: a Relu / Clip(min=0) after a weighted or compute op (Conv+Relu, Conv+Relu6);
+        * bias: an Add of a constant after a Conv, ConvTranspose, MatMul or Gemm;
+        * silu: the ``Mul`` of ``x · Sigmoid(x)`` reading the Sigmoid's output ``x``.
+        """
+        fusions = self.opt.fusions
+        if not fusions or x in self.outputs or x in self.inits:
+            return None
+        readers = self.cons.get(x, [])
+        if len(readers) != 1 or readers[0].domain not in ("", "ai.onnx"):
+            return None
+        node, prod = readers[0], self.producer.get(x)
+        facts = self.facts(prod) if prod is not None else None
+        if prod is None or facts is None:
+            return None
+        if "relu" in fusions and node.op_type in ("Relu", "Clip") and node.input[0] == x:
+            if facts.kind in ("weighted", "compute") and (node.op_type == "Relu" or self._clip_min(node) == 0.0):
+                return node
+        if "bias" in fusions and node.op_type == "Add" and len(node.input) == 2 and \
+                prod.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and self._weight_slot(prod, facts) is not None:
+            other = node.input[1] if node.input[0] == x else node.input[0]
+            if other in self.inits and other != x:
+                return node
+        if "silu" in fusions and prod.op_type == "Sigmoid" and node.op_type == "Mul" and \
+                sorted(node.input) == sorted([x, prod.input[0]]) and prod.input[0] != x:
+            return node
+        return None
 
     def _clip_min(self, node: NodeProto) -> float | None:
         if len(node.input) > 1 and node.input[1]:
@@ -189,12 +240,13 @@ class _Builder:
     def visit(self, node: NodeProto) -> None:
         if has_subgraph(node):
             self.plan.subgraph_float_ops += count_subgraph_nodes(node)
-        facts = facts_for(node.op_type, node.domain)
+        facts = self.facts(node)
         for name in node.input:
             if name and self.requested(name) and name not in self.quantized:
                 self.mark(name)
         if facts is None:
             self.plan.float_ops[node.op_type] += 1
+            self._float_node(node)
             return
         outs = [o for o in node.output if o]
         if facts.kind == "shared":
@@ -210,20 +262,33 @@ class _Builder:
                 self.plan.folded_nodes[node.name] = node.input[0]
         else:
             for out in outs:
-                if self.folding_relu(out) is None:
+                if self.fused_into(out) is not None:
+                    self.plan.fused[node.name] = self.fused_into(out).name  # type: ignore[union-attr]
+                elif self.folding_relu(out) is None:
                     self.mark(out)
         if facts.kind == "weighted":
             self.plan_weights(node, facts)
         elif node.op_type in CONSTANT_OPERAND_OPS and self.opt.quantize_constants:
             self.plan_constants(node)
+        if node.op_type in self.opt.unit_range_ops:
+            for out in outs:
+                if out in self.quantized and self.root.get(out, out) == out:
+                    self.plan.pinned[out] = (0.0, 1.0)
         weighted = node.name in self.plan.weights
         folded = node.name in self.plan.folded_nodes
         if folded:
             self.plan.quantized_ops[f"{node.op_type} (folded)"] += 1
+        elif node.name in self.plan.fused and not weighted:
+            self.plan.quantized_ops[f"{node.op_type} (fused)"] += 1
         elif weighted or any(o in self.quantized for o in outs):
             self.plan.quantized_ops[node.op_type] += 1
         else:
             self.plan.float_ops[node.op_type] += 1
+            self._float_node(node)
+
+    def _float_node(self, node: NodeProto) -> None:
+        if any(self.types.get(o) == TensorProto.FLOAT for o in node.output if o):
+            self.plan.float_nodes.add(node.name)
 
     def plan_constants(self, node: NodeProto) -> None:
         """A float constant beside a quantized activation (``x + 3``, ``γ · x``) gets the
@@ -286,12 +351,13 @@ class _Builder:
                 self.plan.activations[name] = ActivationPlan(name, root, self.source[name], act, sym, self.opt.scheme)
 
 
-def build_plan(model: ModelProto, options: QuantOptions) -> QuantPlan:
-    """Decide, for a prepared model, which tensors are quantized and how."""
+def build_plan(model: ModelProto, options: QuantOptions, source: GraphProto | None = None) -> QuantPlan:
+    """Decide, for a prepared model, which tensors are quantized and how (``source``: the
+    user's graph before the passes, for overrides that name its tensors)."""
     name_nodes(model)
     plan = _Builder(model, options).build()
     if options.overrides:
-        apply_overrides(plan, model, options.overrides, options)
+        apply_overrides(plan, model, options.overrides, options, source)
     return plan
 
 

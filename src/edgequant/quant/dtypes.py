@@ -57,6 +57,11 @@ class QuantDType(enum.Enum):
         """Lowest ai.onnx opset whose QuantizeLinear accepts this type."""
         return 21 if self.bits in (4, 16) else 10
 
+    @property
+    def unsigned(self) -> QuantDType:
+        """The unsigned type of the same width (itself when unsigned)."""
+        return QuantDType("u" + self.value.removeprefix("u"))
+
     def tensor(self, name: str, values: np.ndarray) -> TensorProto:
         """An initializer of this type (4-bit values are packed two per byte by onnx)."""
         if self.bits == 4:

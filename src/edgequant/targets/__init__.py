@@ -40,7 +40,10 @@ def apply_target(options, name: str):
     return dataclasses.replace(options, target=p.name, activation_dtype=p.activation,
                                activation_symmetric=p.activation_symmetric, weight_dtype=p.weight,
                                weight_symmetric=p.weight_symmetric, per_channel=p.per_channel, scheme=p.scheme,
-                               per_channel_ops=p.per_channel_ops, quantize_constants=p.constants)
+                               per_channel_ops=p.per_channel_ops, quantize_constants=p.constants,
+                               fusions=p.fusions, quantize_all_ops=p.quantize_all_ops,
+                               unsigned_nonnegative=p.unsigned_nonnegative, quantize_outputs=p.quantize_outputs,
+                               unit_range_ops=p.unit_range_ops, weight_clipping_ratio=p.weight_clipping)
 
 
 def repair_fallback(profile: TargetProfile) -> str | None:

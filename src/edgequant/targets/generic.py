@@ -14,9 +14,9 @@ PROFILES = [
     TargetProfile("generic", "ONNX Runtime / TensorRT",
                   "uint8 asymmetric activations, int8 symmetric per-channel weights (QLinearConv, QGemm)",
                   QuantDType.UINT8, False, QuantDType.INT8, True, True, constants=True, repair_fallback="float",
-                  control_flow=True),
+                  control_flow=True, fusions=()),
     TargetProfile("generic-s8s8", "ONNX Runtime / TensorRT",
                   "int8 symmetric activations and weights (TensorRT explicit quantization)",
                   QuantDType.INT8, True, QuantDType.INT8, True, True, constants=True, repair_fallback="float",
-                  control_flow=True),
+                  control_flow=True, fusions=()),
 ]

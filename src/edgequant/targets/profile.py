@@ -37,6 +37,17 @@ class TargetProfile:
     constants: bool = False  # constant operands of Add/Mul quantized (onnxruntime's QLinearAdd/QLinearMul)
     repair_fallback: str | None = None  # what the default repair moves layers to (None: int16, else float)
     control_flow: bool = False  # runs If/Loop/Scan (onnxruntime does; an NPU sends them to its CPU, if anywhere)
+    # what the compiler runs as one op, quantized once (planning.plan.FUSIONS); NPU compilers
+    # fuse Conv+Relu/Relu6 and a zero Pad into the Conv (onnxruntime on a host: only what
+    # asymmetric Relu folding gives)
+    fusions: tuple[str, ...] = ("relu", "pad")
+    quantize_all_ops: bool = False  # every op quantized, not only planning.ops's (TPU-MLIR)
+    unsigned_nonnegative: bool = False  # symmetric tensors with min ≥ 0 unsigned (TPU-MLIR)
+    quantize_outputs: bool = False  # the graph outputs quantized (the chip hands back int8)
+    unit_range_ops: tuple[str, ...] = ()  # outputs quantized over [0, 1] whatever calibration saw
+    # a fixed share of each weight channel's range (1.0: max |w|, as a toolchain that rounds the
+    # float weights itself does); None: edgequant's MSE search
+    weight_clipping: float | None = None
 
     def rules(self) -> list[tuple[str, str]]:
         s = self.scheme
@@ -52,10 +63,21 @@ class TargetProfile:
             ("bias", f"int32 holding at most {s.bias_bits} bits, scale = s_in · s_w"),
             ("fallback", ", ".join(f"{f} (weights {self.fallback_weight.value})" if f == "int16" else f
                                    for f in self.fallback) or "none"),
+            ("fused", ", ".join(_FUSED[f] for f in self.fusions) or "none: each op's output quantized"),
+            *([("unsigned", "a symmetric tensor that is never negative: unsigned, zero point 0")]
+              if self.unsigned_nonnegative else []),
+            *([("ops", "every op quantized, the outputs included")] if self.quantize_all_ops else []),
+            *([("weight range", "max |w| (the toolchain rounds the float weights itself)" if self.weight_clipping == 1.0
+                else f"{self.weight_clipping:g} of max |w|")] if self.weight_clipping is not None else []),
+            *([("fixed ranges", f"{', '.join(self.unit_range_ops)} outputs over [0, 1]")] if self.unit_range_ops else []),
             ("control flow", "If/Loop/Scan run" if self.control_flow else
              "none: fix the shapes (--input-shape, --fix-input) so the Ifs fold away"),
         ] + ([("repair", f"moves layers to {self.repair_fallback}")] if self.repair_fallback else []) \
             + [("note", n) for n in self.notes]
+
+
+_FUSED = {"relu": "Conv/Gemm + Relu/Relu6", "pad": "zero Pad into Conv", "bias": "Conv/MatMul + constant Add",
+          "silu": "x · Sigmoid(x)"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,8 @@ def check_model(model: ModelProto, profile: TargetProfile) -> list[Violation]:
                     out.append(Violation(name, f"narrow range: weight value {dtype.qmin} is not allowed"))
         if zp is not None:
             allowed = {profile.weight.np_dtype} if is_weight else {profile.activation.np_dtype}
+            if profile.unsigned_nonnegative and not is_weight:
+                allowed.add(profile.activation.unsigned.np_dtype)
             if "int16" in profile.fallback:
                 allowed |= {np.int16, np.uint16}
             if zp.dtype.type not in allowed:
