@@ -1,6 +1,7 @@
 """Interchange files: each parses with its grammar and re-imports to the identical model."""
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -207,3 +208,40 @@ def test_tpu_mlir_qtable_lists_every_layer_run_in_float_and_says_what_it_cannot(
     wide = edgequant.quantize(model, data, target="tpu-mlir", overrides=["op:MatMul=int16"])
     assert "MatMul" not in export_params(wide, "qtable", tmp_path / "w").read_text().split("quantize_mode")[1]
     assert any("no integer mode for 1 layers" in n for n in wide.summary.notes)
+
+
+def test_espdl_spec_holds_the_qdq_models_power_of_two_scales_and_refuses_what_it_cannot(rng, tmp_path, monkeypatch):
+    """What esp-ppq is given: every activation's scale, each weight's per-channel scales as the
+    QDQ model holds them (powers of two), the int16 layers; refused before any work: another
+    target, rounding recovery, a missing esp-ppq (one line saying how to install it)."""
+    import math
+
+    from edgequant.export import check_exportable
+    from edgequant.export.espdl import spec
+    from edgequant.planning.options import Recovery
+
+    model, data = cnn(rng), calib(rng, 24)
+    r = edgequant.quantize(model, data, target="espdl", overrides=["Conv_3=int16"])
+    job = spec(r)
+    assert job["target"] == "esp32p4" and job["bits"] == 8 and job["int16"] == ["Conv_3"]
+    assert set(job["activations"]) >= set(r.plan.activations) and "y" in job["activations"]  # outputs too
+    assert all(2.0 ** round(math.log2(s)) == s for s in job["activations"].values())
+    assert len(job["weights"]["W1"]) == 4 and all(2.0 ** round(math.log2(s)) == s for s in job["weights"]["W1"])
+    assert spec(edgequant.quantize(model, data, target="espdl-s3"))["target"] == "esp32s3"
+    monkeypatch.setenv("EDGEQUANT_ESPPQ_PYTHON", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="EDGEQUANT_ESPPQ_PYTHON"):
+        check_exportable("espdl", Recovery())
+    monkeypatch.setenv("EDGEQUANT_ESPPQ_PYTHON", sys.executable)
+    with pytest.raises(ConfigError, match="ESP-DL target"):
+        check_exportable("espdl", Recovery(), "tpu-mlir")
+    with pytest.raises(ConfigError, match="cannot hold"):
+        check_exportable("espdl", Recovery(gptq=True), "espdl")
+    monkeypatch.delenv("EDGEQUANT_ESPPQ_PYTHON")
+    import importlib.util
+
+    if importlib.util.find_spec("esp_ppq") is None:
+        with pytest.raises(ConfigError, match=r"pip install \"edgequant\[espdl\]\""):
+            export_params(r, "espdl", tmp_path / "m.espdl")
+        assert not (tmp_path / "m.espdl").exists()
+    with pytest.raises(ConfigError, match="not read back"):
+        import_params("espdl", tmp_path / "m.espdl")

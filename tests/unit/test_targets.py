@@ -179,3 +179,34 @@ def test_tpu_mlir_profile_quantizes_what_tpu_mlir_quantizes(rng):
     assert axes["W"] == 0 and axes["M"] is None  # model_deploy: per-channel Conv, per-tensor MatMul
     generic = edgequant.quantize(m, data, collapse_cosine=0).plan
     assert "e" not in generic.activations and "s" in generic.activations
+
+
+RESIDUAL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 256] p) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, W)
+    d = Conv <pads = [1, 1, 1, 1]> (x, W)
+    a = Add (c, d)
+    y = Relu (a)
+    f = Flatten (y)
+    p = Softmax (f)
+}
+"""
+
+
+def test_espdl_aligns_add_inputs_to_the_output_and_hands_softmax_over_in_float(rng):
+    """esp-ppq (ESP-DL) gives the inputs of an Add (read by it alone) the output's exponent, runs
+    Add+Relu as one op, quantizes the graph outputs but Softmax's; a host target does neither."""
+    from tests.conftest import parse
+
+    m = parse(RESIDUAL, check=False)
+    m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W"))
+    data = [rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(16)]
+    for target in ("espdl", "espdl-s3"):
+        r = edgequant.quantize(m, data, target=target, collapse_cosine=0)
+        acts = r.plan.activations
+        assert acts["c"].root == acts["d"].root == "y" and "a" not in acts  # Add+Relu: one op, one exponent
+        assert "y" in acts and "p" not in acts  # the Relu output quantized; Softmax hands over float
+        assert check_model(r.model, get_target(target)) == []
+    host = edgequant.quantize(m, data, target="generic-s8s8", collapse_cosine=0).plan.activations
+    assert host["c"].root == "c" and "p" not in host

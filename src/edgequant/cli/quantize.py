@@ -84,7 +84,7 @@ def check_output(path: Path, model: Path | None) -> None:
 @click.option("--protect-statistics", is_flag=True, help="Keep the statistics of decomposed normalisations (mean, x - mean, its square, + eps) in the target's repair fallback (float on generic, int16 on NPUs) from the start, instead of leaving a collapse to the repair.")
 @click.option("--no-repair", is_flag=True, help="Write the plain result even when the collapse guard finds it broken (default: repair it first with recovery algorithms, then mixed precision).")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when the written model is still broken (the collapse guard fires after any repair).")
-@click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON). Repeatable.")
+@click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON), espdl (the ESP-DL model file, via esp-ppq). Repeatable.")
 @click.option("--import-params", multiple=True, metavar="FORMAT:PATH", help="Read parameters (same formats) as overrides; edgequant:PATH re-creates the model without calibration. Repeatable.")
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
@@ -136,9 +136,9 @@ def quantize(**flags: Any) -> None:
         _recreate(model_path, imports, exports, out, f["quiet"])
         return
     changes = option_changes(f, cfg, imports)
-    recovery = parse_options(cfg.options if cfg else None, changes).recovery
+    planned = parse_options(cfg.options if cfg else None, changes)
     for fmt, _ in exports:  # before any work: nothing half-done
-        check_exportable(fmt, recovery)
+        check_exportable(fmt, planned.recovery, planned.target)
     settings = image_settings(model_path, cfg, {
         "file_type": f["file_type"], "mean": _floats(f["mean"]), "std": _floats(f["std"]),
         "color_format": f["color_format"], "layout": f["layout"], "preprocess": f["preprocess"]})

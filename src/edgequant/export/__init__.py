@@ -8,6 +8,7 @@ what a user (or another tool) decided, as overrides on the plan.
 | ``qtable`` | TPU-MLIR quantize table, ``name MODE`` | layers not in the default precision | F32/F16/BF16 → float, INT8 |
 | ``acuity`` | Acuity ``customized_quantize_layers:`` YAML | every quantized layer's type | ``dynamic_fixed_point-i16`` → int16, ``float32`` → float… |
 | ``edgequant`` | edgequant's own JSON: every tensor's dtype, scale, zero point, axis | all | re-creates the model without calibration |
+| ``espdl`` | ESP-DL's ``.espdl`` model, written by esp-ppq from edgequant's scales | the model for the chip | – |
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import os
 from pathlib import Path
 
 from edgequant.errors import ConfigError
-from edgequant.export import acuity, native, qparams, tpu_mlir
+from edgequant.export import acuity, espdl, native, qparams, tpu_mlir
 from edgequant.ir.model import write_atomic
 
-FORMATS = ("qparams", "cali-table", "qtable", "acuity", "edgequant")
+FORMATS = ("qparams", "cali-table", "qtable", "acuity", "edgequant", "espdl")
 
 
 def parse_spec(text: str) -> tuple[str, Path]:
@@ -30,7 +31,7 @@ def parse_spec(text: str) -> tuple[str, Path]:
     return fmt, Path(path)
 
 
-def check_exportable(fmt: str, recovery) -> None:
+def check_exportable(fmt: str, recovery, target: str | None = None) -> None:
     """A ConfigError when a ``fmt`` file cannot describe what ``recovery`` (``Recovery``) did.
 
     CLE and SmoothQuant rescale the float model's tensors per channel, so ranges measured on
@@ -42,9 +43,15 @@ def check_exportable(fmt: str, recovery) -> None:
         raise ConfigError(f"--export-params {fmt}: --cle/--smoothquant rescaled the float model's tensors, so its "
                           "ranges fit no tensor of the original model; export without them (bias correction and "
                           "weight rounding live in the QDQ model)")
-    if fmt == "edgequant" and (recovery.rounding or recovery.bias):
-        raise ConfigError("--export-params edgequant: the file re-creates weights and biases by plain rounding and "
-                          "cannot hold those --gptq/--adaround/--bias-correction chose; keep the QDQ model instead")
+    if fmt in ("edgequant", "espdl") and (recovery.rounding or recovery.bias):
+        how = "re-creates weights and biases by plain rounding" if fmt == "edgequant" else \
+            "holds weights esp-ppq rounds, and biases it derives, itself"
+        raise ConfigError(f"--export-params {fmt}: the file {how} and cannot hold those "
+                          "--gptq/--adaround/--bias-correction chose; keep the QDQ model instead")
+    if fmt == "espdl":
+        espdl.esp_ppq_python()
+        if target is not None:
+            espdl.check_target(target)
 
 
 def exportable_recovery(recovery, formats):
@@ -55,14 +62,16 @@ def exportable_recovery(recovery, formats):
     if not formats:
         return recovery
     recovery = dataclasses.replace(recovery, cle=False, smoothquant=None)
-    if "edgequant" in formats:
+    if "edgequant" in formats or "espdl" in formats:
         recovery = dataclasses.replace(recovery, bias_correction=None, adaround=False, gptq=False, finetune_level=0)
     return recovery
 
 
 def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
     """Write ``result``'s parameters in ``fmt`` (atomically)."""
-    check_exportable(fmt, result.options.recovery)
+    check_exportable(fmt, result.options.recovery, result.options.target)
+    if fmt == "espdl":  # a binary file, written by esp-ppq
+        return espdl.write(result, path)
     writer = {"qparams": qparams.dumps, "cali-table": tpu_mlir.dumps_cali_table, "qtable": tpu_mlir.dumps_qtable,
               "acuity": acuity.dumps, "edgequant": native.dumps}[fmt]
     written = write_atomic(path, writer(result))
@@ -73,6 +82,9 @@ def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
 
 def import_params(fmt: str, path: str | os.PathLike) -> tuple:
     """Overrides from a parameter file (``edgequant`` files are read by ``native.recreate``)."""
+    if fmt == "espdl":
+        raise ConfigError("espdl files are written for the chip, not read back; import edgequant:FILE (written "
+                          "beside it with --export-params edgequant:FILE) to re-create the model")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"parameter file not found: {p}")

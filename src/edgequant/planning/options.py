@@ -164,6 +164,11 @@ class QuantOptions:
     # op types whose outputs the target quantizes over [0, 1] whatever calibration saw
     # (TPU-MLIR forces Sigmoid and Softmax to it)
     unit_range_ops: tuple[str, ...] = ()
+    # op types whose inputs (read by them alone) take their output's parameters, as a compiler
+    # that aligns Add/Concat inputs to the output does (esp-ppq, TPU-MLIR's Concat)
+    tied_inputs: tuple[str, ...] = ()
+    # op types whose output the target hands over in float (ESP-DL's Softmax)
+    float_output_ops: tuple[str, ...] = ()
     recovery: Recovery = Recovery()
 
     def __post_init__(self) -> None:

@@ -260,6 +260,8 @@ class _Builder:
             self.mark(outs[0], source=node.input[0])
             if outs[0] in self.quantized:
                 self.plan.folded_nodes[node.name] = node.input[0]
+        elif node.op_type in self.opt.float_output_ops:
+            pass  # the chip hands this output over in float
         else:
             for out in outs:
                 if self.fused_into(out) is not None:
@@ -340,7 +342,29 @@ class _Builder:
         if x in self.quantized:
             self.plan.biases.setdefault(node.name, {})[b] = BiasPlan(bias.name, x, wplan)
 
+    def tie_inputs(self) -> None:
+        """An input read only by an op of ``tied_inputs`` shares the op's output parameters
+        (its whole group: upstream Reshapes and the like follow)."""
+        def find(t: str) -> str:
+            while self.root.get(t, t) != t:
+                t = self.root[t]
+            return t
+
+        for node in self.graph.node:
+            out = node.output[0] if node.output else ""
+            fused = self.fused_into(out) if out and node.op_type in self.opt.tied_inputs else None
+            while fused is not None and out not in self.quantized:  # Add+Relu: the Relu's output
+                out = fused.output[0]
+                fused = self.fused_into(out)
+            if node.op_type not in self.opt.tied_inputs or out not in self.quantized:
+                continue
+            for t in dict.fromkeys(node.input):
+                if t in self.quantized and t in self.producer and t not in self.outputs and \
+                        len(self.cons.get(t, [])) == 1 and find(t) != find(out):
+                    self.root[find(t)] = find(out)
+
     def finish(self) -> None:
+        self.tie_inputs()
         act, sym = self.opt.activation_dtype, self.opt.activation_symmetric
         order = [i.name for i in self.graph.input] + [o for n in self.graph.node for o in n.output]
         for name in order:

@@ -43,7 +43,8 @@ def apply_target(options, name: str):
                                per_channel_ops=p.per_channel_ops, quantize_constants=p.constants,
                                fusions=p.fusions, quantize_all_ops=p.quantize_all_ops,
                                unsigned_nonnegative=p.unsigned_nonnegative, quantize_outputs=p.quantize_outputs,
-                               unit_range_ops=p.unit_range_ops, weight_clipping_ratio=p.weight_clipping)
+                               unit_range_ops=p.unit_range_ops, weight_clipping_ratio=p.weight_clipping,
+                               tied_inputs=p.tied_inputs, float_output_ops=p.float_output_ops)
 
 
 def repair_fallback(profile: TargetProfile) -> str | None:

@@ -45,6 +45,8 @@ class TargetProfile:
     unsigned_nonnegative: bool = False  # symmetric tensors with min ≥ 0 unsigned (TPU-MLIR)
     quantize_outputs: bool = False  # the graph outputs quantized (the chip hands back int8)
     unit_range_ops: tuple[str, ...] = ()  # outputs quantized over [0, 1] whatever calibration saw
+    tied_inputs: tuple[str, ...] = ()  # inputs read by these ops alone take the output's parameters
+    float_output_ops: tuple[str, ...] = ()  # outputs the chip hands over in float
     # a fixed share of each weight channel's range (1.0: max |w|, as a toolchain that rounds the
     # float weights itself does); None: edgequant's MSE search
     weight_clipping: float | None = None
@@ -69,6 +71,9 @@ class TargetProfile:
             *([("ops", "every op quantized, the outputs included")] if self.quantize_all_ops else []),
             *([("weight range", "max |w| (the toolchain rounds the float weights itself)" if self.weight_clipping == 1.0
                 else f"{self.weight_clipping:g} of max |w|")] if self.weight_clipping is not None else []),
+            *([("tied", f"{', '.join(self.tied_inputs)}: an input read by it alone takes the output's scale")]
+              if self.tied_inputs else []),
+            *([("float outputs", ", ".join(self.float_output_ops))] if self.float_output_ops else []),
             *([("fixed ranges", f"{', '.join(self.unit_range_ops)} outputs over [0, 1]")] if self.unit_range_ops else []),
             ("control flow", "If/Loop/Scan run" if self.control_flow else
              "none: fix the shapes (--input-shape, --fix-input) so the Ifs fold away"),

@@ -7,6 +7,7 @@ What the QDQ model mirrors of TPU-MLIR 1.30's INT8 lowering (bm1684x):
   MatMul, and ``x · Sigmoid(x)`` (SiLU) each run as one op, quantized once;
 * a symmetric tensor whose calibrated min is ≥ 0 is unsigned (uint8, zero point 0): the
   calibration table's threshold over 255 steps, not 127;
+* a Concat's input read by it alone takes the Concat's range (TPU-MLIR copies it back);
 * Sigmoid and Softmax outputs are quantized over [0, 1], whatever calibration saw;
 * weights are rounded from their float values over max |w| (model_deploy rounds them itself:
   the calibration table holds activations only); per channel for convolutions, per tensor for
@@ -18,7 +19,7 @@ from edgequant.quant.dtypes import QuantDType
 from edgequant.targets.profile import TargetProfile
 
 _TPU = dict(fallback=("float",), fusions=("relu", "pad", "bias", "silu"), quantize_all_ops=True, quantize_outputs=True,
-            unit_range_ops=("Sigmoid", "Softmax"), weight_clipping=1.0, per_channel_ops=("Conv", "ConvTranspose"))
+            unit_range_ops=("Sigmoid", "Softmax"), weight_clipping=1.0, tied_inputs=("Concat",), per_channel_ops=("Conv", "ConvTranspose"))
 PROFILES = [
     TargetProfile("tpu-mlir", "Sophgo TPU-MLIR", "int8 symmetric activations (thresholds), int8 weights: per channel (Conv), per tensor (MatMul)",
                   QuantDType.INT8, True, QuantDType.INT8, True, True, unsigned_nonnegative=True, **_TPU),  # type: ignore[arg-type]
