@@ -230,3 +230,45 @@ def test_shape_specialization_flags(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
     bad = cli("quantize", model, "-o", tmp_path / "x.onnx", "--calib", calib, "--input-shape", "x")
     assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+
+
+def test_written_files_get_the_umask_mode_are_synced_and_sigterm_leaves_nothing_half_done(tmp_path, npz_dir):
+    """Files are created as a plain write would (0666 less the umask, not a temporary file's
+    0600), an overwritten file keeps its own mode, report folders are not 0700; SIGTERM unwinds
+    like Ctrl-C (exit 143, the temporary file gone)."""
+    import os
+    import stat
+
+    from edgequant.cli.main import Terminated
+    from edgequant.ir.model import write_atomic
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "m.q.onnx"
+        r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "-q", "--export-params", f"qparams:{tmp_path / 'q.json'}",
+                "--analyze", "--report-dir", tmp_path / "rep")
+        assert r.returncode == 0, r.stderr
+        assert mode(out) == mode(tmp_path / "q.json") == 0o644 and mode(tmp_path / "rep") == 0o755
+        os.chmod(out, 0o640)
+        assert cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "-q").returncode == 0
+        assert mode(out) == 0o640  # replaced, its mode kept
+    finally:
+        os.umask(old)
+
+    def killed(tmp):
+        raise Terminated()
+
+    with pytest.raises(Terminated):
+        from edgequant.ir.model import _replace_atomically
+
+        _replace_atomically(tmp_path / "x.bin", tmp_path, killed)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.bin")]
+    assert write_atomic(tmp_path / "x.bin", b"1").read_bytes() == b"1"
+    code = ("import os, signal, time\nimport edgequant.cli.main as m\n"
+            "@m.cli.command('selfterm')\ndef selfterm():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(10)\n"
+            "m.main(['selfterm'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143 and "terminated" in done.stderr and "Traceback" not in done.stderr

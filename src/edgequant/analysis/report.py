@@ -16,6 +16,7 @@ from edgequant.analysis.analyze import ErrorReport
 from edgequant.analysis.metrics import COSINE_FLAG, SNR_FLAG, Metrics
 from edgequant.analysis.plots import histograms_png, summary_png
 from edgequant.errors import OutputError
+from edgequant.ir.model import creation_mode
 
 TOP = 10
 
@@ -191,6 +192,7 @@ def write_report(report: ErrorReport, folder: str | os.PathLike, top: int = 5) -
     pngs = {k: v for k, v in (("summary.png", summary_png(report)), ("histograms.png", histograms_png(report)))
             if v is not None}
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=parent))
+    os.chmod(tmp, creation_mode(folder if folder.is_dir() else None, 0o777))  # not mkdtemp's 0700
     try:
         for name, data in pngs.items():
             (tmp / name).write_bytes(data)

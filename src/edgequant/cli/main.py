@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -52,11 +53,24 @@ def _register() -> None:
 _register()
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every ``finally`` and cleanup runs (not a
+    KeyboardInterrupt, which click turns into "aborted")."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    try:
+        signal.signal(signal.SIGTERM, _terminated)  # unwinds like Ctrl-C: temporary files removed
+    except ValueError:  # not the main thread: leave signals to the caller
+        pass
     try:
         cli.main(args=argv, prog_name="edgequant", standalone_mode=False)
     except click.exceptions.Abort:
@@ -74,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -97,13 +98,42 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return _replace_atomically(out, folder, lambda tmp: Path(tmp).write_bytes(payload))
 
 
+def creation_mode(existing: Path | None = None, base: int = 0o666) -> int:
+    """The mode a new file gets (``base`` less the umask), or ``existing``'s own when it is
+    being replaced: a temporary file's 0600 never reaches the user."""
+    if existing is not None:
+        try:
+            return stat.S_IMODE(existing.stat().st_mode)
+        except OSError:
+            pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 def _replace_atomically(out: Path, folder: Path, write) -> Path:
-    """``write(tmp)`` into a temporary file beside ``out``, then rename it over ``out``."""
+    """``write(tmp)`` into a temporary file beside ``out``, synced to disk with the mode a
+    plain write would give (or ``out``'s own), then renamed over ``out``: a crash leaves the
+    old file or the new one, never an empty one."""
+    mode = creation_mode(out if out.is_file() else None)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
+        _fsync(tmp)
         os.replace(tmp, out)
+        _fsync(folder, directory=True)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
