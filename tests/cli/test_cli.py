@@ -272,3 +272,16 @@ def test_written_files_get_the_umask_mode_are_synced_and_sigterm_leaves_nothing_
             "m.main(['selfterm'])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 143 and "terminated" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_side_outputs_that_cannot_be_written_fail_before_any_work(tmp_path, npz_dir):
+    """A parameter file in a missing folder or naming a folder, or a report folder under a
+    missing parent: exit 2 at once, and no model written."""
+    out = tmp_path / "m.q.onnx"
+    for extra in (["--export-params", f"qparams:{tmp_path / 'nope' / 'q.json'}"],
+                  ["--export-params", f"qparams:{tmp_path}"],
+                  ["--analyze", "--report-dir", tmp_path / "nope" / "rep"]):
+        r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "-q", *extra)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
+        assert not out.exists()
+    assert cli("quantize", MODEL, "-o", tmp_path, "--calib", npz_dir, "-q").returncode == 2  # -o a folder

@@ -245,3 +245,21 @@ def test_espdl_spec_holds_the_qdq_models_power_of_two_scales_and_refuses_what_it
         assert not (tmp_path / "m.espdl").exists()
     with pytest.raises(ConfigError, match="not read back"):
         import_params("espdl", tmp_path / "m.espdl")
+
+
+def test_imported_files_with_nan_inf_negative_or_reversed_values_are_refused(setup, tmp_path):
+    """A NaN, infinite or reversed range, or a scale that is not finite and positive, would
+    write a model whose output no longer depends on its input: one line naming the tensor."""
+    model, data, result = setup
+    name = next(iter(result.plan.activations))
+    for row in (f"{name} nan -1.0 1.0", f"{name} 1.0 -inf 1.0", f"{name} 1.0 2.0 1.0"):
+        (tmp_path / "t").write_text(row + "\n")
+        with pytest.raises(ConfigError, match="must be finite with min ≤ max"):
+            import_params("cali-table", tmp_path / "t")
+    doc = json.loads(export_params(result, "edgequant", tmp_path / "p.json").read_text())
+    root = next(iter(doc["params"]))
+    for bad in (float("nan"), -0.5):
+        doc["params"][root]["scale"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(doc))
+        with pytest.raises(ConfigError, match="finite and positive"):
+            recreate(model, tmp_path / "bad.json")

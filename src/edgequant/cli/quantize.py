@@ -43,6 +43,28 @@ def check_output(path: Path, model: Path | None) -> None:
         raise OutputError(f"output folder does not exist: {folder}; create it or choose another -o")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OutputError(f"cannot write {path}: permission denied; choose another -o")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name with -o")
+
+
+def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None, model: Path | None) -> None:
+    """Fail before any work if a parameter file or the report folder cannot be written:
+    nothing is written when one of the outputs would fail at the end."""
+    for fmt, path in exports:
+        if path.is_dir():
+            raise OutputError(f"--export-params {fmt}:{path} is a folder; give a file name")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise OutputError(f"--export-params {fmt}:{path}: folder {folder} does not exist; create it or choose "
+                              "another path")
+        if model is not None and path.resolve() == Path(model).resolve():
+            raise OutputError(f"--export-params {fmt}:{path} is the input model; choose another path")
+    if report_dir is not None:
+        parent = report_dir.parent if str(report_dir.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"--report-dir {report_dir}: folder {parent} does not exist; create it or choose another")
+        if report_dir.exists() and not report_dir.is_dir():
+            raise OutputError(f"--report-dir {report_dir} exists and is not a folder; choose another")
 
 
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,6 +154,8 @@ def quantize(**flags: Any) -> None:
     check_output(out, Path(model_path))
     exports = [parse_spec(e) for e in f["export_params"]]
     imports = [parse_spec(i) for i in f["import_params"]]
+    check_side_outputs(exports, f["report_dir"] if (f["analyze"] or (cfg is not None and cfg.analyze)) else None,
+                       Path(model_path))
     if any(fmt == "edgequant" for fmt, _ in imports):
         _recreate(model_path, imports, exports, out, f["quiet"])
         return

@@ -129,6 +129,10 @@ def recreate(model: str | os.PathLike | ModelProto, path: str | os.PathLike) -> 
                           "is not in this one)")
     params = {r: QuantParams(np.asarray(p["scale"], np.float32), np.asarray(p["zero_point"], QuantDType(p["dtype"]).np_dtype),
                              QuantDType(p["dtype"])) for r, p in data["params"].items()}
+    for root, p in params.items():
+        if not (np.all(np.isfinite(p.scale)) and np.all(p.scale > 0)):
+            raise ConfigError(f"{path}: the scale of {root} is {p.scale.reshape(-1)[:4].tolist()}; scales must be finite "
+                              "and positive (this file would quantize the tensor to nothing)")
     qmodel = stamp(insert_qdq(prepared.model, plan, params))
     _check_weights(qmodel, data, path)
     ranges = {a.root: (float("nan"), float("nan")) for a in plan.activations.values()}

@@ -20,6 +20,7 @@ a word, and it reads a row only when it matches ``\\S+ [-0-9.e]+ [-0-9.e]+ [-0-9
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from onnx import GraphProto
@@ -198,6 +199,8 @@ def loads_cali_table(text: str, origin: str = "cali-table") -> tuple[Override, .
             values = [float(v) for v in parts[1:]]
         except ValueError:
             raise ConfigError(f"{origin} line {k}: threshold/min/max must be numbers: {' '.join(parts)}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"{origin} line {k}: threshold/min/max must be finite with min ≤ max: {' '.join(parts)}")
         lo, hi = (values[1], values[2]) if len(values) == 3 else (-abs(values[0]), abs(values[0]))
         out.append(Override(TpuTensor(parts[0]), range=(lo, hi)))
     return tuple(out)

@@ -25,6 +25,7 @@ Rules, applied to the plan in order (a later override wins):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -71,6 +72,11 @@ class Override:
             raise ConfigError(f"precision_level {self.level} is not one of 0–4 (0 int8 … 4 float)")
         if self.percentile is not None and not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"override {self}: percentile must be in (50, 100], got {self.percentile}")
+        if self.range is not None:
+            lo, hi = self.range
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+                raise ConfigError(f"{self.selector}: range [{lo}, {hi}] must be finite with min ≤ max (a NaN, an "
+                                  "infinite or a reversed range would quantize the tensor to nothing)")
 
     @classmethod
     def parse(cls, text: str) -> Override:
