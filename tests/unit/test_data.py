@@ -63,6 +63,10 @@ def test_images_resize_mean_std_bgr_and_nhwc(tmp_path):
     np.testing.assert_allclose(x[0, 0], 50.0)  # (200 - 100) / 2
     bgr = samples(open_calibration(tmp_path, [IMG], [InputSettings(color_format="bgr")]))[0]["x"]
     np.testing.assert_allclose(bgr[0, 2], 200.0)
+    with pytest.raises(ConfigError, match="--mean has 2 values for .*an image of 3 channels"):
+        samples(open_calibration(tmp_path, [IMG], [InputSettings(mean=(1.0, 2.0))]))
+    with pytest.raises(ConfigError, match="--std 0.0,0.0,0.0: a standard deviation of 0"):
+        samples(open_calibration(tmp_path, [IMG], [InputSettings(std=(0.0, 0.0, 0.0))]))
     nhwc = InputSpec("x", (1, 4, 6, 1), np.dtype(np.float32))
     g = samples(open_calibration(tmp_path, [nhwc], [InputSettings(color_format="gray")]))[0]["x"]
     assert g.shape == (1, 4, 6, 1)
@@ -125,6 +129,9 @@ def test_errors_zero_items_shape_dtype_nan(tmp_path, rng):
     ints = InputSpec("ids", (1, 3), np.dtype(np.int64))
     with pytest.raises(CalibrationDataError, match="non-integer floats"):
         samples(open_calibration([np.array([[0.5, 1, 2]])], [ints]))
+    int32 = InputSpec("ids", (1, 3), np.dtype(np.int32))
+    with pytest.raises(CalibrationDataError, match=r"outside \[-2147483648, 2147483647\]"):  # not wrapped around
+        samples(open_calibration([np.array([[1, 2, 2**31 + 5]], np.int64)], [int32]))
     with pytest.raises(ConfigError, match="file_type 'tif' not implemented; valid: img, npy, npz, raw"):
         open_calibration(tmp_path, [IMG], [InputSettings(file_type="tif")])
     (tmp_path / "x.jpg").write_bytes(b"not an image")

@@ -70,6 +70,14 @@ def load_image(path: str, spec: InputSpec, settings: InputSettings) -> np.ndarra
         arr = arr[:, :, None]
     if settings.color_format == "bgr" and arr.shape[2] == 3:
         arr = arr[:, :, ::-1]
+    for what, values in (("mean", settings.mean), ("std", settings.std)):
+        if values is not None and len(np.atleast_1d(values)) not in (1, arr.shape[2]):
+            raise ConfigError(f"--{what} has {len(np.atleast_1d(values))} values for {path}, an image of "
+                              f"{arr.shape[2]} channel{'s' * (arr.shape[2] > 1)}; give {arr.shape[2]}"
+                              f"{' (or 1 for all)' if arr.shape[2] > 1 else ''}")
+    if settings.std is not None and np.any(np.asarray(settings.std, dtype=np.float32) == 0):
+        raise ConfigError(f"--std {','.join(map(str, np.atleast_1d(settings.std)))}: a standard deviation "
+                          "of 0 divides by zero; give positive values")
     if settings.mean is not None:
         arr = arr - np.asarray(settings.mean, dtype=np.float32)
     if settings.std is not None:

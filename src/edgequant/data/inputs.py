@@ -119,4 +119,10 @@ def conform(arr, spec: InputSpec, origin: str) -> np.ndarray:
             )
     if spec.dtype.kind == "f" and arr.dtype.kind == "b":
         raise CalibrationDataError(f"{origin}: input {spec.name!r} expects {spec.dtype}, got bool data")
+    if spec.dtype.kind in "iu" and arr.dtype.kind in "iuf" and arr.size:
+        info = np.iinfo(spec.dtype)
+        lo, hi = arr.min(), arr.max()
+        if lo < info.min or hi > info.max:  # astype would wrap them around silently
+            raise CalibrationDataError(f"{origin}: input {spec.name!r} is {spec.dtype}, but the data holds values "
+                                       f"from {lo} to {hi}, outside [{info.min}, {info.max}]")
     return np.require(arr.astype(spec.dtype, copy=False), requirements="C")
