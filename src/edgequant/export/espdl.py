@@ -110,6 +110,8 @@ def write(result, path: str | os.PathLike) -> Path:
         done = subprocess.run([python, str(Path(__file__).with_name("espdl_job.py")), str(model_path), str(spec_path),
                                str(out)], capture_output=True, text=True, env=env, cwd=tmp)
         if done.returncode != 0 or not out.is_file():
+            error = Path(str(out) + ".error")
             lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
-            raise ConfigError(f"esp-ppq could not write the .espdl file: {lines[-1] if lines else 'no message'}")
+            why = error.read_text().strip() if error.is_file() else (lines[-1] if lines else "no message")
+            raise ConfigError(f"esp-ppq could not write the .espdl file: {why}")
         return write_atomic(path, out.read_bytes())

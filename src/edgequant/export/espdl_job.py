@@ -11,7 +11,9 @@ esp-ppq's quantizer runs as usual, with its calibration pass off and one pass ad
 configs the tensor shares: a Conv and the Relu fused into it, a Reshape and its input) to the
 given scale, and the given weight scales. esp-ppq then derives the biases (``s_in · s_w``) and
 aligns Add/Concat inputs to their output as it always does, and ``EspdlExporter`` writes the file.
-One line of JSON on stdout says what was applied; an error is one line on stderr and exit 2.
+It answers through files, not stdout (esp-ppq prints its own banner there): what was applied
+goes to ``OUT.espdl.json``, an error to ``OUT.espdl.error`` (one line) with exit status 2.
+``python espdl_job.py --read FILE.espdl OUT.json`` writes what a file holds (``read``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ import tempfile
 from pathlib import Path
 
 
-def _fail(message: str) -> None:
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
+class JobError(Exception):
+    """One line for the caller, written to ``<output>.error``."""
 
 
 def _configs(var):
@@ -56,12 +57,12 @@ def main(model_path: str, spec_path: str, out_path: str) -> None:
     acts, weights = spec["activations"], spec.get("weights", {})
     for name, s in list(acts.items()) + [(k, v) for k, vs in weights.items() for v in vs]:
         if not (s > 0 and math.isfinite(s)) or 2.0 ** round(math.log2(s)) != s:  # esp-ppq truncates log2
-            _fail(f"the scale of {name} is {s}, not a power of two")
+            raise JobError(f"the scale of {name} is {s}, not a power of two")
     model = onnx.load(model_path)
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs]
     if any(v <= 0 for s in shapes for v in s):
-        _fail("every input needs a static shape (give --input-shape NAME=DIMS)")
+        raise JobError("every input needs a static shape (give --input-shape NAME=DIMS)")
     report: dict = {"applied": 0, "shared": 0, "conflicts": [], "missing": [], "weights": 0}
 
     class SetScales(QuantizationOptimizationPass):
@@ -136,14 +137,14 @@ def main(model_path: str, spec_path: str, out_path: str) -> None:
         quantizer.quantize(inputs=feed, calib_dataloader=[feed, feed], executor=TorchExecutor(graph=graph, device="cpu"),
                            setting=setting, calib_steps=2, collate_fn=None)
         if report["missing"]:
-            _fail(f"esp-ppq quantizes {len(report['missing'])} tensors edgequant left float "
+            raise JobError(f"esp-ppq quantizes {len(report['missing'])} tensors edgequant left float "
                   f"({', '.join(report['missing'][:4])}): quantize them too, or keep their layers in int16")
         written = Path(tmp) / "model.espdl"
         PFL.Exporter(platform=platform).export(file_path=str(written), graph=graph,
                                                values_for_test=generate_test_value(graph, "cpu", feed),
                                                export_config=False)
         Path(out_path).write_bytes(written.read_bytes())
-    print(json.dumps(report))
+    Path(out_path + ".json").write_text(json.dumps(report))
 
 
 def read(path: str) -> dict:
@@ -155,7 +156,7 @@ def read(path: str) -> dict:
 
     data = Path(path).read_bytes()
     if data[:4] != b"EDL2":
-        _fail(f"{path} is not an .espdl file")
+        raise JobError(f"{path} is not an .espdl file")
     length = struct.unpack("I", data[8:12])[0]
     graph = Model.Model.GetRootAs(data[16:16 + length], 0).Graph()
 
@@ -178,10 +179,21 @@ def read(path: str) -> dict:
     return {"values": values, "weights": weights, "nodes": [o.decode() if isinstance(o, bytes) else o for o in ops]}
 
 
+def run(argv: list[str]) -> int:
+    """The job's entry point: 0 when done, 2 with ``<output>.error`` written on a JobError."""
+    if len(argv) != 3:
+        raise SystemExit("usage: python espdl_job.py MODEL.onnx SPEC.json OUT.espdl | --read FILE.espdl OUT.json")
+    target = argv[2]
+    try:
+        if argv[0] == "--read":
+            Path(target).write_text(json.dumps(read(argv[1])))
+        else:
+            main(*argv)
+    except JobError as exc:
+        Path(target + ".error").write_text(str(exc))
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--read":
-        print(json.dumps(read(sys.argv[2])))
-    elif len(sys.argv) == 4:
-        main(*sys.argv[1:])
-    else:
-        _fail("usage: python espdl_job.py MODEL.onnx SPEC.json OUT.espdl | --read FILE.espdl")
+    raise SystemExit(run(sys.argv[1:]))
