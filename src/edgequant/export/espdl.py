@@ -80,17 +80,17 @@ def spec(result) -> dict:
     target, bits = PLATFORMS[result.options.target]
     plan = result.plan
     acts = {t: float(np.asarray(result.params[a.root].scale).reshape(-1)[0]) for t, a in plan.activations.items()}
-    nodes = {n.name: n for n in result.float_model.graph.node}
+    float_nodes = {n.name: n for n in result.float_model.graph.node}
     for name, into in plan.fused.items():  # esp-ppq folds a bias Add into its Conv under the Conv's output name
-        conv, add = nodes.get(name), nodes.get(into)
+        conv, add = float_nodes.get(name), float_nodes.get(into)
         if conv is not None and add is not None and add.op_type == "Add" and add.output[0] in acts:
             acts.setdefault(conv.output[0], acts[add.output[0]])
     inits = {t.name: t for t in result.model.graph.initializer}
     prod = {o: n for n in result.model.graph.node for o in n.output}
-    nodes = {n.name: n for n in result.model.graph.node}
+    qdq_nodes = {n.name: n for n in result.model.graph.node}
     weights = {}
     for (name, slot), wp in plan.weight_items():
-        node = nodes.get(name)
+        node = qdq_nodes.get(name)
         dq = prod.get(node.input[slot]) if node is not None and slot < len(node.input) else None
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[1] in inits:
             weights[wp.tensor] = [float(v) for v in numpy_helper.to_array(inits[dq.input[1]]).reshape(-1)]

@@ -106,6 +106,15 @@ def table_names(graph: GraphProto, source: GraphProto | None) -> dict[str, str]:
     return {t: theirs.get(t, n) for t, n in own.items()}
 
 
+def _index_names(index: GraphIndex) -> dict[str, str]:
+    """``table_names`` of an index's graph, computed once per index (a table's rows share it)."""
+    cached = getattr(index, "_tpu_names", None)
+    if cached is None:
+        cached = table_names(index.graph, index.source)
+        index._tpu_names = cached  # type: ignore[attr-defined]
+    return cached
+
+
 def _number(v: float) -> str:
     """A number TPU-MLIR's reader takes: fixed point, or a lower-case ``e`` with a negative
     exponent for small values (``%.7f`` would write them as 0)."""
@@ -175,7 +184,7 @@ class TpuTensor:
         index = GraphIndex.of(model)
         if self.name in candidates:
             return [self.name]
-        names = table_names(index.graph, getattr(index, "source", None))
+        names = _index_names(index)
         wanted = [t for t, n in names.items() if n == self.name]
         if not wanted:  # a TPU-MLIR fusion named after its last node: <output>_<FusedType>
             stem = self.name.rpartition("_")[0]
@@ -260,7 +269,7 @@ class _LayerByOutput(NamePattern):
 
     def select(self, model):
         index = GraphIndex.of(model)
-        names = table_names(index.graph, getattr(index, "source", None))
+        names = _index_names(index)
         tensors = [t for t, n in names.items() if n == self.text] or ([self.text] if self.text in names else [])
         for node in index.nodes:
             if any(t in node.output for t in tensors) or node.name == self.text:
