@@ -164,7 +164,7 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
         original = ModelProto()
         original.CopyFrom(prepared.model)
         reports = equalize_before(prepared.model, lambda: source.samples(0, count), opts.recovery)
-        if original.graph.node == prepared.model.graph.node or not any("ReLU6" in r.detail for r in reports):
+        if original.graph.node == prepared.model.graph.node or not any("ReLU6 → Relu" in r.detail for r in reports):
             original = None  # rescaling alone keeps the float model's outputs: no second copy
     if opts.recovery.bias:
         add_zero_biases(prepared.model)

@@ -4,10 +4,12 @@ cases they must leave alone."""
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from edgequant.algorithms.cle import channel_minima, equalization_scales, equalize, pre_activations
 from edgequant.algorithms.smoothquant import channel_absmax, smooth, smoothing_scales
+from edgequant.errors import ConfigError
 from tests.conftest import parse, run
 
 
@@ -154,15 +156,45 @@ def relu6_pair(rng):
 
 def test_relu6_replaced_by_relu_only_when_asked(rng):
     kept = relu6_pair(rng)
-    report = equalize(kept, relu6_to_relu=False)
+    report = equalize(kept, relu6="skip")
     assert report.pairs == () and ops(kept) == ["Conv", "Clip", "Conv"]
 
     m = relu6_pair(rng)
     x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
     before = run(m, {"x": x})[0]
-    report = equalize(m)
+    report = equalize(m, relu6="relu")
     assert ops(m) == ["Conv", "Relu", "Conv"] and report.activations_replaced == ("h",)
     close(run(m, {"x": x})[0], before)  # the clip never bound on these inputs
+    with pytest.raises(ConfigError, match="cle_relu6"):
+        equalize(relu6_pair(rng), relu6="yes")
+
+
+def test_relu6_bounded_per_channel_is_exact_where_the_clip_binds(rng):
+    w1, b1 = skewed_conv(rng, 4, 3), rng.standard_normal(4)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[4, 3, 8, 8] x) => (float[4, 5, 8, 8] z) {
+        y = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+        h = Clip (y, lo, hi)
+        z = Conv <pads = [1, 1, 1, 1]> (h, W2, B2)
+    }"""
+    m = build(text, W1=w1, B1=b1, W2=rng.standard_normal((5, 4, 3, 3)), B2=np.zeros(5), lo=np.array(0.0),
+              hi=np.array(6.0))
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    before = run(m, {"x": x})[0]
+    conv_only = build("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[4, 3, 8, 8] x) => (float[4, 4, 8, 8] y) {
+        y = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+    }""", W1=w1, B1=b1)
+    assert (run(conv_only, {"x": x})[0] > 6).mean() > 0.1  # the clip binds on a good share of the values
+    report = equalize(m)  # relu6="bound" by default
+    assert ops(m) == ["Conv", "Relu", "Min", "Conv"] and report.activations_bounded == ("h",)
+    assert report.range_ratio_after < report.range_ratio_before and report.activations_replaced == ()
+    bound = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_bound"))
+    assert bound.shape == (4, 1, 1) and not np.allclose(bound, 6.0)
+    onnx.checker.check_model(m)
+    close(run(m, {"x": x})[0], before)
 
 
 def high_bias_pair(rng, pads: str):

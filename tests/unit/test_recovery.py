@@ -228,7 +228,11 @@ def test_cle_through_relu6_checks_fidelity_against_the_original_model(rng):
     m = with_weights(RELU6, rng, W1=(4, 3, 3, 3), B1=(4,), W2=(6, 4, 3, 3), B2=(6,), lo=(), hi=())
     _set(m, W1=w1, lo=np.float32(0), hi=np.float32(6))
     data = [{"x": v} for v in calib(rng, 30)]
-    state = calibrate(m, data, target="espdl-s3", cle=True, eval_samples=8)
+    exact = calibrate(m, data, target="espdl-s3", cle=True, eval_samples=8)  # the default: bounded, exact
+    assert exact.reference_model is None and "ReLU6 bounded per channel" in exact.recovery[0].detail
+    assert [n.op_type for n in exact.model.graph.node] == ["Conv", "Relu", "Min", "Conv"]
+    assert not exact.plan.float_ops  # the Min shares the Relu's parameters: no float op on the chip
+    state = calibrate(m, data, target="espdl-s3", cle=True, cle_relu6="relu", eval_samples=8)
     assert state.reference_model is not None  # ReLU6 became Relu: references come from the original
     assert "ReLU6 → Relu" in state.recovery[0].detail
     assert [n.op_type for n in state.model.graph.node] == ["Conv", "Relu", "Conv"]
@@ -256,3 +260,57 @@ def test_rounding_stages_take_samples_of_one_shape_when_widths_vary(rng):
     for kw in ({"finetune_level": 2, "adaround_optim_steps": 50}, {"gptq": True}):
         r = edgequant.quantize(m, data, weight_dtype="int4", **kw)
         assert r.summary.recovery[0].layers == 2 and r.summary.fidelity[0].cosine > 0.9
+
+
+BI_LSTM = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[N, T, 12] x) => (float[T, 2, N, 16] y) {
+    t = Transpose <perm = [1, 0, 2]> (x)
+    a = MatMul (t, M)
+    y = LSTM <hidden_size = 16, direction = "bidirectional"> (a, W, R, B)
+}
+"""
+
+
+def test_gptq_rounds_recurrent_weights_and_lowers_the_held_out_error(rng):
+    model = with_weights(BI_LSTM, rng, M=(12, 16), W=(2, 64, 16), R=(2, 64, 16), B=(2, 128))
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 0.4, t.name))
+    mix = rng.standard_normal((12, 12)).astype(np.float32) * np.exp(-np.arange(12) / 3).astype(np.float32)
+
+    def sequences(n, seed):
+        r = np.random.default_rng(seed)
+        return [{"x": (r.standard_normal((1, int(r.integers(6, 12)), 12)) @ mix).astype(np.float32)} for _ in range(n)]
+
+    calib_data, held_out = sequences(48, 1), sequences(24, 2)
+    plain = edgequant.quantize(model, calib_data, weight_dtype="int4", eval_samples=0, repair=False)
+    gptq = edgequant.quantize(model, calib_data, weight_dtype="int4", gptq=True, eval_samples=0, repair=False)
+    assert gptq.summary.recovery[0].layers == 2  # the MatMul and the LSTM (W and R)
+    ints = {t.name: numpy_helper.to_array(t) for t in gptq.model.graph.initializer}
+    plain_ints = {t.name: numpy_helper.to_array(t) for t in plain.model.graph.initializer}
+    cell = next(n for n in gptq.model.graph.node if n.op_type == "LSTM")
+    producer = {o: n for n in gptq.model.graph.node for o in n.output}
+    for slot in (1, 2):
+        q_name = producer[cell.input[slot]].input[0]
+        assert ints[q_name].shape == (2, 64, 16) and not np.array_equal(ints[q_name], plain_ints[q_name])
+
+    def error(q):
+        f_sess, q_sess = make_session(model, ["y"]), make_session(q, ["y"])
+        return float(np.mean([np.mean((q_sess.run(["y"], f)[0] - f_sess.run(["y"], f)[0]) ** 2) for f in held_out]))
+
+    assert error(gptq.model) < 0.8 * error(plain.model)
+
+
+def test_recurrent_rows_follow_each_direction_and_the_layout():
+    from onnx import helper
+
+    from edgequant.algorithms.stage import _recurrent_rows
+
+    y = np.arange(3 * 2 * 1 * 2, dtype=np.float32).reshape(3, 2, 1, 2)  # [T, D, B, H]
+    x = np.arange(3 * 1 * 4, dtype=np.float32).reshape(3, 1, 4)
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], direction="bidirectional")
+    np.testing.assert_array_equal(_recurrent_rows(node, 1, [x], [y], 1), x.reshape(3, 4))
+    np.testing.assert_array_equal(_recurrent_rows(node, 2, [x], [y], 0), y[:2, 0, 0])  # h₀, h₁ feed steps 1, 2
+    np.testing.assert_array_equal(_recurrent_rows(node, 2, [x], [y], 1), y[1:, 1, 0])  # reverse: h₂, h₁
+    batch_first = helper.make_node("LSTM", ["x", "W", "R"], ["y"], direction="bidirectional", layout=1)
+    np.testing.assert_array_equal(_recurrent_rows(batch_first, 2, [x], [y.transpose(2, 0, 1, 3)], 1), y[1:, 1, 0])

@@ -11,7 +11,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgequant.algorithms.gptq import GPTQOptions, gptq_round, hessian
+from edgequant.algorithms.gptq import (
+    GPTQOptions,
+    cross_gram,
+    float_target_weight,
+    gptq_round,
+    hessian,
+)
 from edgequant.algorithms.layer import Layer
 from edgequant.errors import ConfigError, NotYetSupportedError
 from edgequant.planning.ops import weight_axis
@@ -197,6 +203,43 @@ def test_gptq_beats_nearest_on_held_out_inputs(kind, quant, fast):
     q = gptq_round(layer, params, scheme, x, options)
     check_rounding(layer, params, scheme, held_out, nearest, q, gptq_round(layer, params, scheme, x, options),
                    snapshot)
+
+
+def test_float_target_weight_worked_example_undoes_an_upstream_gain():
+    x_f = np.random.default_rng(5).standard_normal((512, 64)).astype(np.float32)
+    layer = Layer("Gemm", (np.random.default_rng(1).standard_normal((8, 64)) / 8).astype(np.float32), {"transB": 1})
+    h, c = hessian(layer, 2 * x_f), cross_gram(layer, 2 * x_f, x_f)
+    np.testing.assert_allclose(c, h / 2, rtol=1e-9)
+    w_star = float_target_weight(layer.matrix().astype(np.float64), h, c, 1e-9)
+    np.testing.assert_allclose(w_star, layer.matrix() / 2, atol=1e-5)
+
+
+def skewed(x: np.ndarray, seed: int) -> np.ndarray:
+    """What an upstream quantized layer might feed: a per-channel gain error and a shift, plus
+    rounding noise, on the float inputs."""
+    rng = np.random.default_rng(seed)
+    axis_shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    gain = (1 + 0.08 * np.random.default_rng(77).standard_normal(axis_shape)).astype(np.float32)
+    shift = (0.05 * np.random.default_rng(78).standard_normal(axis_shape)).astype(np.float32)
+    return (x * gain + shift + 0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm"])
+def test_gptq_float_target_beats_plain_gptq_against_the_float_output(kind):
+    layer, x_f, held_f, params, scheme, nearest = setup_case(kind, "int4-per-channel")
+    x_q, held_q = skewed(x_f, 1), skewed(held_f, 2)
+    options = GPTQOptions(block_size=32)
+    plain = gptq_round(layer, params, scheme, x_q, options)
+    aimed = gptq_round(layer, params, scheme, x_q, options, x_float=x_f)
+    assert aimed.dtype == plain.dtype and aimed.shape == plain.shape
+    assert aimed.tobytes() == gptq_round(layer, params, scheme, x_q, options, x_float=x_f).tobytes()
+
+    def error(q):  # held-out inputs as the quantized model feeds them, against the float output
+        return float(np.mean((layer.forward(held_q, dequantize_array(q, params)) - layer.forward(held_f)) ** 2))
+
+    assert error(aimed) < 0.8 * error(plain) < error(nearest)
+    with pytest.raises(ConfigError, match="do not match"):
+        gptq_round(layer, params, scheme, x_q, options, x_float=x_f[:1])
 
 
 def test_gptq_options_are_validated():

@@ -16,6 +16,14 @@ Worked example: two perfectly correlated inputs (x₁ = x₂) and weights (0.4, 
 nearest rounding gives (0, 0) and output error 0.8·x; GPTQ rounds w₁ to 0, moves its error to
 w₂ = 0.8, which rounds to 1: output error 0.2·x.
 
+Upstream error (asymmetric target, as in GPTAQ, Li et al. 2025): the layer's inputs ``X_q`` come
+from the partially quantized model, while what it should reproduce is the float output
+``X_f wᵀ``. With the float inputs given, the weight GPTQ rounds is first moved to the
+least-squares answer ``w* = argmin ‖X_q w*ᵀ − X_f wᵀ‖² + λ‖w* − w‖²``, that is
+``w* = w (X_fᵀX_q + λ'I)(X_qᵀX_q + λ'I)⁻¹``. Since ``X_q w*ᵀ`` is then the projection of the
+target onto what ``X_q`` can express, ``‖X_q qᵀ − X_f wᵀ‖² = ‖X_q (q − w*)ᵀ‖² + const``, and
+GPTQ on ``w*`` with the same ``H`` minimises the error against the float output.
+
 Dead inputs (a column that is always 0: ``H[i, i] = 0``) get the mean live diagonal, so they
 round to nearest and pass no error on. Dampening ``λ = stability_ratio · mean(diag H)``
 (NeuroPilot ``hessian_opt_stability_ratio``) keeps ``H`` invertible; if the factorization
@@ -93,6 +101,43 @@ def hessian(layer: Layer, x: np.ndarray, options: GPTQOptions = GPTQOptions()) -
     return h * (2.0 / total)
 
 
+def cross_gram(layer: Layer, x: np.ndarray, x_float: np.ndarray, options: GPTQOptions = GPTQOptions()) -> np.ndarray:
+    """``2 X_fᵀX_q / R`` per group, [G, I_g, I_g] (float64), from the patch rows of the float
+    inputs ``x_float`` and the quantized-model inputs ``x`` (same shape, row for row), the same
+    rows as ``hessian`` uses."""
+    if x_float.shape != x.shape:
+        raise ConfigError(f"GPTQ float inputs of shape {x_float.shape} do not match the inputs {x.shape}")
+    if options.data_count is not None:
+        x, x_float = x[: options.data_count], x_float[: options.data_count]
+    total = layer.row_count(x)
+    if options.fast:
+        keep = min(total, max(options.fast_rows, 8 * layer.matrix().shape[2]))
+        rows = np.sort(np.random.default_rng(options.seed).choice(total, keep, replace=False))
+        pq, pf = layer.patch_rows(x, rows).astype(np.float32), layer.patch_rows(x_float, rows).astype(np.float32)
+        return (2.0 / keep) * np.stack([pf[g].T @ pq[g] for g in range(pq.shape[0])]).astype(np.float64)
+    g, _, i_g = layer.matrix().shape
+    c = np.zeros((g, i_g, i_g))
+    for pq, pf in zip(layer.iter_patches(x), layer.iter_patches(x_float)):
+        pq, pf = pq.astype(np.float64), pf.astype(np.float64)
+        c += np.stack([pf[k].T @ pq[k] for k in range(g)])
+    return c * (2.0 / total)
+
+
+def float_target_weight(w: np.ndarray, h: np.ndarray, c: np.ndarray, ratio: float) -> np.ndarray:
+    """``w* = w (C + λI)(H + λI)⁻¹`` per group (``w`` [G, O_g, I_g], ``H = 2 X_qᵀX_q / R``,
+    ``C = 2 X_fᵀX_q / R``, ``λ = ratio · mean(diag H)``, dead inputs as in ``_damped``): the
+    weight whose output on the quantized-model inputs is closest to the float layer's output.
+
+    Example: X_q = 2 X_f (an upstream layer doubled its output) gives C = H / 2 and, without
+    damping, w* = w / 2.
+    """
+    hd = _damped(h, ratio)
+    lam = hd - h  # the damping (and dead-input fill) that _damped added, on the diagonal
+    rhs = np.einsum("goi,gij->goj", w, c + lam)
+    # w* hd = rhs  ⇔  hd w*ᵀ = rhsᵀ (hd symmetric)
+    return np.linalg.solve(hd, rhs.transpose(0, 2, 1)).transpose(0, 2, 1)
+
+
 def _gram(p: np.ndarray) -> np.ndarray:
     """``PᵀP`` per group, one 2-D BLAS product each (numpy's batched matmul can be 100× slower
     on [1, R, I] arrays)."""
@@ -158,16 +203,22 @@ def _columns(w: np.ndarray, u: np.ndarray, s: np.ndarray, z: np.ndarray, bounds:
 
 
 def gptq_round(layer: Layer, params: QuantParams, scheme: Scheme, x: np.ndarray,
-               options: GPTQOptions = GPTQOptions()) -> np.ndarray:
+               options: GPTQOptions = GPTQOptions(), x_float: np.ndarray | None = None) -> np.ndarray:
     """The integer weight (shape and dtype of ``quantize_array(layer.weight, params, scheme)``)
-    that GPTQ picks for the fixed ``params`` on the layer inputs ``x`` (ONNX layout).
+    that GPTQ picks for the fixed ``params`` on the layer inputs ``x`` (ONNX layout). With
+    ``x_float`` (the float model's inputs of the layer on the same samples, shaped like ``x``)
+    it aims at the float output rather than at the float weight on ``x`` (module docstring).
 
     Respects qmin/qmax (narrow range), zero points, per-tensor or per-output-channel params and
     the scheme's rounding mode for each nearest rounding.
     """
     dtype = np.float32 if options.fast else np.float64
-    h = _damped(hessian(layer, x, options), options.stability_ratio)
-    w = layer.matrix().astype(dtype)
+    raw = hessian(layer, x, options)
+    h = _damped(raw, options.stability_ratio)
+    w = layer.matrix().astype(np.float64)
+    if x_float is not None:
+        w = float_target_weight(w, raw, cross_gram(layer, x, x_float, options), options.stability_ratio)
+    w = w.astype(dtype)
     s, z = (a.astype(dtype) for a in layer.row_params(params))
     order = None
     if options.sort_hessian:

@@ -31,13 +31,16 @@ class Recovery:
     default, so the output bytes do not change unless one is asked for.
 
     * ``cle``: cross-layer equalization of consecutive Conv/Gemm pairs (before calibration);
-      ``cle_relu6_to_relu``: also through ReLU6/Clip(0, M), which becomes Relu there (as in
-      Nagel et al. and AIMET; the only change of the float model's semantics);
+      ``cle_relu6``: through a ReLU6/Clip(0, M) between them, ``bound`` (the Clip becomes Relu
+      and a per-channel Min, exact), ``relu`` (it becomes Relu, as in Nagel et al. and AIMET;
+      the float model changes where values exceeded M) or ``skip`` (such pairs stay as they are);
     * ``smoothquant``: SmoothQuant's α (0–1) for MatMul/Gemm inputs (before calibration);
     * ``bias_correction``: ``empirical`` (measured layer by layer in graph order) or ``fast``
       (the weight rounding's shift on float input means); ``bias_correction_data_count``;
     * ``adaround`` (PyTorch) and ``gptq`` (Hessian-based, numpy) choose each weight's rounding
-      layer by layer; their options carry NeuroPilot's names;
+      layer by layer; their options carry NeuroPilot's names; ``gptq_float_target``: GPTQ
+      aims at the float layer output (float inputs) instead of the float weight on the
+      quantized model's inputs, so it also absorbs the error of the layers before it;
     * ``finetune_level`` (XQuant): 0 none, 1 GPTQ rounding and empirical bias correction, 2
       block reconstruction (chains of up to ``block_max_layers`` layers rounded together,
       PyTorch; ``adaround_*`` steps, rate and data count, ``block_batch_size`` samples a step)
@@ -45,7 +48,7 @@ class Recovery:
     """
 
     cle: bool = False
-    cle_relu6_to_relu: bool = True
+    cle_relu6: str = "bound"
     smoothquant: float | None = None
     bias_correction: str | None = None
     bias_correction_data_count: int = 64
@@ -60,11 +63,14 @@ class Recovery:
     hessian_opt_stability_ratio: float = 0.01
     hessian_opt_sort_hessian: bool = True
     hessian_opt_use_fast_strategy: bool = False
+    gptq_float_target: bool = True
     finetune_level: int = 0
     block_max_layers: int = 4
     block_batch_size: int = 8
 
     def __post_init__(self) -> None:
+        if self.cle_relu6 not in ("bound", "relu", "skip"):
+            raise ConfigError(f"cle_relu6 must be bound, relu or skip, got {self.cle_relu6!r}")
         if self.bias_correction not in (None, "empirical", "fast"):
             raise ConfigError(f"bias_correction must be empirical or fast, got {self.bias_correction!r}")
         if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:

@@ -113,6 +113,8 @@ _NEVER = {"If", "Loop", "Scan", "Identity", "Dropout", "Constant", "ConstantOfSh
           "CastLike", "Range", "NonZero", "NonMaxSuppression", "TopK", "ArgMax", "ArgMin", "EyeLike",
           "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"}
 _ANY = OpFacts("compute", ALL)
+#: ``Min(x, constant)``: its values lie within x's range, so it shares x's parameters.
+_BOUNDED = OpFacts("shared")
 
 
 class _Builder:
@@ -129,6 +131,9 @@ class _Builder:
         self.source: dict[str, str] = {}
 
     def facts(self, node: NodeProto) -> OpFacts | None:
+        if node.op_type == "Min" and node.domain in ("", "ai.onnx") and len(node.input) == 2 \
+                and node.input[1] in self.inits:
+            return _BOUNDED  # a clamp from above by constants (CLE's per-channel ReLU6 bound)
         facts = facts_for(node.op_type, node.domain)
         if facts is None and self.opt.quantize_all_ops and node.domain in ("", "ai.onnx") and node.op_type not in _NEVER:
             return _ANY
