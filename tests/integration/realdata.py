@@ -293,6 +293,39 @@ def photo_crops(n: int, size: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+#: scikit-image photos whose subject is an ImageNet class, with the class indices that name it
+#: (EfficientNet's labels: 281/282/285 tabby, tiger and Egyptian cat; 967/968/504 espresso, cup,
+#: coffee mug; 665/670 moped, motor scooter; 657/744/812 missile, projectile, space shuttle;
+#: 872/759 tripod, reflex camera).
+LABELLED_PHOTOS = {"chelsea.png": (281, 282, 285), "coffee.png": (967, 968, 504), "motorcycle_left.png": (665, 670),
+                   "motorcycle_right.png": (665, 670), "rocket.jpg": (657, 744, 812), "camera.png": (872, 759)}
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+
+
+def labelled_photos(n: int, seed: int, size: int = 224) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """``n`` random square crops (60-100 % of the short side, half of them mirrored) of the
+    ``LABELLED_PHOTOS``, resized to ``size`` and normalised with ImageNet's mean and std (NCHW),
+    each with the ImageNet classes that count as right."""
+    root = skimage_data()
+    names = sorted(LABELLED_PHOTOS)
+    photos = {name: np.asarray(Image.open(root / name).convert("RGB")) for name in names}
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        name = names[int(rng.integers(len(names)))]
+        img = photos[name]
+        h, w, _ = img.shape
+        c = int(rng.integers(int(min(h, w) * 0.6), min(h, w) + 1))
+        y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        im = np.asarray(Image.fromarray(img[y:y + c, x:x + c]).resize((size, size), Image.BILINEAR), np.float32) / 255
+        if rng.random() < 0.5:
+            im = im[:, ::-1]
+        out.append((LABELLED_PHOTOS[name], ((im.transpose(2, 0, 1) - IMAGENET_MEAN) / IMAGENET_STD)[None]
+                    .astype(np.float32)))
+    return out
+
+
 def speech_recording() -> np.ndarray:
     """4 s of one speaker at 16 kHz, float in [-1, 1]."""
     target = CACHE / "pkgs" / "pysptk" / "arctic_a0007.wav"
