@@ -312,3 +312,20 @@ def test_supported_reads_node_attributes():
     assert not supported(helper.make_node("Gemm", ["x", "w"], ["y"], transA=1))
     assert supported(helper.make_node("MatMul", ["x", "w"], ["y"]))
     assert not supported(helper.make_node("Relu", ["x"], ["y"]))
+
+
+def test_gptq_float_target_steps_back_where_a_fit_on_few_rows_would_overfit():
+    rng = np.random.default_rng(6)
+    layer = Layer("Gemm", (rng.standard_normal((16, 64)) / 8).astype(np.float32), {"transB": 1})
+    _, params = weight_params(layer.weight, QuantDType.INT4, True, 0, Scheme())
+    x_f, held_f = correlated_gemm_inputs(72, 7), correlated_gemm_inputs(2048, 8)  # 72 rows, 64 inputs
+    x_q = (x_f + 0.3 * rng.standard_normal(x_f.shape)).astype(np.float32)  # noise only: nothing to learn
+    held_q = (held_f + 0.3 * rng.standard_normal(held_f.shape)).astype(np.float32)
+    options = GPTQOptions(block_size=16)
+
+    def error(q):
+        return float(np.mean((layer.forward(held_q, dequantize_array(q, params)) - layer.forward(held_f)) ** 2))
+
+    plain = error(gptq_round(layer, params, Scheme(), x_q, options))
+    aimed = error(gptq_round(layer, params, Scheme(), x_q, options, x_float=x_f))
+    assert aimed < 1.05 * plain, (aimed, plain)
