@@ -314,3 +314,4 @@ def test_recurrent_rows_follow_each_direction_and_the_layout():
     np.testing.assert_array_equal(_recurrent_rows(node, 2, [x], [y], 1), y[1:, 1, 0])  # reverse: h₂, h₁
     batch_first = helper.make_node("LSTM", ["x", "W", "R"], ["y"], direction="bidirectional", layout=1)
     np.testing.assert_array_equal(_recurrent_rows(batch_first, 2, [x], [y.transpose(2, 0, 1, 3)], 1), y[1:, 1, 0])
+
