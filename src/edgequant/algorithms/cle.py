@@ -81,6 +81,7 @@ class Pair:
     relu6: bool
     scale: np.ndarray  # product of every s applied (W1's output is divided by it)
     absorbed: np.ndarray | None = None  # the bias c moved into W2 (in W1's scaled output units)
+    upper: float | None = None  # M of a ReLU6 act (Clip(0, M))
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ class _Finder:
         kind = self.act_kind(act, first, channels, w1.ndim) if act is not None else "keep"
         if kind is None:
             return None
-        return Pair(first, second, act, kind == "relu6", np.ones(channels))
+        upper = self._clip_bounds(act)[1] if kind == "relu6" and act is not None else None
+        return Pair(first, second, act, kind == "relu6", np.ones(channels), upper=upper)
 
 
 def _per_channel(slope: np.ndarray, conv: bool, channels: int, rank: int) -> bool:
@@ -379,14 +381,14 @@ def _to_relu(clip: NodeProto) -> None:
     clip.ClearField("attribute")
 
 
-def _bound(model: ModelProto, pair: Pair, upper: float, rank: int, names: NameScope) -> None:
+def _bound(model: ModelProto, pair: Pair, rank: int, names: NameScope) -> None:
     """The pair's Clip(0, M) as ``Min(Relu(x), M / s − c)`` per channel (exact): the Relu writes
     a new tensor, a Min with the bound constant (shaped [C, 1, …] for a Conv output, [C]
     otherwise) writes the Clip's output."""
     clip = pair.act
-    assert clip is not None
+    assert clip is not None and pair.upper is not None
     scale = pair.scale.astype(np.float64)
-    bound = upper / scale - (pair.absorbed if pair.absorbed is not None else 0.0)
+    bound = pair.upper / scale - (pair.absorbed if pair.absorbed is not None else 0.0)
     if pair.first.conv:
         bound = bound.reshape((-1,) + (1,) * (rank - 2))
     out = clip.output[0]
@@ -443,13 +445,10 @@ def equalize(model: ModelProto, iterations: int = 100, tolerance: float = 1e-4, 
             assert p.act is not None
             _to_relu(p.act)
     else:
-        finder, names = _Finder(model, relu6), NameScope(model.graph)
+        names = NameScope(model.graph)
         ranks = {t.name: len(t.dims) for t in model.graph.initializer}
         for p in clipped:
-            assert p.act is not None
-            upper = finder._clip_bounds(p.act)[1]
-            assert upper is not None  # act_kind took only a finite Clip(0, M) as "relu6"
-            _bound(model, p, upper, ranks[p.first.weight], names)
+            _bound(model, p, ranks[p.first.weight], names)
     return CLEReport(tuple((_label(p.first.node), _label(p.second.node)) for p in pairs), sweeps, converged,
                      before, after, labels if relu6 == "relu" else (), absorbed,
                      labels if relu6 != "relu" else ())

@@ -40,6 +40,12 @@ from edgequant.transform.qdq import Edits, insert_qdq, plain_weight, weight_key
 Progress = Callable[[str, int, int], None]
 ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+#: Layers GPTQ aims at the float output for (``gptq_float_target``). Not MatMul: on MiniLM's
+#: MatMul layers the float target lowers each layer's MSE (−24 to −41 %) yet breaks the model
+#: (int8 nearest-centroid top-1 0.83 → 0.62-0.65, also with the attention projections left
+#: out); the least-squares answer on noisy inputs shrinks outputs towards their mean, which
+#: LayerNorm and attention downstream do not forgive. They round against their float weight.
+FLOAT_TARGET_OPS = ("Conv", "Gemm") + RECURRENT_OPS
 #: λ of block reconstruction, whose two terms are both normalised (``algorithms.blocks``): on a
 #: random Conv-Relu-Pool-Conv-HardSwish-Gemm chain at W4 per tensor, 1000 steps, the block MSE
 #: fell −4 % with 0.01, −47 % with 0.1 and −82 % with 1.
@@ -175,8 +181,7 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
                     q, mse = _round_recurrent(lay.node, slot, w, p, wp, [quantized[n] for n in qn],
                                               [floats[n] for n in fn], algorithm, rec)
                 else:
-                    aim = rec if lay.node.op_type in FLOAT_TARGET_OPS else dataclasses.replace(rec, gptq_float_target=False)
-                    q, mse = _round_one(lay.node, w, p, wp, quantized[qn[0]], floats[fn[0]], algorithm, aim)
+                    q, mse = _round_one(lay.node, w, p, wp, quantized[qn[0]], floats[fn[0]], algorithm, rec)
                 if mse[1] < mse[0]:  # else round to nearest stays (a learned rounding may not beat it)
                     chosen[weight_key(wp)] = (q, p)
                 before.append(mse[0])
@@ -189,14 +194,6 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
     return Edits(chosen, edits.biases), StepReport(
         name, len(layers), "layer MSE", 1.0 if ratio else 0.0, float(np.mean(ratio)) if ratio else 0.0,
         time.perf_counter() - started, f"{count} samples")
-
-
-#: Layers GPTQ aims at the float output for (``gptq_float_target``). Not MatMul: on MiniLM's
-#: MatMul layers the float target lowers each layer's MSE (−24 to −41 %) yet breaks the model
-#: (int8 nearest-centroid top-1 0.83 → 0.62-0.65, also with the attention projections left
-#: out); the least-squares answer on noisy inputs shrinks outputs towards their mean, which
-#: LayerNorm and attention downstream do not forgive. They round against their float weight.
-FLOAT_TARGET_OPS = ("Conv", "Gemm") + RECURRENT_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +301,8 @@ def _round_recurrent(node, slot, w, p, wp, q_vals: list[list[np.ndarray]], f_val
         pd = QuantParams(p.scale, p.zero_point, p.dtype, 0 if p.axis is not None else None)
         xq = _recurrent_rows(node, slot, q_vals[0], q_vals[1], d)
         xf = _recurrent_rows(node, slot, f_vals[0], f_vals[1], d)
-        q, mse = _round_matrix(Layer("Gemm", w[d], {"transB": 1}), w[d], pd, wp, xq, xf, algorithm, rec)
+        q, mse = _round_matrix(Layer("Gemm", w[d], {"transB": 1}), w[d], pd, wp, xq, xf, algorithm, rec,
+                               rec.gptq_float_target)
         ints.append(q)
         before, after = before + mse[0], after + mse[1]
     return np.stack(ints).astype(p.dtype.np_dtype), (before, after)
@@ -313,11 +311,13 @@ def _round_recurrent(node, slot, w, p, wp, q_vals: list[list[np.ndarray]], f_val
 def _round_one(node, w, p, wp, x_q: list[np.ndarray], x_f: list[np.ndarray], algorithm: str, rec):
     """(integer weight, (MSE of round to nearest, MSE after)) of one layer on its inputs."""
     layer = Layer(node.op_type, w, _attrs(node))
-    return _round_matrix(layer, w, p, wp, _stack(x_q, node.op_type), _stack(x_f, node.op_type), algorithm, rec)
+    return _round_matrix(layer, w, p, wp, _stack(x_q, node.op_type), _stack(x_f, node.op_type), algorithm, rec,
+                         rec.gptq_float_target and node.op_type in FLOAT_TARGET_OPS)
 
 
-def _round_matrix(layer: Layer, w, p, wp, xq: np.ndarray, xf: np.ndarray, algorithm: str, rec):
-    """``_round_one`` on stacked inputs (quantized model's, float model's)."""
+def _round_matrix(layer: Layer, w, p, wp, xq: np.ndarray, xf: np.ndarray, algorithm: str, rec, aim: bool):
+    """``_round_one`` on stacked inputs (quantized model's, float model's); ``aim``: GPTQ's
+    float target."""
     if algorithm == "adaround":
         target = layer.forward(xf)
         opts = AdaRoundOptions(steps=rec.adaround_optim_steps, batch_size=rec.adaround_batch_size,
@@ -326,7 +326,7 @@ def _round_matrix(layer: Layer, w, p, wp, xq: np.ndarray, xf: np.ndarray, algori
         return q, (stats.mse_before, stats.mse_after)
     opts_g = GPTQOptions(block_size=rec.hessian_opt_block_size, stability_ratio=rec.hessian_opt_stability_ratio,
                          sort_hessian=rec.hessian_opt_sort_hessian, fast=rec.hessian_opt_use_fast_strategy)
-    q = gptq_round(layer, p, wp.scheme, xq, opts_g, xf if rec.gptq_float_target else None)
+    q = gptq_round(layer, p, wp.scheme, xq, opts_g, xf if aim else None)
     return q, _mse_pair(layer, w, p, wp, q, xq, layer.forward(xf))
 
 
