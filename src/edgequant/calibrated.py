@@ -32,7 +32,7 @@ from edgequant.result import OutputFidelity, stamp
 from edgequant.runtime.executor import Executor, executor_for
 from edgequant.runtime.feed import run_checked
 from edgequant.runtime.session import make_session
-from edgequant.transform.qdq import NO_EDITS, Edits, insert_qdq
+from edgequant.transform.qdq import NO_EDITS, Edits, insert_qdq, range_key
 
 Progress = Callable[[str, int, int], None]
 
@@ -128,17 +128,21 @@ class CalibratedModel:
                               f"calibrated model is at opset {have}: calibrate with min_opset={options.required_opset}")
         return build_plan(self.model, options, self.prepared.source)
 
-    def ranges(self, plan: QuantPlan) -> dict[str, tuple[float, float]]:
-        """Each root's range under ``plan``: pinned, or from its observer at the root's dtype."""
+    def ranges(self, plan: QuantPlan, edits: Edits | None = None) -> dict[str, tuple[float, float]]:
+        """Each root's range under ``plan``: pinned, learned by recovery (``edits``' ranges,
+        the state's own by default) where the plan quantizes the root as it was learned for,
+        or from its observer at the root's dtype."""
+        learned = (self.edits if edits is None else edits).ranges
         out: dict[str, tuple[float, float]] = {}
         for act in plan.activations.values():
             if act.root not in out:
-                out[act.root] = plan.pinned.get(act.root) or self.observers[act.root].range(act.dtype, act.symmetric)
+                out[act.root] = plan.pinned.get(act.root) or learned.get(range_key(act)) \
+                    or self.observers[act.root].range(act.dtype, act.symmetric)
         return out
 
-    def params(self, plan: QuantPlan) -> dict[str, QuantParams]:
-        """One ``QuantParams`` per root tensor of ``plan``."""
-        ranges = self.ranges(plan)
+    def params(self, plan: QuantPlan, edits: Edits | None = None) -> dict[str, QuantParams]:
+        """One ``QuantParams`` per root tensor of ``plan`` (``edits``: as for ``ranges``)."""
+        ranges = self.ranges(plan, edits)
         first: dict[str, ActivationPlan] = {}
         for act in plan.activations.values():
             first.setdefault(act.root, act)

@@ -1,5 +1,7 @@
 """Recovery stages on the calibrated state: bias correction, edits, options and their surface."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -178,6 +180,115 @@ def test_block_reconstruction_runs_the_block_as_its_qdq_model_and_lowers_its_err
     edits, report = round_blocks(state, state.plan, Edits())
     assert report.name == "block reconstruction" and report.layers == 3 and report.after < report.before
     assert edits.weights  # at least one block kept its learned rounding
+
+
+RESIDUAL = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[N, 8, 8, 8] x) => (float[N, 10] y) {
+    c0 = Conv <pads = [1, 1, 1, 1]> (x, W0, B0)
+    a0 = Relu (c0)
+    c1 = Conv <pads = [0, 0, 0, 0]> (a0, W1, B1)
+    r1 = HardSwish (c1)
+    c2 = Conv <pads = [1, 1, 1, 1], group = 8> (r1, W2, B2)
+    r2 = Relu (c2)
+    c3 = Conv (r2, W3, B3)
+    s = Add (c3, a0)
+    p = GlobalAveragePool (s)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, W4, B4)
+}
+"""
+
+
+def test_a_block_spans_a_residual_add_and_runs_as_its_qdq_model(rng):
+    """``x → f(x) → f(x) + x`` is one block (the skip reads the block's input); the runner
+    computes the Add's output as onnxruntime's QDQ model does, and reconstruction lowers its
+    error."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from edgequant.algorithms.blocks import _Runner, find_blocks
+    from edgequant.algorithms.stage import round_blocks
+    from edgequant.runtime.capture import capture, truncated
+    from edgequant.transform.qdq import plain_weight
+
+    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
+                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(24)]
+    state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=4)
+    names = {n.name: n.output[0] for n in state.model.graph.node}
+    blocks = find_blocks(state.model, state.plan, max_layers=3)
+    ops = [[n.op_type for n in b.nodes] for b in blocks]
+    # c0's block cannot reach c3 (four layers): it closes before the skip forks off a0
+    assert ops == [["Conv", "Relu"], ["Conv", "HardSwish", "Conv", "Relu", "Conv", "Add", "GlobalAveragePool",
+                                      "Flatten"], ["Gemm"]]
+    assert blocks[1].input == names[blocks[0].nodes[-1].name] and len(blocks[1].weights) == 3
+    # with two layers a block no residual closes: no block holds the Add
+    short = find_blocks(state.model, state.plan, max_layers=2)
+    assert [[n.op_type for n in b.nodes] for b in short] == [["Conv", "Relu"], ["Conv", "HardSwish", "Conv", "Relu"],
+                                                            ["Conv"], ["Gemm"]]
+    block = blocks[1]
+    params = state.params(state.plan)
+    qmodel = insert_qdq(state.model, state.plan, params)
+    by_name = {n.name: n for n in qmodel.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    weights = {n: (inits[wp.tensor], plain_weight(inits[wp.tensor], wp)[1]) for n, wp in block.weights.items()}
+    biases = {n.name: inits[n.input[2]] for n in block.nodes if n.name in block.weights}
+    runner = _Runner(torch, block, state.model, state.plan, params, weights, biases)
+    q_in, q_out = by_name[block.nodes[0].name].input[0], by_name[block.nodes[-1].name].input[0]
+    got = capture(truncated(qmodel, [q_in, q_out]), [q_in, q_out], data)
+    # what Flatten reads is DQ(Q(GlobalAveragePool(DQ(Q(c3)) + DQ(Q(a0))))): the Add on both quantized inputs
+    out = runner.forward(torch.from_numpy(np.concatenate(got[q_in])), None, nearest=True)
+    np.testing.assert_allclose(out.numpy(), np.concatenate(got[q_out]).reshape(len(data), -1), rtol=1e-4, atol=1e-4)
+    edits, report = round_blocks(state, state.plan, Edits())
+    assert report.layers == 5 and report.after < report.before and edits.weights
+
+
+def test_step_range_gives_back_the_step_and_zero_point():
+    from edgequant.algorithms.stage import step_range
+    from edgequant.quant.dtypes import QuantDType
+    from edgequant.quant.params import compute_params
+
+    assert step_range(compute_params(-1.0, 24.5, QuantDType.UINT8, False), False, 0.1) == pytest.approx((-1.0, 24.5))
+    for dtype, sym, lo, hi in ((QuantDType.UINT8, False, -1.3, 7.0), (QuantDType.INT8, True, -2.0, 3.0),
+                               (QuantDType.UINT8, True, -2.0, 3.0), (QuantDType.INT16, False, -5.0, 1.0)):
+        p = compute_params(lo, hi, dtype, sym)
+        back = compute_params(*step_range(p, sym, 0.037), dtype, sym)
+        assert float(back.scale) == pytest.approx(0.037, rel=1e-6) and int(back.zero_point) == int(p.zero_point)
+
+
+def test_block_reconstruction_learns_activation_steps_the_qdq_model_then_uses(rng):
+    """Ranges stretched by one outlier sample (minmax) leave coarse steps inside the blocks;
+    learning them with the rounding lowers the block error further, and the assembled QDQ
+    model quantizes those activations with the learned steps."""
+    pytest.importorskip("torch").set_num_threads(1)
+    from edgequant.algorithms.blocks import find_blocks, learnable_roots
+    from edgequant.algorithms.stage import round_blocks
+
+    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
+                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(24)]
+    data[0]["x"] *= 12.0  # one outlier sample: minmax ranges far too wide for the others
+    state = calibrate(m, data, weight_dtype="int4", per_channel=False, method="minmax", eval_samples=4)
+    blocks = find_blocks(state.model, state.plan, max_layers=3)
+    names = {n.name: n.output[0] for n in state.model.graph.node}
+    inside = learnable_roots(blocks[1], state.plan)
+    # the HardSwish, depthwise-Relu and c3 outputs; not the block's input a0 (read by the skip) nor its output
+    assert names[blocks[0].nodes[-1].name] not in inside and len(inside) >= 2
+    assert not learnable_roots(blocks[2], state.plan)  # a single Gemm: nothing inside
+    rec = state.options.recovery
+    fixed = dataclasses.replace(state, prepared=dataclasses.replace(state.prepared, options=dataclasses.replace(
+        state.options, recovery=dataclasses.replace(rec, block_learn_activations=False))))
+    plain_edits, plain_report = round_blocks(fixed, state.plan, Edits())
+    edits, report = round_blocks(state, state.plan, Edits())
+    assert not plain_edits.ranges and edits.ranges and "activation step sizes learned" in report.detail
+    assert report.after < plain_report.after
+    before, after = state.params(state.plan), state.params(state.plan, edits)
+    changed = [r for r in after if float(after[r].scale) != float(before[r].scale)]
+    assert changed and set(changed) <= {k[0] for k in edits.ranges}
+    q = insert_qdq(state.model, state.plan, after, edits)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    scales = [float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(any(abs(s - float(after[r].scale)) < 1e-9 for s in scales) for r in changed)
 
 
 def _set(model, **values):

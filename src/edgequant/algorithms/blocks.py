@@ -2,14 +2,26 @@
 weights of several consecutive layers at once, so that each layer's rounding also makes up for
 the others' and for the activation quantization between them.
 
-A block is a chain of ONNX nodes, each reading only the previous one's output: up to
-``max_layers`` Conv/Gemm/MatMul layers with the one-input ops between them (activations,
-pools, Flatten). It runs in PyTorch exactly as its QDQ model does: every planned activation
-is fake-quantized with the calibrated parameters (straight-through gradients), and each weight
-is AdaRound's soft quantization ``W = s·(clip(⌊W/s⌋ + h(V) + z, qmin, qmax) − z)`` with the
-rectified sigmoid ``h``. All the blocks' ``V`` minimise ``‖block(x_q) − block_float(x)‖²``
-(the last node's output before its own quantization) plus the annealed regulariser that drives
-``h`` to 0 or 1, on the block's inputs in the partially quantized model.
+A block is a run of consecutive ONNX nodes that computes one tensor from one: it starts at a
+Conv/Gemm/MatMul layer and takes the nodes after it, in graph order, for as long as each reads
+only the block's input, tensors the block computes and constants, up to ``max_layers`` layers.
+Its ops are those layers, the one-input ops between them (activations, pools, Flatten) and
+elementwise ``Add``/``Sub``/``Mul``/``Div``, so a residual block (``x + f(x)``) or a
+squeeze-excitation gate is one block. It ends at its longest prefix that is closed: nothing it
+computes but its last output is read outside it or is a graph output.
+
+It runs in PyTorch exactly as its QDQ model does: every planned activation is fake-quantized
+with the calibrated parameters (straight-through gradients), and each weight is AdaRound's soft
+quantization ``W = s·(clip(⌊W/s⌋ + h(V) + z, qmin, qmax) − z)`` with the rectified sigmoid
+``h``. All the block's ``V`` minimise ``‖block(x_q) − block_float(x)‖²`` (the last node's output
+before its own quantization) plus the annealed regulariser that drives ``h`` to 0 or 1, on the
+block's inputs in the partially quantized model.
+
+Optionally the step sizes of the activations quantized inside the block are learned with the
+rounding (LSQ, Esser et al. 2020): ``x_q = s·(clip(⌊x/s⌉ + z, qmin, qmax) − z)`` with the
+rounding's gradient passed straight through, so that ``s`` gets LSQ's gradient (the clipped
+values pull it up, the rounded ones either way); ``log s`` is what is optimised, the zero point
+stays. Only roots whose every tensor lies inside the block learn (``learnable_roots``).
 """
 
 from __future__ import annotations
@@ -37,11 +49,13 @@ from edgequant.quant.params import QuantParams, Scheme, quantize_bias, round_val
 UNARY = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "GlobalAveragePool",
          "MaxPool", "AveragePool", "Flatten")
 WEIGHTED = ("Conv", "Gemm", "MatMul")
+BINARY = ("Add", "Sub", "Mul", "Div")
 
 
 @dataclass
 class Block:
-    """Consecutive nodes; ``weights`` maps a weighted node's name to its WeightPlan."""
+    """Consecutive nodes computing ``nodes[-1]``'s output from ``nodes[0]``'s input 0;
+    ``weights`` maps a weighted node's name to its WeightPlan."""
 
     nodes: list[NodeProto]
     weights: dict[str, WeightPlan] = field(default_factory=dict)
@@ -57,37 +71,83 @@ class Block:
 
 def find_blocks(model: ModelProto, plan: QuantPlan, max_layers: int) -> list[Block]:
     """Blocks in graph order, each starting at a weighted layer whose weight the plan
-    quantizes; a chain ends at a fork, a graph output, an op outside ``UNARY``, or before
-    its ``max_layers + 1``-th layer."""
-    readers: dict[str, list[NodeProto]] = {}
+    quantizes and not yet in a block (see the module's docstring)."""
+    readers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for i in node.input:
-            readers.setdefault(i, []).append(node)
+            readers.setdefault(i, set()).add(node.name)
     outputs = {o.name for o in model.graph.output}
+    inits = {t.name for t in model.graph.initializer}
+    order = list(model.graph.node)
     taken: set[str] = set()
     blocks = []
-    for node in model.graph.node:
+    for start, node in enumerate(order):
         if node.name in taken or not _rounded(node, plan):
             continue
-        block = Block([node], {node.name: plan.weights[node.name][1]})
-        while True:
-            out = block.nodes[-1].output[0]
-            nxt = readers.get(out, [])
-            if out in outputs or len(nxt) != 1 or nxt[0].input[0] != out or nxt[0].name in taken:
+        nodes, layers, closed = [node], 1, 1
+        have = {node.input[0], *node.output}
+        for n in order[start + 1:]:
+            data = [i for i in n.input if i and i not in inits]
+            if n.name in taken or not data or any(i not in have for i in data):
                 break
-            n = nxt[0]
-            if _rounded(n, plan) and len(block.weights) < max_layers:
-                block.weights[n.name] = plan.weights[n.name][1]
-            elif n.op_type not in UNARY or len([i for i in n.input[1:] if i]) > 2:
+            if _rounded(n, plan):
+                if layers == max_layers:
+                    break
+                layers += 1
+            elif not _computable(n, inits):
                 break
-            block.nodes.append(n)
-        taken.update(n.name for n in block.nodes)
+            nodes.append(n)
+            have.update(o for o in n.output if o)
+            if _closed(nodes, readers, outputs):
+                closed = len(nodes)
+        nodes = nodes[:closed]
+        block = Block(nodes, {n.name: plan.weights[n.name][1] for n in nodes if _rounded(n, plan)})
+        taken.update(n.name for n in nodes)
         blocks.append(block)
     return blocks
 
 
+def _computable(node: NodeProto, inits: set[str]) -> bool:
+    """An op the runner computes besides the weighted layers: a one-input op of ``UNARY``
+    (constant extra inputs, at most two), or an elementwise op of ``BINARY``."""
+    if node.op_type in BINARY:
+        return len(node.input) == 2 and len(node.output) == 1
+    return node.op_type in UNARY and all(i in inits for i in node.input[1:] if i) \
+        and len([i for i in node.input[1:] if i]) <= 2
+
+
+def _closed(nodes: list[NodeProto], readers: dict[str, set[str]], outputs: set[str]) -> bool:
+    """Whether nothing ``nodes`` compute but the last node's first output is read outside them
+    or is a graph output."""
+    inside = {n.name for n in nodes}
+    last = nodes[-1].output[0]
+    return all(o == last or (o not in outputs and readers.get(o, set()) <= inside)
+               for n in nodes for o in n.output if o) and len([o for o in nodes[-1].output if o]) == 1
+
+
 def _rounded(node: NodeProto, plan: QuantPlan) -> bool:
     return node.op_type in WEIGHTED and 1 in plan.weights.get(node.name, {}) and supported(node)
+
+
+def learnable_roots(block: Block, plan: QuantPlan, unsigned_nonnegative: bool = False) -> list[str]:
+    """Roots of the activations ``block`` quantizes inside itself whose step size it may learn:
+    every tensor of the root is computed inside the block (not its input, not its output), the
+    range is not pinned by the user, and the scale is free (no power-of-two scheme, no unsigned
+    stand-in for a symmetric signed type)."""
+    inside = {o for n in block.nodes[:-1] for o in n.output if o}
+    tensors: dict[str, list[str]] = {}
+    for name, planned in plan.activations.items():
+        tensors.setdefault(planned.root, []).append(name)
+    out = []
+    for t in sorted(inside):
+        act = plan.activations.get(t)
+        if act is None or act.root in out or act.root in plan.pinned or act.scheme.power_of_two:
+            continue
+        if unsigned_nonnegative and act.symmetric and act.dtype.signed:
+            continue
+        if all(n in inside for n in tensors[act.root]):
+            out.append(act.root)
+    return out
 
 
 @dataclass(frozen=True)
@@ -95,27 +155,37 @@ class BlockStats:
     mse_before: float
     mse_after: float
     seconds: float
+    steps: dict[str, float] = field(default_factory=dict)  # root → learned activation scale
 
 
 def reconstruct(block: Block, model: ModelProto, plan: QuantPlan, act_params: dict[str, QuantParams],
                 weights: dict[str, tuple[np.ndarray, QuantParams]], biases: dict[str, np.ndarray],
                 x: np.ndarray, target: np.ndarray, options: AdaRoundOptions, batch: int,
-                progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], BlockStats]:
+                progress: Callable[[int, int], None] | None = None, learn: tuple[str, ...] = (),
+                act_lr: float = 1e-3) -> tuple[dict[str, np.ndarray], BlockStats]:
     """Integer weights (by node name) of ``block`` that reconstruct ``target`` from ``x``
     (samples along axis 0). ``weights``: node → (float weight, params) to round; ``biases``:
-    node → float bias; ``act_params``: root → params of the plan's activations."""
+    node → float bias; ``act_params``: root → params of the plan's activations; ``learn``:
+    roots whose step size is learned too (``learnable_roots``), at rate ``act_lr`` on ``log s``."""
     torch = import_torch()
     with one_thread(torch):
-        return _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress)
+        return _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch,
+                            progress, learn, act_lr)
 
 
-def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress):
+def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress,
+                 learn, act_lr):
     began = time.perf_counter()
     runner = _Runner(torch, block, model, plan, act_params, weights, biases)
     xs, ts = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(target, np.float32))
     before = runner.mse(xs, ts, hard=True, nearest=True)
     v = {k: t.clone().requires_grad_(True) for k, t in runner.v0.items()}
-    opt = torch.optim.Adam(list(v.values()), lr=options.lr)
+    groups = [{"params": list(v.values()), "lr": options.lr}]
+    if learn:
+        runner.steps = {r: torch.tensor(float(np.log(float(np.asarray(act_params[r].scale)))), requires_grad=True)
+                        for r in learn}
+        groups.append({"params": list(runner.steps.values()), "lr": act_lr})
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(options.seed)
     power = float((ts ** 2).mean()) or 1.0
     count = sum(t.numel() for t in v.values())
@@ -135,7 +205,8 @@ def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, targ
             progress(step + 1, options.steps)
     chosen = {k: runner.integers(k, v[k].detach()) for k in v}
     after = runner.mse(xs, ts, hard=True, v={k: t.detach() for k, t in v.items()})
-    return chosen, BlockStats(before, after, time.perf_counter() - began)
+    steps = {r: float(np.float32(np.exp(float(t.detach())))) for r, t in runner.steps.items()}
+    return chosen, BlockStats(before, after, time.perf_counter() - began, steps)
 
 
 def _h(torch: Any, v: Any) -> Any:
@@ -157,6 +228,8 @@ class _Runner:
         self.torch, self.block, self.plan = torch, block, plan
         self.act_params = act_params
         self.inits = {t.name: t for t in model.graph.initializer}
+        self.consts: dict[str, Any] = {}
+        self.steps: dict[str, Any] = {}  # root → learned log step size (``reconstruct``'s ``learn``)
         self.biases = {k: torch.from_numpy(self._quantized_bias(k, b, weights)) for k, b in biases.items()}
         self.base, self.v0, self.bounds, self.scale, self.zero, self.nearest = {}, {}, {}, {}, {}, {}
         for name, wp in block.weights.items():
@@ -206,19 +279,35 @@ class _Runner:
         if act is None:
             return y
         p = self.act_params[act.root]
-        s, z = float(np.asarray(p.scale)), float(np.asarray(p.zero_point))
+        z = float(np.asarray(p.zero_point))
         lo, hi = p.dtype.qmin, p.dtype.qmax
+        step = self.steps.get(act.root)
+        if step is not None:  # LSQ: the rounding straight through, the step size learned
+            s = self.torch.exp(step)
+            u = y / s
+            u = u + (self.torch.round(u) - u).detach()
+            return (self.torch.clamp(u + z, lo, hi) - z) * s
+        s = float(np.asarray(p.scale))
         q = self.torch.clamp(self.torch.round(y / s) + z, lo, hi)
         return y + ((q - z) * s - y).detach()  # straight through
 
     def forward(self, x, v: dict | None, hard: bool = False, nearest: bool = False):
-        """The last node's output before its own quantization."""
-        value = x
+        """The last node's output before its own quantization (``x``: the block's input, as
+        the QDQ model gives it, already quantized)."""
+        values = {self.block.input: x}
         y = x
         for node in self.block.nodes:
-            y = self.op(node, value, v, hard, nearest)
-            value = self.fake_quant(node.output[0], y)
+            names = node.input[:1] if node.op_type in WEIGHTED or node.op_type in UNARY else node.input
+            ins = [values[i] if i in values else self._tensor(i) for i in names if i]
+            y = self.op(node, ins, v, hard, nearest)
+            values[node.output[0]] = self.fake_quant(node.output[0], y)
         return y
+
+    def _tensor(self, name: str):
+        """A constant input, in float32 (an initializer: ``find_blocks`` admits no other)."""
+        if name not in self.consts:
+            self.consts[name] = self.torch.from_numpy(numpy_helper.to_array(self.inits[name]).astype(np.float32))
+        return self.consts[name]
 
     def mse(self, xs, ts, hard: bool, nearest: bool = False, v: dict | None = None) -> float:
         with self.torch.no_grad():
@@ -228,9 +317,12 @@ class _Runner:
                 total += float(((out - ts[start:start + 16]) ** 2).sum())
             return total / ts.numel()
 
-    def op(self, node: NodeProto, x, v, hard: bool, nearest: bool):
+    def op(self, node: NodeProto, ins: list, v, hard: bool, nearest: bool):
         torch, f = self.torch, self.torch.nn.functional
         a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        x = ins[0]
+        if node.op_type in BINARY:
+            return {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[node.op_type](x, ins[1])
         if node.op_type in WEIGHTED:
             w = self.weight(node.name, v, hard, nearest)
             b = self.biases.get(node.name)

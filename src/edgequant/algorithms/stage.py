@@ -23,19 +23,25 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from edgequant.algorithms.adaround import AdaRoundOptions, adaround
 from edgequant.algorithms.bias_correction import BiasCorrectionOptions, correct_biases, depth_levels
-from edgequant.algorithms.blocks import Block, find_blocks, reconstruct, supported_block
+from edgequant.algorithms.blocks import (
+    Block,
+    find_blocks,
+    learnable_roots,
+    reconstruct,
+    supported_block,
+)
 from edgequant.algorithms.cle import channel_minima, equalize, pre_activations
 from edgequant.algorithms.gptq import GPTQOptions, gptq_round
 from edgequant.algorithms.layer import Layer, supported
 from edgequant.algorithms.report import StepReport
 from edgequant.algorithms.smoothquant import channel_absmax, smooth
-from edgequant.calibrated import CalibratedModel
+from edgequant.calibrated import CalibratedModel, activation_params
 from edgequant.data.sources import Sample
 from edgequant.planning.options import Recovery
 from edgequant.planning.plan import QuantPlan, WeightPlan
 from edgequant.quant.params import QuantParams, dequantize_array, quantize_array
 from edgequant.runtime.capture import capture, truncated
-from edgequant.transform.qdq import Edits, insert_qdq, plain_weight, weight_key
+from edgequant.transform.qdq import Edits, insert_qdq, plain_weight, range_key, weight_key
 
 Progress = Callable[[str, int, int], None]
 ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
@@ -103,7 +109,7 @@ def recover(state: CalibratedModel, progress: Progress | None = None) -> Calibra
         reports.append(report)
     if rec.bias:
         count = min(rec.bias_correction_data_count, state.split.calibration)
-        edits, report = correct_biases(state.model, state.plan, state.params(state.plan), edits,
+        edits, report = correct_biases(state.model, state.plan, state.params(state.plan, edits), edits,
                                        lambda: state.samples(0, count),
                                        BiasCorrectionOptions(rec.bias, count), state.options.device, progress)
         reports.append(report)
@@ -161,11 +167,11 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
                 state.split.calibration)
     layers = rounding_layers(state, plan)
     inits = {t.name: t for t in state.model.graph.initializer}
-    params = state.params(plan)
+    params = state.params(plan, edits)
     chosen: dict = dict(edits.weights)
     before, after, done = [], [], 0
     for level in depth_levels(state.model, layers):
-        qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases))
+        qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases, edits.ranges))
         by_name = {n.name: n for n in qmodel.graph.node}
         q_names = [_read(by_name[lay.node.name], lay.recurrent) for lay in level]
         f_names = [_read(lay.node, lay.recurrent) for lay in level]
@@ -191,7 +197,7 @@ def round_weights(state: CalibratedModel, plan: QuantPlan, edits: Edits, algorit
                 progress(algorithm, done, len(layers))
     name = "AdaRound" if algorithm == "adaround" else "GPTQ"
     ratio = [a / b for a, b in zip(after, before) if b > 0]
-    return Edits(chosen, edits.biases), StepReport(
+    return Edits(chosen, edits.biases, edits.ranges), StepReport(
         name, len(layers), "layer MSE", 1.0 if ratio else 0.0, float(np.mean(ratio)) if ratio else 0.0,
         time.perf_counter() - started, f"{count} samples")
 
@@ -213,12 +219,14 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
     count = min(rec.adaround_data_count, state.split.calibration)
     heads = [_Head(b.nodes[0], b) for b in find_blocks(state.model, plan, rec.block_max_layers) if supported_block(b)]
     inits = {t.name: t for t in state.model.graph.initializer}
-    params = state.params(plan)
+    params = state.params(plan, edits)
     opts = AdaRoundOptions(steps=rec.adaround_optim_steps, lr=rec.adaround_optim_lr, reg_weight=BLOCK_REG_WEIGHT)
+    acts = {a.root: a for a in plan.activations.values()}
     chosen: dict = dict(edits.weights)
-    ratios, layers, done = [], 0, 0
+    ranges: dict = dict(edits.ranges)
+    ratios, layers, done, learned = [], 0, 0, 0
     for level in depth_levels(state.model, heads):
-        qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases))
+        qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases, ranges))
         by_name = {n.name: n for n in qmodel.graph.node}
         q_in = list(dict.fromkeys(by_name[h.node.name].input[0] for h in level))
         quantized = capture(truncated(qmodel, q_in), q_in, state.samples(0, count), state.options.device)
@@ -230,19 +238,38 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
             floats_w = {n: (w, plain_weight(w, block.weights[n])[1]) for n, w in float_w.items()}
             biases = _block_biases(block, plan, inits, edits)
             x, target = _paired(quantized[by_name[head.node.name].input[0]], floats[block.output])
+            learn = tuple(learnable_roots(block, plan, state.options.unsigned_nonnegative)) \
+                if rec.block_learn_activations else ()
             ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases, x, target, opts,
-                                      rec.block_batch_size)
+                                      rec.block_batch_size, learn=learn, act_lr=rec.block_activation_lr)
             if stats.mse_after < stats.mse_before:
                 for n, wp in block.weights.items():
                     chosen[weight_key(wp)] = (ints[n], floats_w[n][1])
+                for root, step in stats.steps.items():
+                    act = acts[root]
+                    ranges[range_key(act)] = step_range(params[root], act.symmetric, step)
+                    params[root] = activation_params(ranges[range_key(act)], act, state.options.unsigned_nonnegative)
+                    learned += 1
             ratios.append(min(stats.mse_after, stats.mse_before) / max(stats.mse_before, 1e-30))
             layers += len(block.weights)
             done += 1
             if progress:
                 progress("block reconstruction", done, len(heads))
-    return Edits(chosen, edits.biases), StepReport(
+    detail = f"{len(heads)} blocks, {count} samples" + (f", {learned} activation step sizes learned" if learned else "")
+    return Edits(chosen, edits.biases, ranges), StepReport(
         "block reconstruction", layers, "block MSE", 1.0 if ratios else 0.0, float(np.mean(ratios)) if ratios else 0.0,
-        time.perf_counter() - started, f"{len(heads)} blocks, {count} samples")
+        time.perf_counter() - started, detail)
+
+
+def step_range(p: QuantParams, symmetric: bool, step: float) -> tuple[float, float]:
+    """The range whose params (``compute_params``) are step ``step`` with ``p``'s zero point.
+
+    Example: uint8 with zero point 10 and step 0.1 → (−1.0, 24.5)."""
+    if symmetric:
+        half = p.dtype.qmax if p.dtype.signed else (p.dtype.qmax - p.dtype.qmin) / 2.0
+        return -half * step, half * step
+    z = float(np.asarray(p.zero_point))
+    return (p.dtype.qmin - z) * step, (p.dtype.qmax - z) * step
 
 
 def _block_biases(block: Block, plan: QuantPlan, inits: dict, edits: Edits) -> dict[str, np.ndarray]:

@@ -44,7 +44,9 @@ class Recovery:
     * ``finetune_level`` (XQuant): 0 none, 1 GPTQ rounding and empirical bias correction, 2
       block reconstruction (chains of up to ``block_max_layers`` layers rounded together,
       PyTorch; ``adaround_*`` steps, rate and data count, ``block_batch_size`` samples a step)
-      and empirical bias correction.
+      and empirical bias correction; ``block_learn_activations``: the step sizes of the
+      activations inside each block are learned with its rounding (LSQ), at
+      ``block_activation_lr`` on their logarithm.
     """
 
     cle: bool = False
@@ -67,6 +69,8 @@ class Recovery:
     finetune_level: int = 0
     block_max_layers: int = 4
     block_batch_size: int = 8
+    block_learn_activations: bool = True
+    block_activation_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.cle_relu6 not in ("bound", "relu", "skip"):
@@ -84,6 +88,8 @@ class Recovery:
                      "block_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0.0 < self.block_activation_lr < 1.0:
+            raise ConfigError(f"block_activation_lr must be in (0, 1), got {self.block_activation_lr}")
         if not 0.0 <= self.hessian_opt_stability_ratio < 1.0:
             raise ConfigError(f"hessian_opt_stability_ratio must be in [0, 1), got {self.hessian_opt_stability_ratio}")
         if self.adaround and self.gptq:

@@ -30,6 +30,11 @@ from edgequant.quant.params import QuantParams, fit_bias, quantize_array, quanti
 log = logging.getLogger(__name__)
 
 WeightKey = tuple  # (tensor, axis, dtype, symmetric, scheme, clipping): a weight as a plan quantizes it
+RangeKey = tuple  # (root, dtype, symmetric, scheme): an activation as a plan quantizes it
+
+
+def range_key(act: ActivationPlan) -> RangeKey:
+    return (act.root, act.dtype, act.symmetric, act.scheme)
 
 
 def weight_key(wp: WeightPlan) -> WeightKey:
@@ -49,18 +54,22 @@ class Edits:
     params they were picked for, keyed by ``weight_key``; ``biases``: float values that replace
     a bias initializer (bias correction) where it is quantized with that weight key. A plan
     that quantizes a weight otherwise (another dtype, float) gets plain rounding and the
-    original bias: an edit is only ever used for what it was computed for.
+    original bias: an edit is only ever used for what it was computed for. ``ranges``: learned
+    activation ranges (block reconstruction's step sizes), keyed by ``range_key``; they replace
+    the calibrated range of a root quantized that way (``CalibratedModel.ranges``).
     """
 
     weights: Mapping[WeightKey, tuple[np.ndarray, QuantParams]] = field(default_factory=dict)
     biases: Mapping[tuple[str, WeightKey], np.ndarray] = field(default_factory=dict)
+    ranges: Mapping[RangeKey, tuple[float, float]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.weights or self.biases)
+        return bool(self.weights or self.biases or self.ranges)
 
     def merged(self, other: Edits) -> Edits:
         """These edits with ``other``'s on top."""
-        return Edits({**self.weights, **other.weights}, {**self.biases, **other.biases})
+        return Edits({**self.weights, **other.weights}, {**self.biases, **other.biases},
+                     {**self.ranges, **other.ranges})
 
 
 NO_EDITS = Edits()
