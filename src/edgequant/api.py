@@ -28,6 +28,8 @@ from edgequant.result import OutputFidelity, QuantizeResult, Summary
 
 __all__ = ["OutputFidelity", "QuantizeResult", "Summary", "calibrate", "make_options", "quantize"]
 
+#: ``progress(stage, done, total)``; a stage may carry a note after " · " (block reconstruction's
+#: ``"block reconstruction · block MSE −41%"``): the same stage, further on
 Progress = Callable[[str, int, int], None]
 ModelArg = str | os.PathLike | ModelProto | None
 ConfigArg = str | os.PathLike | dict | ResolvedConfig | None

@@ -239,8 +239,26 @@ def test_a_block_spans_a_residual_add_and_runs_as_its_qdq_model(rng):
     # what Flatten reads is DQ(Q(GlobalAveragePool(DQ(Q(c3)) + DQ(Q(a0))))): the Add on both quantized inputs
     out = runner.forward(torch.from_numpy(np.concatenate(got[q_in])), None, nearest=True)
     np.testing.assert_allclose(out.numpy(), np.concatenate(got[q_out]).reshape(len(data), -1), rtol=1e-4, atol=1e-4)
-    edits, report = round_blocks(state, state.plan, Edits())
+    seen = []
+    edits, report = round_blocks(state, state.plan, Edits(), lambda *a: seen.append(a))
     assert report.layers == 5 and report.after < report.before and edits.weights
+    # one bar (the stage before " · "), its note the blocks' error so far
+    assert [a[1:] for a in seen] == [(1, 2), (2, 2)] and all(a[0].startswith("block reconstruction · block MSE -")
+                                                            for a in seen)
+
+
+def test_a_time_budget_cuts_the_steps_of_a_block(rng):
+    pytest.importorskip("torch").set_num_threads(1)
+    from edgequant.algorithms.stage import round_blocks
+
+    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
+                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(12)]
+    state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=2, block_time_budget=1e-6)
+    _, report = round_blocks(state, state.plan, Edits())
+    assert report.detail.endswith("time budget 1e-06 s: 11–11 steps a block")
+    with pytest.raises(edgequant.ConfigError, match="block_time_budget"):
+        edgequant.make_options(block_time_budget=0)
 
 
 def test_step_range_gives_back_the_step_and_zero_point():

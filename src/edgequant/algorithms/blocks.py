@@ -26,6 +26,7 @@ stays. Only roots whose every tensor lies inside the block learn (``learnable_ro
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ UNARY = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Ta
          "MaxPool", "AveragePool", "Flatten")
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 BINARY = ("Add", "Sub", "Mul", "Div")
+PROBE_STEPS = 10  # steps timed before a time limit cuts the rest
 
 
 @dataclass
@@ -156,25 +158,28 @@ class BlockStats:
     mse_after: float
     seconds: float
     steps: dict[str, float] = field(default_factory=dict)  # root → learned activation scale
+    optim_steps: int = 0  # optimisation steps run (fewer than asked under a time limit)
 
 
 def reconstruct(block: Block, model: ModelProto, plan: QuantPlan, act_params: dict[str, QuantParams],
                 weights: dict[str, tuple[np.ndarray, QuantParams]], biases: dict[str, np.ndarray],
                 x: np.ndarray, target: np.ndarray, options: AdaRoundOptions, batch: int,
                 progress: Callable[[int, int], None] | None = None, learn: tuple[str, ...] = (),
-                act_lr: float = 1e-3) -> tuple[dict[str, np.ndarray], BlockStats]:
+                act_lr: float = 1e-3, seconds: float | None = None) -> tuple[dict[str, np.ndarray], BlockStats]:
     """Integer weights (by node name) of ``block`` that reconstruct ``target`` from ``x``
     (samples along axis 0). ``weights``: node → (float weight, params) to round; ``biases``:
     node → float bias; ``act_params``: root → params of the plan's activations; ``learn``:
-    roots whose step size is learned too (``learnable_roots``), at rate ``act_lr`` on ``log s``."""
+    roots whose step size is learned too (``learnable_roots``), at rate ``act_lr`` on ``log s``;
+    ``seconds``: a time limit, by which the number of steps (and with it the regulariser's
+    schedule) is cut once the first ``PROBE_STEPS`` have timed a step."""
     torch = import_torch()
     with one_thread(torch):
         return _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch,
-                            progress, learn, act_lr)
+                            progress, learn, act_lr, seconds)
 
 
 def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress,
-                 learn, act_lr):
+                 learn, act_lr, seconds):
     began = time.perf_counter()
     runner = _Runner(torch, block, model, plan, act_params, weights, biases)
     xs, ts = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(target, np.float32))
@@ -189,7 +194,12 @@ def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, targ
     gen = torch.Generator().manual_seed(options.seed)
     power = float((ts ** 2).mean()) or 1.0
     count = sum(t.numel() for t in v.values())
-    for step in range(options.steps):
+    step, probe = 0, time.perf_counter()
+    while step < options.steps:
+        if seconds is not None and step == PROBE_STEPS:
+            per_step = (time.perf_counter() - probe) / PROBE_STEPS
+            options = dataclasses.replace(options, steps=max(PROBE_STEPS + 1, min(options.steps,
+                                                                                int(seconds / max(per_step, 1e-9)))))
         idx = torch.randint(xs.shape[0], (min(batch, xs.shape[0]),), generator=gen)
         out = runner.forward(xs.index_select(0, idx), v)
         # both terms scale-free: the error relative to the target's power, the regulariser's
@@ -201,12 +211,13 @@ def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, targ
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if progress is not None and ((step + 1) % 100 == 0 or step + 1 == options.steps):
-            progress(step + 1, options.steps)
+        step += 1
+        if progress is not None and (step % 100 == 0 or step == options.steps):
+            progress(step, options.steps)
     chosen = {k: runner.integers(k, v[k].detach()) for k in v}
     after = runner.mse(xs, ts, hard=True, v={k: t.detach() for k, t in v.items()})
     steps = {r: float(np.float32(np.exp(float(t.detach())))) for r, t in runner.steps.items()}
-    return chosen, BlockStats(before, after, time.perf_counter() - began, steps)
+    return chosen, BlockStats(before, after, time.perf_counter() - began, steps, options.steps)
 
 
 def _h(torch: Any, v: Any) -> Any:

@@ -224,7 +224,8 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
     acts = {a.root: a for a in plan.activations.values()}
     chosen: dict = dict(edits.weights)
     ranges: dict = dict(edits.ranges)
-    ratios, layers, done, learned = [], 0, 0, 0
+    ratios, layers, done, learned, ran = [], 0, 0, 0, []
+    budget = rec.block_time_budget
     for level in depth_levels(state.model, heads):
         qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases, ranges))
         by_name = {n.name: n for n in qmodel.graph.node}
@@ -240,8 +241,12 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
             x, target = _paired(quantized[by_name[head.node.name].input[0]], floats[block.output])
             learn = tuple(learnable_roots(block, plan, state.options.unsigned_nonnegative)) \
                 if rec.block_learn_activations else ()
+            share = None if budget is None else \
+                max(0.0, budget - (time.perf_counter() - started)) / (len(heads) - done)
             ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases, x, target, opts,
-                                      rec.block_batch_size, learn=learn, act_lr=rec.block_activation_lr)
+                                      rec.block_batch_size, learn=learn, act_lr=rec.block_activation_lr,
+                                      seconds=share)
+            ran.append(stats.optim_steps)
             if stats.mse_after < stats.mse_before:
                 for n, wp in block.weights.items():
                     chosen[weight_key(wp)] = (ints[n], floats_w[n][1])
@@ -253,9 +258,11 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
             ratios.append(min(stats.mse_after, stats.mse_before) / max(stats.mse_before, 1e-30))
             layers += len(block.weights)
             done += 1
-            if progress:
-                progress("block reconstruction", done, len(heads))
+            if progress:  # the stage, then after " · " how far the blocks' error has come down
+                progress(f"block reconstruction · block MSE {float(np.mean(ratios)) - 1:+.0%}", done, len(heads))
     detail = f"{len(heads)} blocks, {count} samples" + (f", {learned} activation step sizes learned" if learned else "")
+    if ran and min(ran) < opts.steps:
+        detail += f"; time budget {budget:g} s: {min(ran)}–{max(ran)} steps a block"
     return Edits(chosen, edits.biases, ranges), StepReport(
         "block reconstruction", layers, "block MSE", 1.0 if ratios else 0.0, float(np.mean(ratios)) if ratios else 0.0,
         time.perf_counter() - started, detail)

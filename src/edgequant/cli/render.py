@@ -25,7 +25,8 @@ err = Console(stderr=True, highlight=False)
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator:
-    """Yield a ``progress(stage, done, total)`` callback drawing one bar per stage."""
+    """Yield a ``progress(stage, done, total)`` callback drawing one bar per stage; a stage
+    ``"name · note"`` is the bar of ``name``, showing the note (e.g. a loss going down)."""
     if not enabled:
         yield None
         return
@@ -34,9 +35,10 @@ def progress_bar(enabled: bool = True) -> Iterator:
     tasks: dict[str, TaskID] = {}
 
     def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done, total=total)
+        key = stage.split(" · ")[0]
+        if key not in tasks:
+            tasks[key] = bar.add_task(stage, total=total)
+        bar.update(tasks[key], completed=done, total=total, description=stage)
 
     with bar:
         yield update

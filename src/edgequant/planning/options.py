@@ -46,7 +46,9 @@ class Recovery:
       PyTorch; ``adaround_*`` steps, rate and data count, ``block_batch_size`` samples a step)
       and empirical bias correction; ``block_learn_activations``: the step sizes of the
       activations inside each block are learned with its rounding (LSQ), at
-      ``block_activation_lr`` on their logarithm.
+      ``block_activation_lr`` on their logarithm; ``block_time_budget``: seconds for all the
+      blocks, shared out block by block, that cut the steps of a block that would run over
+      (the output then depends on the machine's speed; none by default).
     """
 
     cle: bool = False
@@ -71,6 +73,7 @@ class Recovery:
     block_batch_size: int = 8
     block_learn_activations: bool = True
     block_activation_lr: float = 1e-3
+    block_time_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.cle_relu6 not in ("bound", "relu", "skip"):
@@ -88,6 +91,8 @@ class Recovery:
                      "block_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.block_time_budget is not None and not self.block_time_budget > 0:
+            raise ConfigError(f"block_time_budget must be a number of seconds > 0, got {self.block_time_budget}")
         if not 0.0 < self.block_activation_lr < 1.0:
             raise ConfigError(f"block_activation_lr must be in (0, 1), got {self.block_activation_lr}")
         if not 0.0 <= self.hessian_opt_stability_ratio < 1.0:
