@@ -41,14 +41,17 @@ def _add_new_commands(sub) -> None:
     a.add_argument("--samples", type=int, default=recovery.SAMPLES, help="calibration samples, the same for every job")
     a.add_argument("--timeout", type=int, default=recovery.TIMEOUT, help="seconds per job; a timeout is a result")
     a.add_argument("--slow", choices=("last", "skip", "only"), default="last",
-                   help="the AdaRound jobs: after all others (default), not at all, or only them")
+                   help="the AdaRound and block-reconstruction jobs: after all others (default), not at all, or only them")
+    a.add_argument("--settings", default=None,
+                   help="only these settings, by label ('|'-separated, e.g. 'plain|finetune_level=2'); default all")
 
 
 def _run_new_command(args) -> None:
     if args.cmd == "recovery":  # written after every job: a long run keeps what it measured
         env, done = environment(), []
         recovery.recovery(args.models.split(","), args.groups.split(","), args.samples, args.timeout,
-                          on_row=lambda row: (done.append(row), recovery.save(done, env)), slow=args.slow)
+                          on_row=lambda row: (done.append(row), recovery.save(done, env)), slow=args.slow,
+                          only=args.settings.split("|") if args.settings else None)
         return
     if args.cmd == "tpu-mlir":
         from pathlib import Path

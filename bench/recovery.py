@@ -5,7 +5,7 @@ per-channel weights, default int8; SmoothQuant for transformers) the plain quant
 recovery variant run as ``edgequant.quantize`` jobs in their own processes (``bench.job``: wall
 time and peak RSS of the quantize call), on the same calibration files; the parent scores each
 output with the zoo's task metric and the mean output cosine against float on the zoo's eval
-feeds. The slow AdaRound jobs run after all the others. A job past ``timeout`` seconds is killed
+feeds. The slow AdaRound and block-reconstruction jobs run after all the others. A job past ``timeout`` seconds is killed
 and recorded as a timeout; a model the zoo cannot provide is recorded as a failed row.
 """
 
@@ -48,7 +48,7 @@ GROUPS: tuple[Group, ...] = (
     Group("espdl-s3", 'per-tensor power-of-two int8 (`target="espdl-s3"`)', "percentile", {"target": "espdl-s3"},
           ({}, {"cle": True}, BC, {"cle": True, **BC}, {"gptq": True, **BC})),
     Group("w4a8", 'W4A8, per-channel weights (`weight_dtype="int4"`)', "percentile", {"weight_dtype": "int4"},
-          ({}, {"gptq": True}, {"adaround": True}, BC, {"gptq": True, **BC})),
+          ({}, {"gptq": True}, {"adaround": True}, BC, {"gptq": True, **BC}, {"finetune_level": 2})),
     Group("int8", "default int8 (per-channel weights, percentile)", "percentile", {},
           ({}, BC, {"gptq": True})),
     Group("sq", "default int8 (percentile), SmoothQuant", "percentile", {},
@@ -79,7 +79,7 @@ def _commit() -> str:
 
 
 def _slow(setting: dict) -> bool:
-    return bool(setting.get("adaround"))
+    return bool(setting.get("adaround")) or setting.get("finetune_level", 0) >= 2
 
 
 class Scorer:
@@ -120,9 +120,11 @@ def _prepare(name: str, n: int) -> tuple[dict, Scorer | None, object]:
 
 
 def recovery(models: list[str], groups: list[str], n: int = SAMPLES, timeout: int = TIMEOUT,
-             on_row: Callable[[dict], None] | None = None, slow: str = "last") -> list[dict]:
-    """All rows: fast settings model by model, then the slow (AdaRound) jobs (``slow``: ``last``,
-    ``skip`` or ``only``); ``on_row`` sees each row as it is measured."""
+             on_row: Callable[[dict], None] | None = None, slow: str = "last",
+             only: list[str] | None = None) -> list[dict]:
+    """All rows: fast settings model by model, then the slow (AdaRound, block reconstruction)
+    jobs (``slow``: ``last``, ``skip`` or ``only``); ``only``: just the settings of these labels;
+    ``on_row`` sees each row as it is measured."""
     prepared = {}
     rows = []
 
@@ -133,7 +135,7 @@ def recovery(models: list[str], groups: list[str], n: int = SAMPLES, timeout: in
             on_row(row)
 
     jobs = [(name, g, i, s) for name in models for g in (GROUP[k] for k in groups) if g.applies(name)
-            for i, s in enumerate(g.settings)]
+            for i, s in enumerate(g.settings) if only is None or label(s) in only]
     for pass_slow in {"last": (False, True), "skip": (False,), "only": (True,)}[slow]:
         for name, g, i, setting in jobs:
             if _slow(setting) != pass_slow:

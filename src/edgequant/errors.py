@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class EdgequantError(Exception):
@@ -43,3 +45,12 @@ def closest_names(name: str, candidates: Iterable[str], n: int = 3) -> str:
     if not close:
         close = pool[:n]
     return ", ".join(repr(c) for c in close)
+
+
+def not_a_file(kind: str, path: str | os.PathLike) -> str:
+    """The message for a ``kind`` path (``model``, ``config``…) that names no file: a folder,
+    or nothing."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{kind} {p} is a folder, not a file; give the {kind} file itself"
+    return f"{kind} file not found: {p}"

@@ -201,6 +201,43 @@ def test_unwritable_output(tmp_path, npz_dir):
     error_case(tmp_path, MODEL, "--calib", npz_dir, "-o", MODEL, match="is the input model")
 
 
+def test_paths_that_name_no_file_and_outputs_no_file_system_takes(tmp_path, npz_dir):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    error_case(tmp_path, folder, "--calib", npz_dir, match=f"model {folder} is a folder, not a file")
+    r = cli("-c", folder)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: config {folder} is a folder, not a file; give the " \
+        "config file itself", r.stderr
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "-o", "", match="'--output': is empty; give a path")
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "-o", f"{tmp_path}/out/", match="names a folder; give a file name")
+    assert not (tmp_path / "out").exists()
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "-o", tmp_path / ("a" * 300 + ".onnx"), match="name too long")
+
+
+def test_npz_files_that_are_no_archive_or_hold_pickles(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.npz").write_bytes(np.random.default_rng(0).bytes(3000))
+    error_case(tmp_path, MODEL, "--calib", junk, match="a.npz: not a readable .npz file: it is not a zip archive")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    np.savez(pickled / "a.npz", image=np.array([{"x": 1}], dtype=object))
+    error_case(tmp_path, MODEL, "--calib", pickled, match="holds Python objects (pickles), which are never loaded")
+
+
+def test_compare_fails_nan_even_against_nan_and_compares_strings(tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(a, x=np.array([np.nan, 1.0], np.float32), s=np.array(["a", "b"]), y=np.ones(3, np.float32))
+    np.savez(b, x=np.array([np.nan, 1.0], np.float32), s=np.array(["a", "c"]), y=np.ones(3, np.float32))
+    r = cli("compare", a, b)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    rows = {ln.split("│")[1].strip(): ln for ln in r.stdout.splitlines() if ln.startswith("│")}
+    assert set(rows) == {"x", "s"}  # y passes and is not listed
+    assert "FAILED not similar (2 NaN/inf)" in rows["x"] and "1.0000" not in rows["x"]
+    assert "FAILED not equal" in rows["s"] and "3 compared, 1 passed, 2 failed" in r.stdout
+    assert cli("compare", a, a).returncode == 1  # NaN against the very same NaN
+
+
 def test_demo_runs(tmp_path):
     r = cli("demo", "-q", "-o", tmp_path / "d")
     assert r.returncode == 0, r.stderr

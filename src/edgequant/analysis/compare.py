@@ -1,12 +1,14 @@
 """Compare two tensor dumps (.npz) by name, the TPU-MLIR ``npz_tool.py compare`` way.
 
 A tensor passes when its cosine similarity and its Euclidean similarity
-(``1 − ‖a − b‖ / ‖(a + b)/2‖``) both reach the tolerance; integer tensors pass when equal.
+(``1 − ‖a − b‖ / ‖(a + b)/2‖``) both reach the tolerance; integer tensors pass when equal, and
+so do strings (no metrics). A NaN or an infinity fails, even against the same value.
 Tensors whose names appear in one dump only are listed, not failed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,11 +61,17 @@ def _one(name: str, a: np.ndarray, b: np.ndarray, tol: tuple[float, float]) -> T
             b = b.reshape(a.shape)
         else:
             return TensorComparison(name, a.shape, "shape differs", None)
-    if np.array_equal(a, b):
+    if a.dtype.kind not in "biuf" or b.dtype.kind not in "biuf":  # strings, objects: equal or not, no metrics
+        same = a.dtype.kind == b.dtype.kind and np.array_equal(a, b)
+        return TensorComparison(name, a.shape, "equal" if same else "not equal", None)
+    if np.array_equal(a, b) and np.isfinite(a).all():  # NaN is never equal, not even to NaN
         return TensorComparison(name, a.shape, "equal", compare(a.astype(np.float32), b.astype(np.float32)))
     m = compare(a.astype(np.float32), b.astype(np.float32))
     if a.dtype.kind not in "f" and b.dtype.kind not in "f":
         return TensorComparison(name, a.shape, "not equal", m)
+    # a NaN/inf on either side is a mismatch (the fidelity metrics leave out what the reference lacks)
+    nonfinite = int(np.count_nonzero(~np.isfinite(a)) + np.count_nonzero(~np.isfinite(b)))
+    m = dataclasses.replace(m, nonfinite=max(m.nonfinite, nonfinite))
     ok = m.nonfinite == 0 and m.cosine >= tol[0] and m.euclidean >= tol[1]
     return TensorComparison(name, a.shape, "similar" if ok else "not similar", m)
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgequant.cli.paths import OutputPath
+
 EXAMPLES = """
 \b
 Examples:
@@ -18,7 +20,7 @@ Examples:
 @click.argument("float_model", type=click.Path(path_type=Path))
 @click.argument("quant_model", type=click.Path(path_type=Path))
 @click.option("--calib", multiple=True, required=True, help="Samples: folder (npz/npy/images/raw), list file or file; once per input.")
-@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=Path("edgequant-report"),
+@click.option("-o", "--output", "output", type=OutputPath(file=False), default=Path("edgequant-report"),
               show_default=True, help="Report folder (report.md, report.html, report.json, PNG plots).")
 @click.option("--mode", type=click.Choice(["graphwise", "layerwise", "both"]), default="both", show_default=True,
               help="graphwise: the quantized model end to end; layerwise: one layer quantized at a time.")

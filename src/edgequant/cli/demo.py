@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from edgequant.cli.paths import OutputPath
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("edgequant-demo"),
+@click.option("-o", "--output-dir", type=OutputPath(file=False), default=Path("edgequant-demo"),
               show_default=True, help="Folder for the quantized model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def demo(output_dir: Path, quiet: bool) -> None:

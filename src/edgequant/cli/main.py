@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -62,6 +63,19 @@ def _terminated(signum, frame) -> None:
     raise Terminated()
 
 
+#: Filesystem faults, as a user reads them: what happened and what to do.
+FAULTS = {
+    errno.ENOSPC: "no space left on the device; free some space or write elsewhere with -o",
+    errno.EDQUOT: "disk quota exceeded; free some space or write elsewhere with -o",
+    errno.EFBIG: "file too large for this file system; write elsewhere with -o",
+    errno.ENAMETOOLONG: "file name too long for this file system; choose a shorter name",
+    errno.EROFS: "read-only file system; write elsewhere with -o",
+    errno.EISDIR: "a folder stands where a file was to be written; give a file name",
+    errno.EACCES: "permission denied; choose a path you can write",
+    errno.EPERM: "operation not permitted; choose a path you can write",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -94,6 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # the machine, not edgequant: name it in plain words, with the path
+        if debug or exc.errno not in FAULTS:
+            if debug:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"error: {FAULTS[exc.errno]}{where}", err=True)
+        sys.exit(2)
     except Exception as exc:  # an internal failure: say so, short, unless --debug
         if debug:
             raise

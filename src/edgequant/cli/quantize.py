@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from edgequant.errors import ConfigError, OutputError
+from edgequant.cli.paths import OutputPath
+from edgequant.errors import ConfigError, OutputError, not_a_file
 from edgequant.planning.overrides import Override
 
 EXAMPLES = """
@@ -34,6 +35,13 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
 def check_output(path: Path, model: Path | None) -> None:
     """Fail before any work if the output cannot be written or would overwrite the input."""
     if model is not None and path.resolve() == Path(model).resolve():
@@ -45,6 +53,10 @@ def check_output(path: Path, model: Path | None) -> None:
         raise OutputError(f"cannot write {path}: permission denied; choose another -o")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder; give a file name with -o")
+    size, limit = len(os.fsencode(path.name)), _name_max(folder)
+    if size > limit:
+        raise OutputError(f"output file name is {size} bytes long and this file system allows {limit}; choose a "
+                          "shorter -o")
 
 
 def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None, model: Path | None) -> None:
@@ -70,7 +82,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("-i", "--input", "model_opt", type=click.Path(path_type=Path), help="Model path (same as MODEL).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL stem + .q.onnx].")
+@click.option("-o", "--output", type=OutputPath(), help="Output model [default: MODEL stem + .q.onnx].")
 @click.option("--calib", multiple=True, help="Calibration data: folder (npz/npy/images/raw), list file or file; once per input.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="Config file (JSON/YAML, XQuant layout).")
 @click.option("--target", help="Target profile: dtypes, symmetry, granularity, power-of-two scales, rounding (edgequant targets).")
@@ -259,7 +271,7 @@ def read_override_file(path: Path) -> tuple[Override, ...]:
     import yaml
 
     if not path.is_file():
-        raise ConfigError(f"override file not found: {path}")
+        raise ConfigError(not_a_file("override", path))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -124,8 +124,11 @@ def print_comparison(result, tolerance: tuple[float, float], verbose: bool) -> N
         if r.passed and not verbose:
             continue
         m = r.metrics
+        status = r.status + (f" ({m.nonfinite} NaN/inf)" if m and m.nonfinite else "")
+        if m is not None and m.nonfinite:  # figures of the finite part alone would look healthy
+            m = None
         t.add_row(r.name, str(list(r.shape)), _f(m.cosine) if m else "", _f(m.euclidean) if m else "",
-                  _f(m.sqnr_db, ".1f") if m else "", ("PASSED " if r.passed else "FAILED ") + r.status)
+                  _f(m.sqnr_db, ".1f") if m else "", ("PASSED " if r.passed else "FAILED ") + status)
     if t.row_count:
         out.print(t)
     failed = sum(not r.passed for r in result.rows)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgequant.cli.paths import OutputPath
+
 EXAMPLES = """
 \b
 Examples:
@@ -19,7 +21,7 @@ Examples:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--inputs", required=True, type=click.Path(path_type=Path),
               help=".npz with one array per model input (by input name), or one .npy for a single input.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .npz.")
+@click.option("-o", "--output", required=True, type=OutputPath(), help="Output .npz.")
 @click.option("--dump-all", is_flag=True, help="Save every intermediate tensor, not only the outputs.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

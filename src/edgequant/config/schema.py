@@ -16,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from edgequant.calibration.method import Method
 from edgequant.data.inputs import InputSettings
-from edgequant.errors import ConfigError, EdgequantError, closest_names
+from edgequant.errors import ConfigError, EdgequantError, closest_names, not_a_file
 from edgequant.planning.options import QuantOptions, Recovery, parse_options
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.planning.selectors import After, Between
@@ -159,7 +159,7 @@ def read_config_file(source: str | os.PathLike | dict) -> tuple[ConfigFile, Path
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(not_a_file("config", path))
         text = path.read_text(encoding="utf-8")
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)

@@ -25,7 +25,21 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as exc:
-        raise CalibrationDataError(f"cannot read {p} as .npz/.npy: {str(exc).splitlines()[0][:200]}") from None
+        if p.suffix != ".npy":
+            raise unreadable_npz(p, exc) from None
+        raise CalibrationDataError(f"cannot read {p} as .npy: {str(exc).splitlines()[0][:200]}") from None
+
+
+def unreadable_npz(path: Path, exc: Exception) -> CalibrationDataError:
+    """The error for an ``.npz`` numpy cannot read, saying why in the user's terms (numpy's own
+    message for a file that is no zip suggests ``allow_pickle``, which edgequant never uses)."""
+    if not zipfile.is_zipfile(path):
+        why = "it is not a zip archive of .npy arrays (truncated, or another format named .npz)"
+    elif "pickle" in str(exc):
+        why = "it holds Python objects (pickles), which are never loaded; save numeric arrays with np.savez"
+    else:
+        why = str(exc)
+    return CalibrationDataError(f"{path}: not a readable .npz file: {why}")
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

@@ -17,7 +17,8 @@ import numpy as np
 
 from edgequant.data.images import IMAGE_SUFFIXES, load_image
 from edgequant.data.inputs import InputSettings, InputSpec, conform
-from edgequant.errors import CalibrationDataError, ConfigError
+from edgequant.data.npz import unreadable_npz
+from edgequant.errors import CalibrationDataError, ConfigError, not_a_file
 
 FILE_TYPES = {"img": IMAGE_SUFFIXES, "npy": (".npy",), "npz": (".npz",), "raw": (".raw", ".bin")}
 Sample = dict[str, np.ndarray]
@@ -141,7 +142,7 @@ def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
                           else np.lib.format.read_array_header_2_0)
                 return tuple(reader(fh)[0])
     except Exception as exc:
-        raise CalibrationDataError(f"{path}: not a readable .npz file ({exc})") from None
+        raise unreadable_npz(path, exc) from None
 
 
 class NpzSource(CalibrationSource):
@@ -167,7 +168,7 @@ class NpzSource(CalibrationSource):
                 with np.load(f) as z:
                     data = {k: z[k] for k in z.files}
             except Exception as exc:
-                raise CalibrationDataError(f"{f}: not a readable .npz file ({exc})") from None
+                raise unreadable_npz(f, exc) from None
             if len(self.specs) == 1 and self.specs[0].name not in data and len(data) == 1:
                 data = {self.specs[0].name: next(iter(data.values()))}
             yield from _samples_from(data, self.specs, str(f))
@@ -295,7 +296,7 @@ def load_function(spec: str) -> Callable:
     if not sep or not path.endswith(".py"):
         raise ConfigError(f"preprocess_file must look like 'path/to/file.py:function', got {spec!r}")
     if not os.path.isfile(path):
-        raise ConfigError(f"preprocess file not found: {path}")
+        raise ConfigError(not_a_file("preprocess", path))
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"cannot import preprocess file {path}")

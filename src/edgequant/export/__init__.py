@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgequant.errors import ConfigError
+from edgequant.errors import ConfigError, not_a_file
 from edgequant.export import acuity, espdl, native, qparams, tpu_mlir
 from edgequant.ir.model import write_atomic
 
@@ -87,7 +87,7 @@ def import_params(fmt: str, path: str | os.PathLike) -> tuple:
                           "beside it with --export-params edgequant:FILE) to re-create the model")
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"parameter file not found: {p}")
+        raise ConfigError(not_a_file("parameter", p))
     text = p.read_text(encoding="utf-8")
     reader = {"qparams": qparams.loads, "cali-table": tpu_mlir.loads_cali_table, "qtable": tpu_mlir.loads_qtable,
               "acuity": acuity.loads}.get(fmt)

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 from onnx import ModelProto, helper, version_converter
 
-from edgequant.errors import ModelLoadError, OutputError
+from edgequant.errors import ModelLoadError, OutputError, not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def load_model(model: str | os.PathLike | ModelProto) -> ModelProto:
         return copy
     path = Path(model)
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(not_a_file("model", path))
     try:
         proto = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf raises several types for corrupt files
