@@ -214,6 +214,15 @@ def test_paths_that_name_no_file_and_outputs_no_file_system_takes(tmp_path, npz_
     error_case(tmp_path, MODEL, "--calib", npz_dir, "-o", tmp_path / ("a" * 300 + ".onnx"), match="name too long")
 
 
+def test_a_mistyped_command_is_named_not_taken_for_a_model(tmp_path):
+    r = cli("quantise", MODEL.name, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: no command 'quantise'; did you mean 'quantize'? " \
+        "(see edgequant --help)", r.stderr
+    (tmp_path / "analyse").write_bytes(MODEL.read_bytes())  # a file of that name is a model, as before
+    r = cli("analyse", "-o", tmp_path / "m.q.onnx", "--calib", tmp_path / "none", cwd=tmp_path)
+    assert "no command" not in r.stderr and "calib" in r.stderr, r.stderr
+
+
 def test_npz_files_that_are_no_archive_or_hold_pickles(tmp_path):
     junk = tmp_path / "junk"
     junk.mkdir()

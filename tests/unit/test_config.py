@@ -145,3 +145,19 @@ def test_shipped_schema_is_current():
     assert json.loads(shipped.read_text()) == json.loads(json.dumps(json_schema()))
     props = json_schema()["$defs"]["CalibrationParameters"]["properties"]
     assert "input_parametres" in props
+
+
+@pytest.mark.parametrize("text, match", [
+    (b"\xff\xfe{}", "is not UTF-8 text"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "nested too deeply"),
+    (b'{"quantization_parameters": {"max_percentile": ' + b"9" * 5000 + b"}}", "integer with thousands of digits"),
+])
+def test_config_files_python_cannot_parse_are_one_line_errors(tmp_path, text, match):
+    path = tmp_path / "c.json"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        load_config(folder)

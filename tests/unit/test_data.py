@@ -183,3 +183,15 @@ def test_a_range_of_samples_equals_the_slice_of_all_and_sources_pickle(tmp_path,
         for start, stop in ((0, 2), (1, 4), (3, 6), (5, 100), (2, 2)):
             assert _same(list(src.samples(start, stop)), every[start:stop]), (type(src).__name__, start, stop)
             assert _same(list(again.samples(start, stop)), every[start:stop])
+
+
+def test_an_image_past_the_decompression_bomb_limit_is_refused_in_one_line(tmp_path, monkeypatch):
+    from edgequant.data.images import load_image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels > 2 × 100: PIL's error, not its warning
+    spec = InputSpec("x", (1, 1, 40, 40), np.float32)
+    with pytest.raises(CalibrationDataError, match=r"big.png: the image has more than 200 pixels, the limit that "
+                                                   r"guards against decompression bombs"):
+        load_image(str(path), spec, InputSettings())

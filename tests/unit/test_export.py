@@ -1,6 +1,7 @@
 """Interchange files: each parses with its grammar and re-imports to the identical model."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -263,3 +264,45 @@ def test_imported_files_with_nan_inf_negative_or_reversed_values_are_refused(set
         (tmp_path / "bad.json").write_text(json.dumps(doc))
         with pytest.raises(ConfigError, match="finite and positive"):
             recreate(model, tmp_path / "bad.json")
+
+
+def _edited(doc: dict, change) -> dict:
+    out = json.loads(json.dumps(doc))
+    change(out)
+    return out
+
+
+def test_malformed_parameter_files_are_named_with_what_is_wrong(setup, tmp_path):
+    """Keys missing, values of the wrong type, unknown dtypes, zero points out of range:
+    one ConfigError naming the file, never another exception."""
+    model, _, result = setup
+    native = json.loads(export_params(result, "edgequant", tmp_path / "p.json").read_text())
+    qp = json.loads(export_params(result, "qparams", tmp_path / "q.json").read_text())
+    root = next(iter(native["params"]))
+    act = next(iter(qp["quantization_params"][0]["activations"]))
+    cases = [
+        ("edgequant", _edited(native, lambda d: d.pop("weights")), "no 'weights' key"),
+        ("edgequant", _edited(native, lambda d: d["params"][root].update(scale="abc")), "wrong type or range"),
+        ("edgequant", _edited(native, lambda d: d.update(activations={"a": 1})), "wrong type or range"),
+        ("edgequant", _edited(native, lambda d: d["params"][root].update(dtype="uint9")), "unknown dtype 'uint9'"),
+        ("edgequant", _edited(native, lambda d: d["weights"][0].update(dtype="int3")), "unknown dtype 'int3'"),
+        ("edgequant", _edited(native, lambda d: d["params"][root].update(zero_point=999)),
+         "is [999]; a uint8 zero point is an integer in [0, 255]"),
+        ("edgequant", _edited(native, lambda d: d["params"][root].update(zero_point=1.5)), "zero point"),
+        ("qparams", _edited(qp, lambda d: d["quantization_params"][0]["activations"][act].update(min_vals="a")),
+         "malformed qparams file"),
+        ("qparams", _edited(qp, lambda d: d.update(quantization_params={"a": 1})), "malformed qparams file"),
+        ("qparams", _edited(qp, lambda d: d["quantization_params"][0].update(activations=[1, 2])),
+         "malformed qparams file"),
+    ]
+    for k, (fmt, doc, match) in enumerate(cases):
+        path = tmp_path / f"bad{k}.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(edgequant.ConfigError, match=re.escape(match)) as info:
+            recreate(model, path) if fmt == "edgequant" else import_params(fmt, path)
+        assert str(path) in str(info.value), info.value
+    for text, match in ((b"\xff\xfe{}", "is not UTF-8 text"), (b"[" * 100000 + b"]" * 100000, "nested too deeply")):
+        path = tmp_path / "odd.json"
+        path.write_bytes(text)
+        with pytest.raises(edgequant.ConfigError, match=match):
+            import_params("qparams", path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
+import os
 import signal
 import sys
 
@@ -18,6 +20,9 @@ class DefaultGroup(click.Group):
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            close = difflib.get_close_matches(args[0], list(self.commands), n=1, cutoff=0.75)
+            if close and not os.path.exists(args[0]):  # ``edgequant quantise m.onnx``: a typo, not a model
+                raise click.UsageError(f"no command {args[0]!r}; did you mean {close[0]!r}?", ctx)
             args = ["quantize", *args]
         return super().parse_args(ctx, args)
 

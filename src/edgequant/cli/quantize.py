@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from edgequant.cli.paths import OutputPath
-from edgequant.errors import ConfigError, OutputError, not_a_file
+from edgequant.errors import ConfigError, OutputError, not_a_file, parse_guarded, read_text
 from edgequant.planning.overrides import Override
 
 EXAMPLES = """
@@ -273,7 +273,8 @@ def read_override_file(path: Path) -> tuple[Override, ...]:
     if not path.is_file():
         raise ConfigError(not_a_file("override", path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = read_text(path, "override")
+        data = parse_guarded(lambda: yaml.safe_load(text), path, "override") or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"override file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
     items = data.get("quantization_parameters", data).get("overrides") if isinstance(data, dict) else None

@@ -16,7 +16,14 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from edgequant.calibration.method import Method
 from edgequant.data.inputs import InputSettings
-from edgequant.errors import ConfigError, EdgequantError, closest_names, not_a_file
+from edgequant.errors import (
+    ConfigError,
+    EdgequantError,
+    closest_names,
+    not_a_file,
+    parse_guarded,
+    read_text,
+)
 from edgequant.planning.options import QuantOptions, Recovery, parse_options
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.planning.selectors import After, Between
@@ -160,9 +167,10 @@ def read_config_file(source: str | os.PathLike | dict) -> tuple[ConfigFile, Path
         path = Path(source)
         if not path.is_file():
             raise ConfigError(not_a_file("config", path))
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "config")
         try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+            data = parse_guarded(lambda: json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text),
+                                 path, "config")
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None

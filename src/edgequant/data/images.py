@@ -64,6 +64,9 @@ def load_image(path: str, spec: InputSpec, settings: InputSettings) -> np.ndarra
         if size is not None:
             im = im.resize(size, Image.Resampling.BILINEAR)
         arr: np.ndarray = np.asarray(im, dtype=np.float32)
+    except Image.DecompressionBombError:
+        raise CalibrationDataError(f"{path}: the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, "
+                                   "the limit that guards against decompression bombs; resize it first") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise CalibrationDataError(f"{path}: cannot read image ({exc})") from None
     if arr.ndim == 2:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgequant.errors import ConfigError, not_a_file
+from edgequant.errors import ConfigError, not_a_file, parse_guarded, read_text
 from edgequant.export import acuity, espdl, native, qparams, tpu_mlir
 from edgequant.ir.model import write_atomic
 
@@ -88,10 +88,10 @@ def import_params(fmt: str, path: str | os.PathLike) -> tuple:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(not_a_file("parameter", p))
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, "parameter")
     reader = {"qparams": qparams.loads, "cali-table": tpu_mlir.loads_cali_table, "qtable": tpu_mlir.loads_qtable,
               "acuity": acuity.loads}.get(fmt)
     if reader is None:
         raise ConfigError(f"{fmt} files re-create a model by themselves: edgequant quantize MODEL --import-params "
                           f"{fmt}:{p} (no calibration needed), alone")
-    return reader(text, str(p))
+    return parse_guarded(lambda: reader(text, str(p)), p, "parameter")

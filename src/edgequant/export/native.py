@@ -17,7 +17,7 @@ from collections import Counter
 import numpy as np
 from onnx import ModelProto, numpy_helper
 
-from edgequant.errors import ConfigError
+from edgequant.errors import ConfigError, malformed
 from edgequant.ir.model import load_model, opset_of
 from edgequant.pipeline import prepare
 from edgequant.planning.options import QuantOptions
@@ -95,14 +95,31 @@ def _read(path: str | os.PathLike) -> dict:
     return data
 
 
-def _plan(data: dict) -> QuantPlan:
+def _dtype(name: object, path) -> QuantDType:
+    try:
+        return QuantDType(name)
+    except ValueError:
+        raise ConfigError(f"{path}: unknown dtype {name!r}; use one of {', '.join(d.value for d in QuantDType)}") from None
+
+
+def _params(root: str, p: dict, path) -> QuantParams:
+    """One root's scale and zero point, the zero point within its dtype's range."""
+    dtype = _dtype(p["dtype"], path)
+    zp = np.asarray(p["zero_point"])
+    if zp.dtype.kind not in "iu" or zp.size == 0 or zp.min() < dtype.qmin or zp.max() > dtype.qmax:
+        raise ConfigError(f"{path}: the zero point of {root} is {zp.reshape(-1)[:4].tolist()}; a {dtype.value} zero "
+                          f"point is an integer in [{dtype.qmin}, {dtype.qmax}]")
+    return QuantParams(np.asarray(p["scale"], np.float32), zp.astype(dtype.np_dtype), dtype)
+
+
+def _plan(data: dict, path: object = "the file") -> QuantPlan:
     plan = QuantPlan()
     for a in data["activations"]:
-        plan.activations[a["tensor"]] = ActivationPlan(a["tensor"], a["root"], a["source"], QuantDType(a["dtype"]),
+        plan.activations[a["tensor"]] = ActivationPlan(a["tensor"], a["root"], a["source"], _dtype(a["dtype"], path),
                                                        a["symmetric"], Scheme(**a["scheme"]))
     for w in data["weights"]:
         plan.weights.setdefault(w["node"], {})[w["slot"]] = WeightPlan(
-            w["tensor"], QuantDType(w["dtype"]), w["symmetric"], w["axis"], Scheme(**w["scheme"]), w.get("clipping"))
+            w["tensor"], _dtype(w["dtype"], path), w["symmetric"], w["axis"], Scheme(**w["scheme"]), w.get("clipping"))
     for b in data["biases"]:
         wp = next(iter(plan.weights[b["node"]].values()))
         plan.biases.setdefault(b["node"], {})[b["slot"]] = BiasPlan(b["tensor"], b["input"], wp)
@@ -118,23 +135,25 @@ def recreate(model: str | os.PathLike | ModelProto, path: str | os.PathLike) -> 
     start = time.perf_counter()
     data = _read(path)
     # the file fixes the opset (per_channel=False asks for no upgrade of its own)
-    options = QuantOptions(target=data["model"]["target"], simplify=data["model"]["simplify"], per_channel=False)
+    with malformed(path, "edgequant parameter"):
+        options = QuantOptions(target=data["model"]["target"], simplify=data["model"]["simplify"], per_channel=False)
     prepared = prepare(load_model(model), options, data["model"]["opset"])
     names = {n.name for n in prepared.model.graph.node}
     tensors = {i.name for i in prepared.model.graph.input} | {o for n in prepared.model.graph.node for o in n.output}
-    plan = _plan(data)
+    with malformed(path, "edgequant parameter"):
+        plan = _plan(data, path)
+        params = {r: _params(r, p, path) for r, p in data["params"].items()}
     missing = [n for n in plan.weights if n not in names] + [t for t in plan.activations if t not in tensors]
     if missing or len(prepared.model.graph.node) != data["model"]["nodes"]:
         raise ConfigError(f"{path} was made for another model ({missing[0] if missing else 'node count differs'} "
                           "is not in this one)")
-    params = {r: QuantParams(np.asarray(p["scale"], np.float32), np.asarray(p["zero_point"], QuantDType(p["dtype"]).np_dtype),
-                             QuantDType(p["dtype"])) for r, p in data["params"].items()}
     for root, p in params.items():
         if not (np.all(np.isfinite(p.scale)) and np.all(p.scale > 0)):
             raise ConfigError(f"{path}: the scale of {root} is {p.scale.reshape(-1)[:4].tolist()}; scales must be finite "
                               "and positive (this file would quantize the tensor to nothing)")
     qmodel = stamp(insert_qdq(prepared.model, plan, params))
-    _check_weights(qmodel, data, path)
+    with malformed(path, "edgequant parameter"):
+        _check_weights(qmodel, data, path)
     ranges = {a.root: (float("nan"), float("nan")) for a in plan.activations.values()}
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops, 0, 0, False, 0.0,
                       time.perf_counter() - start, (prepared.from_opset, opset_of(qmodel)), prepared.passes,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from edgequant.errors import ConfigError
+from edgequant.errors import ConfigError, malformed
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.planning.selectors import ExactTensor
 from edgequant.quant.dtypes import QuantDType
@@ -34,9 +34,10 @@ def loads(text: str, origin: str = "qparams") -> tuple[Override, ...]:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"{origin} is not a qparams file (version, quantization_params[].activations): {exc}") from None
     out = []
-    for group in groups:
-        for name, entry in (group.get("activations") or {}).items():
-            out.append(_entry(name, entry, origin))
+    with malformed(origin, "qparams"):
+        for group in groups:
+            for name, entry in (group.get("activations") or {}).items():
+                out.append(_entry(name, entry, origin))
     return tuple(out)
 
 
