@@ -49,7 +49,19 @@ def check_onnx(model: ModelProto) -> None:
         onnx.checker.check_model(skeleton(model), full_check=False)
     except Exception as exc:
         if model.ByteSize() < 2_000_000_000:
-            raise ModelLoadError(f"the model is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
+            raise ModelLoadError(f"the model is not valid ONNX: {checker_message(exc)}") from None
+
+
+def checker_message(exc: Exception) -> str:
+    """onnx.checker's message on one line: what is wrong, then the node it names (the checker
+    puts the node on a ``==> Context:`` line of its own)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    what = lines[0] if lines else type(exc).__name__
+    context = next((ln for ln in lines[1:] if ln.startswith("==> Context:")), "")
+    where = context.removeprefix("==> Context:").strip()
+    if "Name:" in where:
+        where = " ".join(where[where.index("Name:"):].split())
+    return (what[:240] + (f" (at {where[:160]})" if where else "")).strip()
 
 
 def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0,

@@ -125,6 +125,13 @@ def test_missing_and_corrupt_model(tmp_path, npz_dir):
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes(MODEL.read_bytes()[:5000])
     error_case(tmp_path, truncated, "--calib", npz_dir, match="ONNX")
+    ext = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(str(MODEL)), str(ext), save_as_external_data=True, location="ext.data", size_threshold=0)
+    data = (tmp_path / "ext.data").read_bytes()
+    (tmp_path / "ext.data").write_bytes(data[:1000])
+    error_case(tmp_path, ext, "--calib", npz_dir, match="the external data file ext.data is truncated (1000 bytes")
+    (tmp_path / "ext.data").unlink()
+    error_case(tmp_path, ext, "--calib", npz_dir, match="keeps its data in ext.data, which is not beside the model")
 
 
 def test_data_errors(tmp_path, npz_dir):

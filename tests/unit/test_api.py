@@ -161,3 +161,17 @@ def test_overrides_beyond_the_calibrated_opset_name_the_fix(rng):
     wide = calibrate(cnn(rng), calib(rng), min_opset=21)
     plan = wide.plan_with([edgequant.Override.parse(f"{node}=int16")])
     assert plan.precision == {node: "int16"}
+
+
+def test_an_invalid_model_is_named_down_to_its_node():
+    from onnx import parser
+
+    from edgequant.pipeline import check_onnx
+
+    m = parser.parse_model('<ir_version: 8, opset_import: ["" : 14]>\ng (float[1] x) => (float[1] y) '
+                           '{ y = Clip <min = 0.0> (x) }')
+    m.graph.node[0].name = "my_clip"
+    with pytest.raises(edgequant.errors.ModelLoadError) as info:
+        check_onnx(m)
+    assert str(info.value) == "the model is not valid ONNX: Unrecognized attribute: min for operator Clip " \
+        "(at Name: my_clip OpType: Clip)"

@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -19,6 +20,35 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and constant attributes of ``graph`` and, at any depth, its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def _check_external_data(proto: ModelProto, path: Path) -> None:
+    """Every external data file the model names exists beside it and is long enough for the
+    tensors that point into it: otherwise one line naming the file and the first tensor."""
+    for t in _tensors(proto.graph):
+        if not onnx.external_data_helper.uses_external_data(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        where = path.parent / info.get("location", "")
+        if not where.is_file():
+            raise ModelLoadError(f"{path}: tensor {t.name!r} keeps its data in {where.name}, which is not beside the "
+                                 "model; copy it next to the .onnx file")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if end > where.stat().st_size:
+            raise ModelLoadError(f"{path}: the external data file {where.name} is truncated ({where.stat().st_size} "
+                                 f"bytes; tensor {t.name!r} needs {end}); copy it again in full")
+
+
 def load_model(model: str | os.PathLike | ModelProto) -> ModelProto:
     """Load a model from a path (external data resolved) or copy a ``ModelProto``."""
     if isinstance(model, ModelProto):
@@ -29,8 +59,16 @@ def load_model(model: str | os.PathLike | ModelProto) -> ModelProto:
     if not path.is_file():
         raise ModelLoadError(not_a_file("model", path))
     try:
-        proto = onnx.load(str(path), load_external_data=True)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for corrupt files
+        raise ModelLoadError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}); "
+            "check that the file is complete and was exported as .onnx"
+        ) from None
+    _check_external_data(proto, path)
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:
         raise ModelLoadError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}); "
             "check that the file is complete and was exported as .onnx"
