@@ -93,6 +93,13 @@ def test_user_function(tmp_path):
     assert len(got) == 5 and got[0]["x"].shape == (1, 3, 4, 6)
     with pytest.raises(ConfigError, match="has no function"):
         open_calibration(tmp_path, [IMG], [InputSettings(preprocess=f"{tmp_path / 'pre.py'}:nope")])
+    (tmp_path / "one.py").write_text(
+        "import numpy as np\n"
+        "def load(paths, params):\n"
+        "    return np.zeros(params['input_shape'][1:], np.float32)\n")  # one sample, whatever the paths
+    one = open_calibration(tmp_path / "d", [IMG], [InputSettings(preprocess=f"{tmp_path / 'one.py'}:load")], batch=4)
+    with pytest.raises(CalibrationDataError, match=r"returned 1 sample\(s\) for 4 paths .*one sample per path"):
+        samples(one)
 
 
 def test_multi_input_lists_must_agree(tmp_path, rng):

@@ -225,7 +225,12 @@ def _reader_for(files: list[Path], spec: InputSpec, st: InputSettings) -> Reader
                 out = fn([str(p) for p in batch], st.as_dict(spec))
             except Exception as exc:
                 raise CalibrationDataError(f"preprocess function {st.preprocess} failed: {exc}") from None
-            yield from _split(spec, conform(out, spec, origin))
+            arr = conform(out, spec, origin)
+            if arr.shape[0] != len(batch):  # a batch of 4 paths must not silently become 1 sample
+                raise CalibrationDataError(
+                    f"preprocess function {st.preprocess} returned {arr.shape[0]} sample(s) for {len(batch)} paths "
+                    f"(from {batch[0]}); return one sample per path, stacked along axis 0")
+            yield from _split(spec, arr)
 
         return read_fn
     kind = st.file_type or _detect_kind(files)
