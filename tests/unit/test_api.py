@@ -175,3 +175,12 @@ def test_an_invalid_model_is_named_down_to_its_node():
         check_onnx(m)
     assert str(info.value) == "the model is not valid ONNX: Unrecognized attribute: min for operator Clip " \
         "(at Name: my_clip OpType: Clip)"
+
+
+def test_the_package_is_typed_and_licensed():
+    from importlib import resources
+    from pathlib import Path
+
+    assert (resources.files("edgequant") / "py.typed").is_file()  # PEP 561: type checkers read our hints
+    text = (Path(__file__).resolve().parents[2] / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
