@@ -14,13 +14,29 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 
 from edgequant.api import Summary
 
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+
+class _Console(Console):
+    """A console that, writing to a pipe or file, leaves no trailing blanks: rich pads every
+    table row to the table's width, which a terminal hides and ``grep``/``diff`` do not."""
+
+    def print(self, *objects, **kwargs) -> None:  # type: ignore[override]
+        if self.is_terminal:
+            super().print(*objects, **kwargs)
+            return
+        with self.capture() as captured:
+            super().print(*objects, **kwargs)
+        self.file.write("\n".join(line.rstrip() for line in captured.get().split("\n")))
+        self.file.flush()
+
+
+out = _Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = _Console(stderr=True, highlight=False)
 
 
 @contextlib.contextmanager
@@ -31,7 +47,7 @@ def progress_bar(enabled: bool = True) -> Iterator:
         yield None
         return
     bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=err, transient=True)
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
     tasks: dict[str, TaskID] = {}
 
     def update(stage: str, done: int, total: int) -> None:
