@@ -247,6 +247,39 @@ def test_a_block_spans_a_residual_add_and_runs_as_its_qdq_model(rng):
                                                             for a in seen)
 
 
+def test_a_zero_pad_before_a_convolution_stays_inside_its_block(rng):
+    """TF-style "same" padding (a Pad by constants, then a Conv without pads) is computed by the
+    runner as the QDQ model computes it, so the block does not end there."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from edgequant.algorithms.blocks import _Runner, find_blocks
+    from edgequant.runtime.capture import capture, truncated
+    from edgequant.transform.qdq import plain_weight
+
+    text = RESIDUAL.replace("    c2 = Conv <pads = [1, 1, 1, 1], group = 8> (r1, W2, B2)",
+                            "    pp = Constant <value = int64[8] {0, 0, 2, 1, 0, 0, 0, 1}> ()\n"
+                            "    q1 = Pad (r1, pp)\n"
+                            "    c2 = Conv <group = 8> (q1, W2, B2)")
+    m = with_weights(text, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
+                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(8)]
+    state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=2)
+    blocks = find_blocks(state.model, state.plan, max_layers=3)
+    block = blocks[1]
+    assert [n.op_type for n in block.nodes][:7] == ["Conv", "HardSwish", "Pad", "Conv", "Relu", "Conv", "Add"]
+    params = state.params(state.plan)
+    qmodel = insert_qdq(state.model, state.plan, params)
+    by_name = {n.name: n for n in qmodel.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    weights = {n: (inits[wp.tensor], plain_weight(inits[wp.tensor], wp)[1]) for n, wp in block.weights.items()}
+    biases = {n.name: inits[n.input[2]] for n in block.nodes if n.name in block.weights}
+    runner = _Runner(torch, block, state.model, state.plan, params, weights, biases)
+    q_in, q_out = by_name[block.nodes[0].name].input[0], by_name[block.nodes[-1].name].input[0]
+    got = capture(truncated(qmodel, [q_in, q_out]), [q_in, q_out], data)
+    out = runner.forward(torch.from_numpy(np.concatenate(got[q_in])), None, nearest=True)
+    np.testing.assert_allclose(out.numpy(), np.concatenate(got[q_out]).reshape(len(data), -1), rtol=1e-4, atol=1e-4)
+
+
 def test_a_time_budget_cuts_the_steps_of_a_block(rng):
     pytest.importorskip("torch").set_num_threads(1)
     from edgequant.algorithms.stage import round_blocks

@@ -114,6 +114,9 @@ def _computable(node: NodeProto, inits: set[str]) -> bool:
     (constant extra inputs, at most two), or an elementwise op of ``BINARY``."""
     if node.op_type in BINARY:
         return len(node.input) == 2 and len(node.output) == 1
+    if node.op_type == "Pad":  # zero (constant) padding by constant amounts: TF-style "same" convs
+        mode = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"constant")
+        return mode in (b"constant", "constant") and all(i in inits for i in node.input[1:] if i)
     return node.op_type in UNARY and all(i in inits for i in node.input[1:] if i) \
         and len([i for i in node.input[1:] if i]) <= 2
 
@@ -308,7 +311,7 @@ class _Runner:
         values = {self.block.input: x}
         y = x
         for node in self.block.nodes:
-            names = node.input[:1] if node.op_type in WEIGHTED or node.op_type in UNARY else node.input
+            names = node.input[:1] if node.op_type in (*WEIGHTED, *UNARY, "Pad") else node.input
             ins = [values[i] if i in values else self._tensor(i) for i in names if i]
             y = self.op(node, ins, v, hard, nearest)
             values[node.output[0]] = self.fake_quant(node.output[0], y)
@@ -349,6 +352,8 @@ class _Runner:
                 y = x @ (w.t() if a.get("transB", 0) else w) * a.get("alpha", 1.0)
                 return y + a.get("beta", 1.0) * b if b is not None else y
             return x @ w
+        if node.op_type == "Pad":
+            return self._pad(node, x, a)
         if node.op_type == "Relu":
             return torch.relu(x)
         if node.op_type == "Clip":
@@ -370,6 +375,23 @@ class _Runner:
             axis = a.get("axis", 1)
             return x.reshape(int(np.prod(x.shape[:axis])), -1)
         return self._pool(node, x, a)
+
+    def _pad(self, node: NodeProto, x, a: dict):
+        """ONNX Pad (constant mode): ``pads`` ``[b_1 … b_n, e_1 … e_n]`` (over ``axes`` when
+        given), negative amounts crop, as torch's ``pad`` does."""
+        value = 0.0
+        if len(node.input) > 1:
+            pads = numpy_helper.to_array(self.inits[node.input[1]]).astype(np.int64).reshape(-1).tolist()
+            if len(node.input) > 2 and node.input[2]:
+                value = float(numpy_helper.to_array(self.inits[node.input[2]]).reshape(-1)[0])
+            axes = (numpy_helper.to_array(self.inits[node.input[3]]).astype(np.int64).reshape(-1) % x.ndim).tolist() \
+                if len(node.input) > 3 and node.input[3] else list(range(x.ndim))
+        else:
+            pads, value, axes = list(a.get("pads", [])), float(a.get("value", 0.0)), list(range(x.ndim))
+        n = len(axes)
+        amount = {ax: (pads[k], pads[k + n]) for k, ax in enumerate(axes)}
+        flat = [v for ax in reversed(range(x.ndim)) for v in amount.get(ax, (0, 0))]
+        return self.torch.nn.functional.pad(x, flat, value=value)
 
     def _const(self, name: str) -> float | None:
         return float(numpy_helper.to_array(self.inits[name])) if name in self.inits else None
