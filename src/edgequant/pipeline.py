@@ -193,6 +193,18 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
     return recover(state, progress) if opts.recovery.rounding or opts.recovery.bias else state
 
 
+#: Fewer calibration samples than this get a note: ranges (and percentiles) from a handful of
+#: samples follow those samples, not the data the model will see.
+FEW_SAMPLES = 16
+
+
+def few_samples(count: int) -> list[str]:
+    if count >= FEW_SAMPLES:
+        return []
+    return [f"only {count} calibration sample{'s' if count != 1 else ''}: ranges from so few follow them, not the data "
+            f"the model will see; give at least {FEW_SAMPLES} (100 or more is better)"]
+
+
 def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Progress | None = None,
            rank: bool = True) -> QuantizeResult:
     """Assemble ``plan`` (default: the state's own), check its fidelity on held-out samples,
@@ -205,7 +217,8 @@ def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Prog
     summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
                       state.split.calibration, count, state.split.held_out == 0, state.calibration_seconds, 0.0,
                       (state.prepared.from_opset, opset_of(qmodel)), state.prepared.passes, fidelity,
-                      list(state.prepared.notes), dict(plan.precision), recovery=list(state.recovery))
+                      list(state.prepared.notes) + few_samples(state.split.calibration), dict(plan.precision),
+                      recovery=list(state.recovery))
     summary.eight_bit_macs = eight_bit_macs(state.model, qmodel, state.tensor_shapes())
     result = QuantizeResult(qmodel, state.model, plan, state.ranges(plan), params, summary, opts,
                             state.prepared.source)

@@ -184,3 +184,11 @@ def test_the_package_is_typed_and_licensed():
     assert (resources.files("edgequant") / "py.typed").is_file()  # PEP 561: type checkers read our hints
     text = (Path(__file__).resolve().parents[2] / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
+
+
+def test_few_calibration_samples_get_a_note(rng):
+    model = cnn(rng)
+    few = edgequant.quantize(model, calib(rng, 6), eval_samples=0)
+    assert any(n.startswith("only 6 calibration samples") for n in few.summary.notes)
+    enough = edgequant.quantize(model, calib(rng, 20), eval_samples=0)
+    assert not any("calibration sample" in n for n in enough.summary.notes)

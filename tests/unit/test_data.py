@@ -202,3 +202,14 @@ def test_an_image_past_the_decompression_bomb_limit_is_refused_in_one_line(tmp_p
     with pytest.raises(CalibrationDataError, match=r"big.png: the image has more than 200 pixels, the limit that "
                                                    r"guards against decompression bombs"):
         load_image(str(path), spec, InputSettings())
+
+
+def test_files_of_other_types_in_the_folder_are_named_in_a_warning(tmp_path, caplog):
+    for i in range(2):
+        Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "odd.tif")
+    (tmp_path / "labels.txt").write_text("cat\n")
+    with caplog.at_level("WARNING"):
+        got = samples(open_calibration(tmp_path, [IMG]))
+    assert len(got) == 2
+    assert "2 files skipped (.tif, .txt): calibration reads *.jpg" in caplog.text

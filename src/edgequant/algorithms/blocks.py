@@ -7,8 +7,10 @@ Conv/Gemm/MatMul layer and takes the nodes after it, in graph order, for as long
 only the block's input, tensors the block computes and constants, up to ``max_layers`` layers.
 Its ops are those layers, the one-input ops between them (activations, pools, Flatten) and
 elementwise ``Add``/``Sub``/``Mul``/``Div``, so a residual block (``x + f(x)``) or a
-squeeze-excitation gate is one block. It ends at its longest prefix that is closed: nothing it
-computes but its last output is read outside it or is a graph output.
+squeeze-excitation gate is one block. It ends at its longest prefix that is closed (nothing it
+computes but its last output is read outside it or is a graph output) and ends in such a merge,
+or, without one, at its longest closed prefix: so blocks follow a network's residual blocks
+rather than straddle them.
 
 It runs in PyTorch exactly as its QDQ model does: every planned activation is fake-quantized
 with the calibrated parameters (straight-through gradients), and each weight is AdaRound's soft
@@ -86,7 +88,7 @@ def find_blocks(model: ModelProto, plan: QuantPlan, max_layers: int) -> list[Blo
     for start, node in enumerate(order):
         if node.name in taken or not _rounded(node, plan):
             continue
-        nodes, layers, closed = [node], 1, 1
+        nodes, layers, closed, merged = [node], 1, 1, 0
         have = {node.input[0], *node.output}
         for n in order[start + 1:]:
             data = [i for i in n.input if i and i not in inits]
@@ -102,7 +104,8 @@ def find_blocks(model: ModelProto, plan: QuantPlan, max_layers: int) -> list[Blo
             have.update(o for o in n.output if o)
             if _closed(nodes, readers, outputs):
                 closed = len(nodes)
-        nodes = nodes[:closed]
+                merged = len(nodes) if n.op_type in BINARY else merged
+        nodes = nodes[:merged or closed]
         block = Block(nodes, {n.name: plan.weights[n.name][1] for n in nodes if _rounded(n, plan)})
         taken.update(n.name for n in nodes)
         blocks.append(block)

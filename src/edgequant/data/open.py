@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,8 @@ from edgequant.errors import CalibrationDataError, ConfigError
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 ALL_SUFFIXES = tuple(s for exts in FILE_TYPES.values() for s in exts)
 
+log = logging.getLogger(__name__)
+
 
 def _patterns(file_type: str | None) -> tuple[str, ...]:
     return FILE_TYPES[file_type] if file_type else ALL_SUFFIXES
@@ -35,9 +38,18 @@ def _read_list(path: Path) -> list[Path]:
 
 
 def _list_dir(path: Path, file_type: str | None, any_file: bool = False) -> list[Path]:
+    """The folder's files of the type, in name order; the others are named in a warning (a
+    ``.tif`` among ``.png`` files is not read, and the user should know)."""
     exts = _patterns(file_type)
-    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and (any_file or p.suffix.lower() in exts))
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    kept = sorted(p for p in files if any_file or p.suffix.lower() in exts)
+    skipped = sorted({p.suffix.lower() or p.name for p in files if p not in kept})
+    if skipped and kept:
+        count = len(files) - len(kept)
+        log.warning("%s: %d file%s skipped (%s): calibration reads %s", path, count, "s" * (count != 1),
+                    ", ".join(skipped[:6]) + (" …" if len(skipped) > 6 else ""),
+                    ", ".join("*" + e for e in exts))
+    return kept
 
 
 def _files_for(path: Path, spec: InputSpec, st: InputSettings) -> list[Path]:
