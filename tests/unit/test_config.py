@@ -61,8 +61,14 @@ def test_preset_preprocess_and_symbolic_batch(tmp_path):
     data = json.loads(json.dumps(XQUANT))
     data["calibration_parameters"]["input_parametres"][0].update(
         preprocess_file="PT_IMAGENET", mean_value=None, std_value=None, input_shape=["N", 3, 224, 224])
+    entry = data["calibration_parameters"]["input_parametres"][0]
+    entry.pop("color_format", None)
     st = load_config(data).settings[0]
     assert st.mean == (123.675, 116.28, 103.53) and st.color_format == "rgb" and st.shape == (1, 3, 224, 224)
+    entry["preprocess_file"] = "IMAGENET"
+    assert load_config(data).settings[0].color_format == "bgr"  # the preset's own order
+    entry["color_format"] = "rgb"
+    assert load_config(data).settings[0].color_format == "rgb"  # what the user wrote beats the preset
 
 
 @pytest.mark.parametrize("section,key,expect", [

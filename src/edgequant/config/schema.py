@@ -283,7 +283,8 @@ def _settings(p: InputParameters, base: Path) -> InputSettings:
     )
     pre = p.preprocess_file or None
     if pre and pre.upper() in PRESETS:
-        mean, std, color = PRESETS[pre.upper()]
+        mean, std, color = PRESETS[pre.upper()]  # what the user wrote beside the preset wins
+        color = p.color_format if "color_format" in p.model_fields_set else color
         return replace(st, mean=st.mean or mean, std=st.std or std, color_format=color)
     if pre:
         path, sep, fn = pre.rpartition(":")
