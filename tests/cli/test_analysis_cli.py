@@ -70,6 +70,9 @@ def test_run_and_compare_follow_the_tolerance(tmp_path, npz_dir):  # noqa: F811
     assert skip.returncode == 1  # only the logits are compared now, and they differ a little
     same = cli("compare", fa, fa, "--tolerance", "1,1")
     assert same.returncode == 0
+    # the int8 preset: a healthy int8 model against float passes every tensor, the float preset need not
+    preset = cli("compare", fa, qa, "--preset", "int8")
+    assert preset.returncode == 0 and "tolerance cosine 0.85, euclidean 0.45" in preset.stdout, preset.stdout
     one_line_error(cli("compare", fa, qa, "--tolerance", "0.9"), "COSINE,EUCLIDEAN")
     one_line_error(cli("compare", fa, tmp_path / "nope.npz"), "file not found")
     other = tmp_path / "other.npz"

@@ -19,6 +19,9 @@ from edgequant.analysis.metrics import Metrics, compare
 from edgequant.errors import ConfigError
 
 DEFAULT_TOLERANCE = (0.99, 0.90)
+#: (cosine, Euclidean) by what is compared: float against float, or float against int8, where
+#: every tensor carries its rounding (TPU-MLIR's users compare int8 dumps at about 0.85, 0.45)
+PRESETS = {"float": DEFAULT_TOLERANCE, "int8": (0.85, 0.45)}
 
 
 @dataclass(frozen=True)
