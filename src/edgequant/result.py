@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +83,25 @@ class Summary:
     repair: list[str] = field(default_factory=list)  # what the default repair changed, and why
     #: (MACs with both operands 8-bit, all MACs) of the written model's compute ops (mixed.cost)
     eight_bit_macs: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict:
+        """The summary as plain JSON values (``--json``): overrides as their text, NaN and
+        infinities as null, tuples as lists."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value)
 
 
 @dataclass

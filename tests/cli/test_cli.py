@@ -46,6 +46,16 @@ def test_quantize_with_defaults_writes_a_valid_model(tmp_path, npz_dir):
     assert lines and not [ln for ln in lines if ln != ln.rstrip()], [ln for ln in lines if ln != ln.rstrip()][:3]
 
 
+def test_json_writes_the_summary_beside_the_model(tmp_path, npz_dir):
+    out = tmp_path / "m.q.onnx"
+    r = cli("quantize", MODEL, "-o", out, "--calib", npz_dir, "-q", "--json", "--bias-correction", "fast")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "m.q.summary.json").read_text())
+    assert doc["model"] == str(out) and doc["quantized_ops"]["Conv"] == 2 and doc["collapse"] is None
+    assert doc["fidelity"][0]["name"] == "logits" and doc["fidelity"][0]["cosine"] > 0.99
+    assert doc["recovery"][0]["name"] == "bias correction (fast)" and doc["calibration_samples"] > 0
+
+
 def test_same_inputs_same_bytes(tmp_path, npz_dir):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     for out in (a, b):

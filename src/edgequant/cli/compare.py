@@ -30,12 +30,10 @@ Examples:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compare(a, b, tolerance, preset, excepts, verbose, debug) -> None:
     """Compare the tensors of two .npz dumps that share a name (cosine, Euclidean, SQNR)."""
-    from edgequant.analysis.compare import compare_dumps, parse_tolerance
+    from edgequant.analysis.compare import PRESETS, compare_dumps, parse_tolerance
     from edgequant.cli.render import print_comparison
     from edgequant.data.npz import load_npz
     from edgequant.errors import CalibrationDataError
-
-    from edgequant.analysis.compare import PRESETS
 
     tol = parse_tolerance(tolerance) if tolerance else PRESETS[preset]
     da, db = load_npz(a), load_npz(b)

@@ -117,6 +117,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("--recover", is_flag=True, default=None, help="--auto-mixed: first fix the rounding with bias correction (+ CLE for per-tensor weights, GPTQ for 4-bit ones), then search [default: when the target cannot run float].")
 @click.option("--protect-statistics", is_flag=True, help="Keep the statistics of decomposed normalisations (mean, x - mean, its square, + eps) in the target's repair fallback (float on generic, int16 on NPUs) from the start, instead of leaving a collapse to the repair.")
 @click.option("--no-repair", is_flag=True, help="Write the plain result even when the collapse guard finds it broken (default: repair it first with recovery algorithms, then mixed precision).")
+@click.option("--json", "json", is_flag=True, help="Also write the summary as JSON beside the model (OUT stem + .summary.json): ops, precision, fidelity per output, recovery steps, notes.")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when the written model is still broken (the collapse guard fires after any repair).")
 @click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON), espdl (the ESP-DL model file, via esp-ppq). Repeatable.")
 @click.option("--import-params", multiple=True, metavar="FORMAT:PATH", help="Read parameters (same formats) as overrides; edgequant:PATH re-creates the model without calibration. Repeatable.")
@@ -164,12 +165,14 @@ def quantize(**flags: Any) -> None:
     out = f["output"] or (cfg.output_path if cfg and cfg.output_path and not (f["model"] or f["model_opt"]) else None)
     out = Path(out) if out else Path(model_path).with_suffix(".q.onnx")
     check_output(out, Path(model_path))
+    if f["json"] and summary_path(out).is_dir():
+        raise OutputError(f"--json: {summary_path(out)} is a folder; choose another -o")
     exports = [parse_spec(e) for e in f["export_params"]]
     imports = [parse_spec(i) for i in f["import_params"]]
     check_side_outputs(exports, f["report_dir"] if (f["analyze"] or (cfg is not None and cfg.analyze)) else None,
                        Path(model_path))
     if any(fmt == "edgequant" for fmt, _ in imports):
-        _recreate(model_path, imports, exports, out, f["quiet"])
+        _recreate(model_path, imports, exports, out, f["quiet"], f["json"])
         return
     changes = option_changes(f, cfg, imports)
     planned = parse_options(cfg.options if cfg else None, changes)
@@ -194,6 +197,8 @@ def quantize(**flags: Any) -> None:
     written = [str(saved)] + [str(write_params(result, fmt, path)) for fmt, path in exports]
     if mixed is not None:
         written += [str(p) for p in mixed.write(out.with_suffix(""))]
+    if f["json"]:
+        written.append(str(write_summary(result, out)))
     if not f["quiet"]:
         print_summary(result.summary, ", ".join(written))
     if result.summary.collapse is not None:
@@ -242,7 +247,7 @@ def option_changes(f: dict[str, Any], cfg, imports) -> dict[str, Any]:
     return changes
 
 
-def _recreate(model_path, imports, exports, out: Path, quiet: bool) -> None:
+def _recreate(model_path, imports, exports, out: Path, quiet: bool, as_json: bool = False) -> None:
     from edgequant.cli.render import print_summary
     from edgequant.export import export_params as write_params
     from edgequant.export.native import recreate
@@ -252,8 +257,24 @@ def _recreate(model_path, imports, exports, out: Path, quiet: bool) -> None:
     result = recreate(model_path, imports[0][1])
     saved = result.save(out)
     written = [str(saved)] + [str(write_params(result, fmt, path)) for fmt, path in exports]
+    if as_json:
+        written.append(str(write_summary(result, out)))
     if not quiet:
         print_summary(result.summary, ", ".join(written))
+
+
+def summary_path(out: Path) -> Path:
+    """Where ``--json`` writes the summary: beside the model, ``m.q.onnx`` → ``m.q.summary.json``."""
+    return out.with_name(out.stem + ".summary.json")
+
+
+def write_summary(result, out: Path) -> Path:
+    import json
+
+    from edgequant.ir.model import write_atomic
+
+    text = json.dumps({"model": str(out), **result.summary.to_dict()}, indent=1, allow_nan=False)
+    return write_atomic(summary_path(out), (text + "\n").encode())
 
 
 def _share(text: str) -> float:
