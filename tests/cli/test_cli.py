@@ -115,7 +115,8 @@ def test_config_file_python_m_and_default_output(tmp_path, npz_dir):
     assert (tmp_path / "net.q.onnx").is_file()
     out = tmp_path / "other.onnx"
     r = cli("quantize", "-c", path, "-i", model, "-o", out, "-q", "--method", "minmax")
-    assert r.returncode == 0, r.stderr and out.is_file()
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
 
 
 def error_case(tmp_path, *args, match):
@@ -205,7 +206,8 @@ def test_mixed_precision_flags(tmp_path, npz_dir):
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     assert producers.get(node.input[0]) != "DequantizeLinear"
     error_case(tmp_path, MODEL, "--calib", npz_dir, "--float-before", "nope", match="'nope' is not a tensor")
-    error_case(tmp_path, MODEL, "--calib", npz_dir, "--precision-level", "7", match="")
+    error_case(tmp_path, MODEL, "--calib", npz_dir, "--precision-level", "7",
+               match="Invalid value for '--precision-level': 7 is not in the range 0<=x<=4")
 
 
 def test_override_errors(tmp_path, npz_dir):
