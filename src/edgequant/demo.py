@@ -55,6 +55,32 @@ def _predict(model, x: np.ndarray) -> tuple[np.ndarray, float]:
     return logits, (time.perf_counter() - t) / 200 * 1000
 
 
+def write_examples(out_dir: Path, data: dict[str, np.ndarray]) -> None:
+    """What the next commands need, beside the quantized model: the float model, its 300
+    calibration digits (``calib/``, 10 files of 30) and 16 test digits (``digits.npz``)."""
+    from edgequant.data.npz import save_npz
+    from edgequant.ir.model import write_atomic
+
+    write_atomic(out_dir / "mnist_cnn.onnx", asset("mnist_cnn.onnx").read_bytes())
+    (out_dir / "calib").mkdir(exist_ok=True)
+    for k in range(0, 300, 30):
+        save_npz(out_dir / "calib" / f"digits_{k:03d}.npz", {"image": data["calib_x"][k:k + 30]})
+    save_npz(out_dir / "digits.npz", {"image": data["test_x"][:16]})
+
+
+def next_commands(out_dir: Path) -> list[str]:
+    """Three commands to try on the demo's files."""
+    d = str(out_dir)
+    return [
+        f"edgequant analyze {d}/mnist_cnn.onnx {d}/mnist_cnn.q.onnx --calib {d}/calib -o {d}/report",
+        f"edgequant quantize {d}/mnist_cnn.onnx -o {d}/mnist_cnn.s3.onnx --calib {d}/calib --target espdl-s3 "
+        f"--cle --bias-correction",
+        f"edgequant run {d}/mnist_cnn.onnx --inputs {d}/digits.npz --dump-all -o {d}/f.npz && edgequant run "
+        f"{d}/mnist_cnn.q.onnx --inputs {d}/digits.npz --dump-all -o {d}/q.npz && edgequant compare {d}/f.npz "
+        f"{d}/q.npz --preset int8",
+    ]
+
+
 def run_demo(out_dir: Path, progress=None) -> DemoReport:
     data = demo_data()
     model_path = asset("mnist_cnn.onnx")
@@ -63,6 +89,7 @@ def run_demo(out_dir: Path, progress=None) -> DemoReport:
     seconds = time.perf_counter() - t
     out_dir.mkdir(parents=True, exist_ok=True)
     out = save_model(result.model, out_dir / "mnist_cnn.q.onnx")
+    write_examples(out_dir, data)
     f_logits, f_ms = _predict(result.float_model, data["test_x"])
     q_logits, q_ms = _predict(result.model, data["test_x"])
     labels = data["test_labels"]

@@ -272,6 +272,15 @@ def test_demo_runs(tmp_path):
     r = cli("demo", "-q", "-o", tmp_path / "d")
     assert r.returncode == 0, r.stderr
     assert "top-1 accuracy" in r.stdout and (tmp_path / "d" / "mnist_cnn.q.onnx").is_file()
+    # it leaves what the next commands need, and the three commands it prints run as printed
+    assert len(list((tmp_path / "d" / "calib").glob("*.npz"))) == 10 and (tmp_path / "d" / "digits.npz").is_file()
+    lines = r.stdout[r.stdout.index("Next"):].splitlines()[1:]
+    commands = [ln.strip() for ln in lines if ln.strip().startswith("edgequant ")]
+    assert len(commands) == 3
+    for line in commands:
+        for part in line.split(" && "):
+            step = cli(*part.split()[1:], "-q" if not part.split()[1] == "compare" else "-v", cwd=tmp_path)
+            assert step.returncode == 0, (part, step.stdout[-500:], step.stderr[-500:])
 
 
 def test_shape_specialization_flags(tmp_path):

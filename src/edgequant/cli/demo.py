@@ -18,7 +18,7 @@ def demo(output_dir: Path, quiet: bool) -> None:
     from rich.table import Table
 
     from edgequant.cli.render import out, print_summary, progress_bar
-    from edgequant.demo import run_demo
+    from edgequant.demo import next_commands, run_demo
 
     with progress_bar(not quiet) as progress:
         rep = run_demo(output_dir, progress)
@@ -30,3 +30,6 @@ def demo(output_dir: Path, quiet: bool) -> None:
     out.print(t)
     out.print(f"logits cosine float vs int8: {rep.output_cosine:.5f}   quantization took {rep.quantize_seconds:.1f} s")
     print_summary(rep.result.summary, str(rep.output))
+    out.print(f"\n[bold]Next[/bold] (the float model, calibration digits and test digits are in {output_dir}/):")
+    for line in next_commands(output_dir):
+        out.print(f"  {line}", soft_wrap=True)
