@@ -111,3 +111,26 @@ def test_export_and_import_parameter_files(tmp_path, npz_dir):  # noqa: F811
                    "unknown target")
     assert not (tmp_path / "x.onnx").exists()
     assert "espdl" in cli("targets").stdout and "power" in cli("targets", "show", "espdl").stdout
+
+
+def test_analyze_takes_a_config_file_with_a_preprocess_function(tmp_path, npz_dir):  # noqa: F811
+    q = tmp_path / "m.q.onnx"
+    assert cli("quantize", MODEL, "-o", q, "--calib", npz_dir, "-q").returncode == 0
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    for i in range(8):
+        (digits / f"{i}.txt").write_text(str(i))
+    (tmp_path / "pre.py").write_text(
+        "import numpy as np\n"
+        "def load(paths, params):\n"
+        "    return np.stack([np.full((1, 28, 28), int(open(p).read()) / 10, np.float32) for p in paths])\n")
+    cfg = {"model_parameters": {"onnx_model": str(MODEL)},
+           "calibration_parameters": {"input_parametres": [{"input_name": "image", "data_list_path": "digits",
+                                                            "preprocess_file": "pre.py:load"}]},
+           "quantization_parameters": {}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = cli("analyze", MODEL, q, "-c", tmp_path / "cfg.json", "-o", tmp_path / "rep", "-q", "--num-samples", "8")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["samples"] == {"graphwise": 8, "layerwise": 8}
+    one_line_error(cli("analyze", MODEL, q, "-o", tmp_path / "rep2"), "no calibration data")

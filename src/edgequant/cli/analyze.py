@@ -13,13 +13,15 @@ EXAMPLES = """
 Examples:
   edgequant analyze model.onnx model.q.onnx --calib calib_npz/ -o report/
   edgequant analyze model.onnx model.q.onnx --calib images/ --mean 123.7,116.3,103.5 --mode layerwise
+  edgequant analyze model.onnx model.q.onnx -c config.json      the config's data and preprocessing
 """
 
 
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("float_model", type=click.Path(path_type=Path))
 @click.argument("quant_model", type=click.Path(path_type=Path))
-@click.option("--calib", multiple=True, required=True, help="Samples: folder (npz/npy/images/raw), list file or file; once per input.")
+@click.option("--calib", multiple=True, help="Samples: folder (npz/npy/images/raw), list file or file; once per input [default: the config's data_list_path].")
+@click.option("-c", "--config", type=click.Path(path_type=Path), help="Config file (JSON/YAML, XQuant layout): its inputs' data, preprocess function, mean/std and color format.")
 @click.option("-o", "--output", "output", type=OutputPath(file=False), default=Path("edgequant-report"),
               show_default=True, help="Report folder (report.md, report.html, report.json, PNG plots).")
 @click.option("--mode", type=click.Choice(["graphwise", "layerwise", "both"]), default="both", show_default=True,
@@ -29,20 +31,28 @@ Examples:
 @click.option("--mean", help="Image mean per channel, e.g. 123.7,116.3,103.5.")
 @click.option("--std", help="Image std per channel.")
 @click.option("--color-format", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order.")
+@click.option("--file-type", type=click.Choice(["img", "npy", "npz", "raw"]), help="Sample file type [default: detected].")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Image layout [default: from the input shape].")
+@click.option("--preprocess", help="User function 'file.py:function' turning a batch of paths into an array.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def analyze(float_model, quant_model, calib, output, mode, num_samples, top, mean, std, color_format,
-            quiet, debug) -> None:
+def analyze(float_model, quant_model, calib, config, output, mode, num_samples, top, mean, std, color_format,
+            file_type, layout, preprocess, quiet, debug) -> None:
     """Show where QUANT_MODEL (QDQ) loses accuracy against FLOAT_MODEL, layer by layer."""
     from edgequant.analysis.analyze import analyze as run
     from edgequant.analysis.report import write_report
     from edgequant.cli.quantize import _floats, image_settings
     from edgequant.cli.render import print_report, progress_bar
+    from edgequant.config.schema import load_config
 
-    settings = image_settings(float_model, None, {"mean": _floats(mean), "std": _floats(std),
-                                                  "color_format": color_format})
+    cfg = load_config(config) if config else None
+    settings = image_settings(float_model, cfg, {"mean": _floats(mean), "std": _floats(std),
+                                                 "color_format": color_format, "file_type": file_type,
+                                                 "layout": layout, "preprocess": preprocess})
+    if settings is None and cfg is not None and cfg.settings:
+        settings = list(cfg.settings)
     with progress_bar(not quiet) as progress:
-        report = run(str(float_model), str(quant_model), list(calib), mode=mode, num_samples=num_samples,
+        report = run(str(float_model), str(quant_model), list(calib) or None, mode=mode, num_samples=num_samples,
                      input_settings=settings, progress=progress)
     folder = write_report(report, output, top=top)
     if not quiet:
