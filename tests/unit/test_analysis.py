@@ -194,3 +194,31 @@ def test_report_files_are_reproducible(rng, tmp_path):
         edgequant.write_report(rep, tmp_path / name)
     for f in ("report.json", "report.md", "report.html", "summary.png"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_graphwise_flags_mark_where_the_error_jumps_not_every_tensor_after_it():
+    from types import SimpleNamespace
+
+    from edgequant.analysis.metrics import Metrics
+    from edgequant.analysis.report import error_jumps
+
+    def row(snr, cos, bad=0):
+        return SimpleNamespace(metrics=Metrics(cos, 0.0, snr, 0.0, 0.0, 0.0, bad))
+
+    # noise/signal 0.01 → 0.3 (jump) → 0.35 → 0.4 (cumulative, no jump) → 0.9 (jump); cosine 0.95 → 0.93 (drop)
+    rows = [row(0.01, 0.999), row(0.3, 0.95), row(0.35, 0.95), row(0.4, 0.949), row(0.9, 0.93), row(0.2, 0.999, 3)]
+    assert error_jumps(rows) == [False, True, False, False, True, True]
+
+
+def test_the_clip_range_of_a_quantized_tensor_is_what_its_dequantize_can_give(rng):
+    from edgequant.analysis.graphwise import clip_range
+    from tests.unit.test_quantize_graphs import calib, cnn
+
+    r = edgequant.quantize(cnn(rng), calib(rng, 12), method="minmax")
+    act = next(a for a in r.plan.activations.values() if a.root == a.tensor and a.tensor != "x")
+    p = r.params[act.root]
+    dq = next(n for n in r.model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == act.tensor)
+    lo, hi = clip_range(r.model, dq.output[0])
+    s, z = float(p.scale), int(p.zero_point)
+    assert (lo, hi) == pytest.approx(((0 - z) * s, (255 - z) * s))
+    assert clip_range(r.model, "no such tensor") is None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import ModelProto
 
-from edgequant.analysis.graphwise import TensorError, graphwise, tensor_samples
+from edgequant.analysis.graphwise import TensorError, clip_range, graphwise, tensor_samples
 from edgequant.analysis.layerwise import LayerError, float_cache, layerwise
 from edgequant.analysis.qdq_map import QuantMap, read_quant_map, weight_match_score
 from edgequant.data.inputs import InputSettings, model_inputs
@@ -24,6 +24,9 @@ from edgequant.passes.pipeline import prepare_model
 from edgequant.planning.overrides import FLOAT, Override
 from edgequant.planning.plan import name_nodes
 from edgequant.quant.dtypes import QuantDType
+
+#: Samples whose values the histograms show (at most 200,000 values a tensor).
+HISTOGRAM_SAMPLES = 16
 
 Progress = Callable[[str, int, int], None]
 MODES = ("graphwise", "layerwise", "both")
@@ -46,6 +49,8 @@ class ErrorReport:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     histograms: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    clip_ranges: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)  # what Q/DQ can represent
+    histogram_samples: int = 0
 
     def worst_layers(self, n: int = 10) -> list[LayerError]:
         """Layers whose own quantization hurts the model output most (lowest output cosine)."""
@@ -101,7 +106,10 @@ def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.P
         report.graphwise, report.outputs = graphwise(fmodel, qmodel, qmap, take(count), count, progress, device)
         worst = [r for r in report.worst_tensors(histograms) if r.metrics.snr > 0]
         if worst:
-            report.histograms = tensor_samples(fmodel, qmodel, worst, take(min(count, 4)), device=device)
+            report.histograms = tensor_samples(fmodel, qmodel, worst, take(min(count, HISTOGRAM_SAMPLES)),
+                                               device=device)
+            report.histogram_samples = min(count, HISTOGRAM_SAMPLES)
+            report.clip_ranges = {r.name: rng for r in worst if (rng := clip_range(qmodel, r.quant_name))}
         report.seconds["graphwise"] = time.perf_counter() - t0
     if mode in ("layerwise", "both"):
         t1 = time.perf_counter()

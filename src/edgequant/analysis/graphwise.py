@@ -99,3 +99,23 @@ def tensor_samples(float_model: ModelProto, qmodel: ModelProto, rows: list[Tenso
         step = max(1, f.size // limit)
         out[name] = (f[::step], q[::step])
     return out
+
+
+def clip_range(qmodel: ModelProto, quant_name: str) -> tuple[float, float] | None:
+    """The values the DequantizeLinear producing ``quant_name`` can give, ``[(qmin − z)·s,
+    (qmax − z)·s]`` (per tensor; None for per-axis parameters or another producer)."""
+    from onnx import helper, numpy_helper
+
+    dq = next((n for n in qmodel.graph.node if quant_name in n.output), None)
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2 or dq.input[1] not in inits:
+        return None
+    scale = numpy_helper.to_array(inits[dq.input[1]])
+    zp_t = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    if scale.size != 1:
+        return None
+    z = float(numpy_helper.to_array(zp_t).reshape(-1)[0]) if zp_t is not None else 0.0
+    dtype = helper.tensor_dtype_to_np_dtype(zp_t.data_type) if zp_t is not None else np.dtype(np.uint8)
+    info = np.iinfo(dtype)
+    s = float(scale.reshape(-1)[0])
+    return (info.min - z) * s, (info.max - z) * s

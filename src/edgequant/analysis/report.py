@@ -66,6 +66,33 @@ def _flag(m: Metrics) -> str:
     return "⚠" if m.flagged else ""
 
 
+#: A graphwise tensor's error has jumped where its noise/signal is flagged and at least this
+#: many times that of the tensor before it, or its cosine is flagged and fell by more than
+#: ``COSINE_DROP``: cumulative error flags every tensor after the first bad one, which says
+#: nothing; the jump says where the error comes in.
+JUMP = 2.0
+COSINE_DROP = 0.01
+JUMP_RULE = (f"noise/signal above {SNR_FLAG} and {JUMP:g}× the tensor's before, or cosine below {COSINE_FLAG} "
+             f"and {COSINE_DROP} lower than before, or inf/NaN")
+
+
+def error_jumps(rows: list) -> list[bool]:
+    """Per graphwise row (graph order), whether the error jumps there (``JUMP_RULE``)."""
+    out, snr, cos = [], 0.0, 1.0
+    for r in rows:
+        m = r.metrics
+        out.append(bool(m.nonfinite) or (m.snr > SNR_FLAG and m.snr >= JUMP * snr)
+                   or (m.cosine < COSINE_FLAG and m.cosine < cos - COSINE_DROP))
+        snr, cos = m.snr, m.cosine
+    return out
+
+
+def _jump_flag(m: Metrics, jumped: bool) -> str:
+    if m.nonfinite:
+        return f"⚠ {m.nonfinite} inf/NaN"
+    return "⚠" if jumped else ""
+
+
 def fix_lines(fixes: list[str]) -> tuple[str, str]:
     """(CLI flags, config lines) that apply the overrides."""
     cli = " ".join(f"--override '{f}'" for f in fixes)
@@ -75,9 +102,11 @@ def fix_lines(fixes: list[str]) -> tuple[str, str]:
 
 def markdown(report: ErrorReport, fixes: list[str], images: list[str]) -> str:
     out = ["# Quantization error report", ""]
-    out.append(f"Flags: SNR (noise power / signal power) > {SNR_FLAG}, cosine < {COSINE_FLAG}, or inf/NaN. "
+    out.append(f"noise/signal: the quantization noise's power over the signal's (XQuant and PPQ call it SNR; lower "
+               f"is better, 0.1 is 10 dB of SQNR). Flags: noise/signal > {SNR_FLAG}, cosine < {COSINE_FLAG}, or "
+               f"inf/NaN; graphwise rows are flagged where the error jumps ({JUMP_RULE}). "
                f"Samples: {report.samples} (graphwise), {report.layerwise_samples} (layerwise).")
-    out += ["", "## Model outputs (quantized model vs float)", "", "| output | cosine | SQNR dB | SNR | flag |", "|---|---|---|---|---|"]
+    out += ["", "## Model outputs (quantized model vs float)", "", "| output | cosine | SQNR dB | noise/signal | flag |", "|---|---|---|---|---|"]
     out += [f"| {r.name} | {_fmt(r.metrics.cosine)} | {_fmt(r.metrics.sqnr_db, '.1f')} | {_fmt(r.metrics.snr)} | "
             f"{_flag(r.metrics)} |" for r in report.outputs]
     if fixes:
@@ -90,7 +119,7 @@ def markdown(report: ErrorReport, fixes: list[str], images: list[str]) -> str:
         out += ["", f"![{img}]({img})"]
     if report.layerwise:
         out += ["", f"## Layerwise: each layer quantized alone (worst {min(TOP, len(report.layerwise))} first)", "",
-                "| # | layer | op | output cosine | output SNR | layer-output cosine | weight SQNR dB | flag |",
+                "| # | layer | op | output cosine | output noise/signal | layer-output cosine | weight SQNR dB | flag |",
                 "|---|---|---|---|---|---|---|---|"]
         for i, r in enumerate(report.worst_layers(TOP), 1):
             w = _fmt(r.weight_sqnr_db, ".1f") if r.weight_sqnr_db is not None else ""
@@ -98,11 +127,12 @@ def markdown(report: ErrorReport, fixes: list[str], images: list[str]) -> str:
                        f"{_fmt(r.local.cosine)} | {w} | {_flag(r.output) or _flag(r.local)} |")
     if report.graphwise:
         out += ["", "## Graphwise: every quantized tensor, in graph order", "",
-                "| depth | tensor | op | SNR | cosine | SQNR dB | MSE | max abs | flag |",
+                "| depth | tensor | op | noise/signal | cosine | SQNR dB | MSE | max abs | error jumps here |",
                 "|---|---|---|---|---|---|---|---|---|"]
+        jumps = error_jumps(report.graphwise)
         out += [f"| {r.depth} | {r.name} | {r.op_type} | {_fmt(r.metrics.snr)} | {_fmt(r.metrics.cosine)} | "
                 f"{_fmt(r.metrics.sqnr_db, '.1f')} | {_fmt(r.metrics.mse, '.3g')} | {_fmt(r.metrics.max_abs, '.3g')} | "
-                f"{_flag(r.metrics)} |" for r in report.graphwise]
+                f"{_jump_flag(r.metrics, j)} |" for r, j in zip(report.graphwise, jumps)]
     out += [f"\n> {n}" for n in report.notes]
     return "\n".join(out) + "\n"
 
@@ -146,11 +176,13 @@ def html_page(report: ErrorReport, fixes: list[str], pngs: dict[str, bytes]) -> 
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:nth-child(2){text-align:left}",
              "th{cursor:pointer;background:#eee}tr.bad{background:#fde2e2}pre{background:#f5f5f5;padding:1em}",
              "img{max-width:100%}</style></head><body><h1>Quantization error report</h1>",
-             f"<p>Flags: SNR &gt; {SNR_FLAG}, cosine &lt; {COSINE_FLAG}, or inf/NaN. Samples: {report.samples} "
+             f"<p>noise/signal: the quantization noise's power over the signal's (XQuant and PPQ call it SNR; lower "
+             f"is better). Flags: noise/signal &gt; {SNR_FLAG}, cosine &lt; {COSINE_FLAG}, or inf/NaN; graphwise "
+             f"rows are flagged where the error jumps ({html.escape(JUMP_RULE)}). Samples: {report.samples} "
              f"(graphwise), {report.layerwise_samples} (layerwise). Click a column to sort.</p>"]
     if report.outputs:
         parts.append("<h2>Model outputs</h2>" + _table(
-            ["output", "cosine", "SQNR dB", "SNR"],
+            ["output", "cosine", "SQNR dB", "noise/signal"],
             [[r.name, r.metrics.cosine, r.metrics.sqnr_db, r.metrics.snr] for r in report.outputs],
             [r.metrics.flagged for r in report.outputs]))
     if fixes:
@@ -163,18 +195,19 @@ def html_page(report: ErrorReport, fixes: list[str], pngs: dict[str, bytes]) -> 
     if report.layerwise:
         rows = report.worst_layers(len(report.layerwise))
         parts.append("<h2>Layerwise (each layer quantized alone; worst first)</h2>" + _table(
-            ["depth", "layer", "op", "output cosine", "output SNR", "output SQNR dB", "layer-output cosine",
+            ["depth", "layer", "op", "output cosine", "output noise/signal", "output SQNR dB", "layer-output cosine",
              "inf/NaN"],
             [[r.depth, r.node, r.op_type, r.output.cosine, r.output.snr, r.output.sqnr_db, r.local.cosine,
               r.output.nonfinite + r.local.nonfinite] for r in rows],
             [r.output.flagged or r.local.flagged for r in rows]))
     if report.graphwise:
+        jumped = {id(r): j for r, j in zip(report.graphwise, error_jumps(report.graphwise))}
         rows2 = report.worst_tensors(len(report.graphwise))
-        parts.append("<h2>Graphwise (the quantized model end to end; worst first)</h2>" + _table(
-            ["depth", "tensor", "op", "SNR", "cosine", "SQNR dB", "MSE", "max abs"],
-            [[r.depth, r.name, r.op_type, r.metrics.snr, r.metrics.cosine, r.metrics.sqnr_db, r.metrics.mse,
-              r.metrics.max_abs] for r in rows2],
-            [r.metrics.flagged for r in rows2]))
+        parts.append("<h2>Graphwise (the quantized model end to end; worst first; red where the error jumps)</h2>"
+                     + _table(["depth", "tensor", "op", "noise/signal", "cosine", "SQNR dB", "MSE", "max abs"],
+                              [[r.depth, r.name, r.op_type, r.metrics.snr, r.metrics.cosine, r.metrics.sqnr_db,
+                                r.metrics.mse, r.metrics.max_abs] for r in rows2],
+                              [r.metrics.nonfinite > 0 or jumped[id(r)] for r in rows2]))
     parts += [f"<p><em>{html.escape(n)}</em></p>" for n in report.notes]
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
     return "\n".join(parts)

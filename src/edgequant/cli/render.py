@@ -116,13 +116,14 @@ def print_report(report, folder, top: int) -> None:
     for o in report.outputs:
         out.print(f"output {o.name}: cosine {_f(o.metrics.cosine, '.5f')}   SQNR {_f(o.metrics.sqnr_db, '.1f')} dB")
     if report.layerwise:
-        t = Table("layer (quantized alone)", "op", "output cosine", "output SNR", "inf/NaN", title="worst layers")
+        t = Table("layer (quantized alone)", "op", "output cosine", "output noise/signal", "inf/NaN",
+                  title="worst layers")
         for r in report.worst_layers(top):
             t.add_row(r.node, r.op_type, _f(r.output.cosine), _f(r.output.snr),
                       str(r.output.nonfinite + r.local.nonfinite or ""))
         out.print(t)
     elif report.graphwise:
-        t = Table("tensor", "op", "SNR", "cosine", title="worst tensors (cumulative)")
+        t = Table("tensor", "op", "noise/signal", "cosine", title="worst tensors (cumulative)")
         for g in report.worst_tensors(top):
             t.add_row(g.name, g.op_type, _f(g.metrics.snr), _f(g.metrics.cosine))
         out.print(t)
