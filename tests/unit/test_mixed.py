@@ -252,3 +252,17 @@ def test_a_layer_is_charged_the_macs_of_the_compute_ops_whose_inputs_it_widens(r
     charged = charged_macs(m, plan, macs, names)
     # a 16-bit Sigmoid widens its input a, which the Conv reads too: it pays for the Conv
     assert charged == {"MaxPool_0": 192, "Conv_1": conv, "Sigmoid_2": 192 + conv}
+
+
+def test_the_search_plot_shows_each_model_as_a_point_and_the_pareto_front():
+    from edgequant.mixed.search import MixedPrecision, Step
+    from edgequant.planning.overrides import Override
+
+    def step(cost, score):
+        return Step((Override(f"n{cost}", "int16"),), cost, score, score >= 0.99)
+
+    steps = [step(0.0, 0.90), step(0.02, 0.95), step(0.03, 0.93), step(0.05, 0.995), step(0.08, 0.99)]
+    m = MixedPrecision(steps[3].overrides, 0.05, 0.995, 0.99, "cosine", True, steps)
+    # (0.03, 0.93) is beaten by (0.02, 0.95) and (0.08, 0.99) by (0.05, 0.995): off the front
+    assert [(s.cost, s.score) for s in m.pareto()] == [(0.0, 0.90), (0.02, 0.95), (0.05, 0.995)]
+    assert m.plot_png().startswith(b"\x89PNG")

@@ -142,16 +142,37 @@ class MixedPrecision:
         items = "".join(f'    - "{o}"\n' for o in self.overrides)
         return head + "quantization_parameters:\n  overrides:" + (" []\n" if not items else "\n" + items)
 
+    def pareto(self) -> list[Step]:
+        """The evaluated models no other beats on both cost and score, cheapest first."""
+        front: list[Step] = []
+        for s in sorted(self.steps, key=lambda s: (s.cost, -s.score, len(s.overrides))):
+            if not front or s.score > front[-1].score:
+                front.append(s)
+        return front
+
     def plot_png(self) -> bytes:
+        """Every evaluated model as a point (each is its own set of layers: no line joins them),
+        the Pareto front of cost against score as a step line, the target, and the chosen
+        model with its layers named."""
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        steps = sorted(self.steps, key=lambda s: (s.cost, len(s.overrides)))
-        ax.plot([s.cost * 100 for s in steps], [s.score for s in steps], "o-", ms=4, lw=0.8)
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        ax.scatter([s.cost * 100 for s in self.steps], [s.score for s in self.steps], s=14, color="0.55",
+                   label=f"evaluated ({len(self.steps)} models)", zorder=2)
+        front = self.pareto()
+        ax.step([s.cost * 100 for s in front], [s.score for s in front], where="post", color="tab:blue", lw=1.0,
+                label="Pareto front (best score for its cost)", zorder=3)
         ax.axhline(self.target, color="tab:green", ls=":", label=f"target {self.target:.4g}")
-        ax.plot([self.cost * 100], [self.score], "*", ms=12, color="tab:red", label="chosen")
+        ax.scatter([self.cost * 100], [self.score], marker="*", s=160, color="tab:red", zorder=4,
+                   label=f"chosen: {len(self.overrides)} layers")
+        names = [str(o.selector) for o in self.overrides]
+        if names:
+            text = "\n".join(n[-40:] for n in names[:6]) + (f"\n… {len(names) - 6} more" if len(names) > 6 else "")
+            ax.annotate(text, (self.cost * 100, self.score), fontsize=7, xytext=(12, -8), textcoords="offset points",
+                        va="top", bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9})
         ax.set_xlabel("MACs in higher precision (%)")
-        ax.set_ylabel(self.measure)
-        ax.legend(fontsize=8)
+        ax.set_ylabel(f"{self.measure} (higher is better)")
+        ax.set_title("mixed-precision search: each point is one set of layers kept in higher precision", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         return png_of(fig)
