@@ -235,14 +235,17 @@ def test_tensor_groups_give_the_same_ranges_as_one_pass(rng):
     prepare_model(m)
     plan = build_plan(m, QuantOptions())
     src = open_calibration(calib(rng, 12), model_inputs(m))
-    labels: list[str] = []
-    one, n1 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12, progress=lambda *a: labels.append(a[0]))
-    assert set(labels) == {"calibrating"}  # one pass: nothing to group
-    labels.clear()
+    calls: list[tuple] = []
+    one, n1 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12, progress=lambda *a: calls.append(a))
+    assert {c[0] for c in calls} == {"calibrating"}  # one pass: nothing to group
+    calls.clear()
     many, n2 = collect_ranges(m, plan.roots, src, Method.PERCENTILE, 99.99, 12, budget=1,  # one tensor a group
-                              progress=lambda *a: labels.append(a[0]))
+                              progress=lambda *a: calls.append(a))
     assert n1 == n2 == 12
-    assert any("groups" in label and "budget" in label for label in labels)  # the progress bar says why
+    groups = [c for c in calls if c[0] != "calibrating"]
+    # one bar ("calibrating"), counting samples, its note saying which pass and why
+    assert groups and all(c[0].startswith("calibrating · tensor group ") and "budget" in c[0] for c in groups)
+    assert {c[2] for c in calls} == {12} and max(c[1] for c in calls) == 12
     assert len(plan.roots) > 2
     for name in plan.roots:
         assert one[name].range(edgequant.QuantDType.UINT8, False) == many[name].range(edgequant.QuantDType.UINT8, False)

@@ -87,7 +87,7 @@ class _Shard:
         self.observers = {r: make_observer(*job.methods[r]) for r in job.roots}
         self.sizes = [0] * len(job.roots)  # largest measured bytes per tensor
         self.position = {r: i for i, r in enumerate(job.roots)}
-        self.done = 0  # progress units: samples × passes
+        self.done = 0  # samples of the current pass
         self.threads: ThreadPoolExecutor
 
     def tick(self, n: int, total: int, label: str) -> None:
@@ -150,12 +150,11 @@ class _Shard:
         if seen == count or not seen:
             return ShardResult(self.observers, seen, 1, sum(self.sizes))
         groups = group_tensors(self.sizes, job.budget)
-        rest = count - seen
-        label = (f"calibrating in {len(groups)} groups ({sum(self.sizes) >> 20} MB of tensors per batch "
-                 f"> {job.budget >> 20} MB budget)")
-        total = seen + rest * len(groups)
-        for group in groups:
-            more = self.observe([names[i] for i in group], seen, False, total, label)
+        for k, group in enumerate(groups, 1):  # the bar counts samples; the note says which pass
+            label = (f"calibrating · tensor group {k} of {len(groups)} ({sum(self.sizes) >> 20} MB of tensors a "
+                     f"batch > {job.budget >> 20} MB budget)")
+            self.done = seen
+            more = self.observe([names[i] for i in group], seen, False, count, label)
         return ShardResult(self.observers, seen + more, len(groups), sum(self.sizes))
 
 
