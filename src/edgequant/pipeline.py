@@ -18,6 +18,7 @@ import onnx
 from onnx import ModelProto
 
 from edgequant.algorithms.bias_correction import add_zero_biases
+from edgequant.algorithms.smoothquant import AlphaSearch
 from edgequant.algorithms.stage import equalize_before, recover
 from edgequant.calibrated import CalibratedModel, Prepared, SampleSplit
 from edgequant.calibration.collect import collect_ranges
@@ -175,7 +176,8 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
         count = min(opts.recovery.bias_correction_data_count, split.calibration or 64)
         original = ModelProto()
         original.CopyFrom(prepared.model)
-        reports = equalize_before(prepared.model, lambda: source.samples(0, count), opts.recovery)
+        search = AlphaSearch(opts.activation_dtype, opts.activation_symmetric, opts.weight_dtype)
+        reports = equalize_before(prepared.model, lambda: source.samples(0, count), opts.recovery, search)
         if original.graph.node == prepared.model.graph.node or not any("ReLU6 → Relu" in r.detail for r in reports):
             original = None  # rescaling alone keeps the float model's outputs: no second copy
     if opts.recovery.bias:

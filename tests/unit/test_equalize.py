@@ -309,3 +309,47 @@ def test_smooth_folds_into_decomposed_layernorm_mul_add(rng):
     assert report.folded == (("n", "Mul+Add"),) and ops(m) == ["Mul", "Add", "Gemm"]
     for s, want in zip(samples, before):
         close(run(m, s)[0], want)
+
+
+def test_smoothquant_auto_picks_per_activation_the_alpha_with_the_least_product_error(rng):
+    """Per activation, the chosen α has the least error of the quantized product among the grid
+    and no smoothing: for x (outlier channels) smoothing beats leaving it; for z (flat, but read
+    by a weight with one huge row) α moves that row's range into the activation. A tensor mapped
+    to None is left as it is; the float outputs stay equal."""
+    from edgequant.algorithms.smoothquant import (
+        AlphaSearch,
+        _product_error,
+        _row_ranges,
+        _Smoother,
+        activation_rows,
+        choose_alphas,
+    )
+
+    w_flat = rng.standard_normal((8, 6))
+    w_uneven = rng.standard_normal((8, 6)) * np.array([1, 1, 1, 40, 1, 1, 1, 1])[:, None]
+    m = build("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 5, 8] x, float[2, 5, 8] z) => (float[2, 5, 6] y, float[2, 5, 6] v) {
+        y = MatMul (x, W1)
+        v = MatMul (z, W2)
+    }""", W1=w_flat, W2=w_uneven)
+    samples = [{**a, "z": rng.standard_normal((2, 5, 8)).astype(np.float32)} for a in outlier_samples(rng, (2, 5, 8))]
+    before = [run(m, s) for s in samples]
+    absmax = channel_absmax(m, ["x", "z"], samples)
+    rows = activation_rows(m, ["x", "z"], samples)
+    assert rows["x"].shape == (30, 8)
+    alphas = choose_alphas(m, rows, absmax)
+    sm = _Smoother(m)
+    for name, w in (("x", w_flat), ("z", w_uneven)):
+        mats, x = [w.astype(np.float32)], rows[name]
+        refs = [x @ mats[0]]
+        ranges = _row_ranges(sm.inits, sm.layers_of(name, 8))
+        err = {a: _product_error(x, mats, refs, smoothing_scales(absmax[name], ranges, a).astype(np.float32),
+                                 AlphaSearch()) for a in AlphaSearch().grid}
+        none = _product_error(x, mats, refs, np.ones(8, np.float32), AlphaSearch())
+        assert alphas[name] is not None and err[alphas[name]] == min(err.values()) and err[alphas[name]] < none
+    report = smooth(m, absmax, {"x": alphas["x"], "z": None})
+    assert report.activations == ("x",)  # z left as it is
+    for s, want in zip(samples, before):
+        for got, ref in zip(run(m, s), want):
+            close(got, ref)

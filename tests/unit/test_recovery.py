@@ -111,11 +111,14 @@ def test_recovery_options_parse_with_neuropilot_names():
     assert edgequant.make_options(finetune_level=1).recovery.rounding == "gptq"
     assert not edgequant.make_options().recovery
     for bad, match in (({"adaround": 1}, "must be bool"), ({"bias_correction": "x"}, "empirical or fast"),
-                       ({"smoothquant": 2.0}, r"\[0, 1\]"), ({"adaround_steps": 3}, "did you mean"),
+                       ({"smoothquant": 2.0}, r"\[0, 1\]"), ({"smoothquant": "often"}, "or auto"),
+                       ({"adaround_steps": 3}, "did you mean"),
                        ({"adaround": True, "gptq": True}, "not both")):
         with pytest.raises(edgequant.ConfigError, match=match):
             edgequant.make_options(**bad)
     assert edgequant.make_options(finetune_level=2).recovery.rounding == "blocks"
+    assert edgequant.make_options(smoothquant="auto").recovery.smoothquant == "auto"
+    assert edgequant.make_options(smoothquant="0.6").recovery.smoothquant == 0.6  # the CLI's text
     with pytest.raises(edgequant.NotYetSupportedError, match="levels above 2"):
         edgequant.make_options(finetune_level=3)
 

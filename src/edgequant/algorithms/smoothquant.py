@@ -10,13 +10,15 @@ decomposed LayerNorm ending in ``Mul``/``Add`` by constants), or by an inserted 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from edgequant.ir.graph import FLOAT_TYPES, GraphIndex, NameScope, get_attr, initializers
+from edgequant.quant.dtypes import QuantDType
+from edgequant.quant.params import compute_params, dequantize_array, quantize_array
 from edgequant.runtime.capture import reduce_channels
 
 log = logging.getLogger(__name__)
@@ -206,10 +208,97 @@ def _row_ranges(model_inits: dict, group: list[tuple[NodeProto, int]]) -> np.nda
     return np.max(ranges, axis=0).astype(np.float64)
 
 
-def smooth(model: ModelProto, absmax: dict[str, np.ndarray], alpha: float = 0.5, *,
+ALPHA_GRID = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
+#: Rows of an activation the α search keeps (sampled evenly from the calibration samples).
+SEARCH_ROWS = 4096
+
+
+def activation_rows(model: ModelProto, tensors: list[str], samples: Iterable[dict[str, np.ndarray]],
+                    limit: int = SEARCH_ROWS) -> dict[str, np.ndarray]:
+    """Rows ``[R, C]`` of each of ``tensors`` (channels on the last axis), at most ``limit``
+    spread over the samples: every ``k``-th row of each sample, in order."""
+    from edgequant.runtime.session import make_session
+
+    feeds = list(samples)
+    sess = make_session(model, list(tensors))
+    kept: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    per_sample = max(1, limit // max(1, len(feeds)))
+    for feed in feeds:
+        for name, value in zip(tensors, sess.run(list(tensors), feed)):
+            rows = np.asarray(value, np.float32).reshape(-1, np.shape(value)[-1])
+            step = max(1, len(rows) // per_sample)
+            kept[name].append(rows[::step][:per_sample])
+    return {t: np.concatenate(v) for t, v in kept.items() if v}
+
+
+@dataclass(frozen=True)
+class AlphaSearch:
+    """How ``choose_alphas`` quantizes its trial products: activation and weight dtypes as the
+    options have them (per-tensor activations, per-output-channel weights)."""
+
+    activation_dtype: QuantDType = QuantDType.UINT8
+    activation_symmetric: bool = False
+    weight_dtype: QuantDType = QuantDType.INT8
+    grid: tuple[float, ...] = ALPHA_GRID
+
+
+def _fake(x: np.ndarray, dtype: QuantDType, symmetric: bool, axis: int | None) -> np.ndarray:
+    if axis is None:
+        p = compute_params(float(x.min()), float(x.max()), dtype, symmetric)
+    else:
+        other = tuple(i for i in range(x.ndim) if i != axis)
+        p = compute_params(x.min(axis=other), x.max(axis=other), dtype, symmetric, axis)
+    return dequantize_array(quantize_array(x, p), p)
+
+
+def choose_alphas(model: ModelProto, rows: dict[str, np.ndarray], absmax: dict[str, np.ndarray],
+                  search: AlphaSearch = AlphaSearch()) -> dict[str, float | None]:
+    """Per activation of ``rows``, the α of ``search.grid`` whose quantized products with the
+    weights of every layer reading it (``Q(X/s)·Q(s·W)``) have the least error against ``X·W``,
+    summed over the layers relative to each one's power; None where no smoothing is best."""
+    sm = _Smoother(model)
+    out: dict[str, float | None] = {}
+    for tensor, x in rows.items():
+        a = np.asarray(absmax[tensor], np.float64).reshape(-1)
+        group = sm.layers_of(tensor, a.size)
+        mats = []
+        for node, axis in group:
+            w = numpy_helper.to_array(sm.inits[node.input[1]]).astype(np.float32)
+            if w.ndim != 2:
+                break
+            mats.append(w if axis == 0 else w.T)  # [K, N]: X·W
+        if not group or len(mats) != len(group):
+            continue
+        x32 = x.astype(np.float32)
+        refs = [x32 @ w for w in mats]
+        w_max = _row_ranges(sm.inits, group)
+        best, best_err = None, _product_error(x32, mats, refs, np.ones(a.size, np.float32), search)
+        for alpha in search.grid:
+            s = smoothing_scales(a, w_max, float(alpha)).astype(np.float32)
+            e = _product_error(x32, mats, refs, s, search)
+            if e < best_err:
+                best, best_err = float(alpha), e
+        out[tensor] = best
+    return out
+
+
+def _product_error(x: np.ndarray, mats: list[np.ndarray], refs: list[np.ndarray], s: np.ndarray,
+                   search: AlphaSearch) -> float:
+    """Σ over the layers of ``mean((Q(x/s)·Q(s·W) − x·W)²) / mean((x·W)²)``."""
+    xq = _fake((x / s).astype(np.float32), search.activation_dtype, search.activation_symmetric, None)
+    total = 0.0
+    for w, ref in zip(mats, refs):
+        wq = _fake((w * s[:, None]).astype(np.float32), search.weight_dtype, True, 1)
+        total += float(np.mean((xq @ wq - ref) ** 2)) / max(float(np.mean(ref * ref)), 1e-30)
+    return total
+
+
+def smooth(model: ModelProto, absmax: dict[str, np.ndarray], alpha: float | Mapping[str, float | None] = 0.5, *,
            bounds: tuple[float, float] = (1e-4, 1e4)) -> SmoothReport:
     """SmoothQuant in place: every tensor of ``absmax`` (per-channel ``max |x|`` over the last
     axis, ``channel_absmax``) read as input 0 by MatMul/Gemm nodes with constant weights.
+    ``alpha``: one α, or one per tensor (``choose_alphas``; a tensor mapped to None, or left
+    out, is not smoothed).
 
     All those layers share one ``s`` (``max |W_j|`` the maximum over them). ``1/s`` is folded
     into the producer when every reader of the tensor (but ``Shape``) is smoothed and it is no graph
@@ -222,9 +311,10 @@ def smooth(model: ModelProto, absmax: dict[str, np.ndarray], alpha: float = 0.5,
     for tensor in sm.index.tensor_names():
         a = np.asarray(absmax[tensor], np.float64).reshape(-1) if tensor in absmax else None
         group = sm.layers_of(tensor, a.size) if a is not None else []
-        if a is None or not group:
+        this = alpha.get(tensor) if isinstance(alpha, Mapping) else alpha
+        if a is None or not group or this is None:
             continue
-        s = smoothing_scales(a, _row_ranges(sm.inits, group), alpha, bounds)
+        s = smoothing_scales(a, _row_ranges(sm.inits, group), this, bounds)
         sm.scale_weights(group, s)
         readers = sm.index.consumers.get(tensor, [])  # a Shape reads no values: no obstacle
         alone = sum(n.op_type != "Shape" for n in readers) == len(group)
@@ -240,5 +330,7 @@ def smooth(model: ModelProto, absmax: dict[str, np.ndarray], alpha: float = 0.5,
     sm.place_inserted()
     for tensor in set(absmax) - set(acts):
         log.debug("smooth: %s is read by no MatMul/Gemm with a constant weight; left alone", tensor)
-    return SmoothReport(alpha, tuple(acts), tuple(layers), tuple(folded),
+    chosen = alpha if not isinstance(alpha, Mapping) else \
+        float(np.mean([v for t, v in alpha.items() if v is not None and t in acts] or [0.0]))
+    return SmoothReport(chosen, tuple(acts), tuple(layers), tuple(folded),
                         tuple(n.name for _, n in sm.inserted), _flatness(before), _flatness(after))

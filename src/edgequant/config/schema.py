@@ -81,7 +81,7 @@ class QuantizationParameters(_Strict):
     finetune_level: int = Field(0, description="0 none, 1 GPTQ rounding and bias correction, 2 block "
                                 "reconstruction and bias correction")
     cle: bool | None = Field(None, description="edgequant: cross-layer equalization")
-    smoothquant: float | None = Field(None, description="edgequant: SmoothQuant alpha (0-1)")
+    smoothquant: float | str | None = Field(None, description="edgequant: SmoothQuant alpha (0-1), or auto (chosen per activation)")
     bias_correction: str | None = Field(None, description="edgequant: empirical or fast")
     adaround: bool | None = Field(None, description="edgequant: AdaRound weight rounding (PyTorch)")
     gptq: bool | None = Field(None, description="edgequant: Hessian-based weight rounding")

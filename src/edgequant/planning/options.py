@@ -34,7 +34,8 @@ class Recovery:
       ``cle_relu6``: through a ReLU6/Clip(0, M) between them, ``bound`` (the Clip becomes Relu
       and a per-channel Min, exact), ``relu`` (it becomes Relu, as in Nagel et al. and AIMET;
       the float model changes where values exceeded M) or ``skip`` (such pairs stay as they are);
-    * ``smoothquant``: SmoothQuant's α (0–1) for MatMul/Gemm inputs (before calibration);
+    * ``smoothquant``: SmoothQuant's α (0–1) for MatMul/Gemm inputs (before calibration), or
+      ``auto``: α chosen per activation by the quantization error of its layers' products;
     * ``bias_correction``: ``empirical`` (measured layer by layer in graph order) or ``fast``
       (the weight rounding's shift on float input means); ``bias_correction_data_count``;
     * ``adaround`` (PyTorch) and ``gptq`` (Hessian-based, numpy) choose each weight's rounding
@@ -53,7 +54,7 @@ class Recovery:
 
     cle: bool = False
     cle_relu6: str = "bound"
-    smoothquant: float | None = None
+    smoothquant: float | str | None = None
     bias_correction: str | None = None
     bias_correction_data_count: int = 64
     adaround: bool = False
@@ -80,8 +81,9 @@ class Recovery:
             raise ConfigError(f"cle_relu6 must be bound, relu or skip, got {self.cle_relu6!r}")
         if self.bias_correction not in (None, "empirical", "fast"):
             raise ConfigError(f"bias_correction must be empirical or fast, got {self.bias_correction!r}")
-        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
-            raise ConfigError(f"smoothquant alpha must be in [0, 1] (e.g. 0.5), got {self.smoothquant}")
+        if self.smoothquant is not None and self.smoothquant != "auto" and (
+                isinstance(self.smoothquant, str) or not 0.0 <= self.smoothquant <= 1.0):
+            raise ConfigError(f"smoothquant alpha must be in [0, 1] (e.g. 0.5) or auto, got {self.smoothquant!r}")
         if self.finetune_level not in (0, 1, 2):
             raise NotYetSupportedError(
                 f"finetune_level {self.finetune_level}: levels above 2 are not available; use 1 (GPTQ rounding "
@@ -268,6 +270,13 @@ def _parse_recovery(key: str, value: object) -> object:
     want = {"bool": bool, "int": int, "float": float}.get(str(kind).split(" |")[0])
     if key == "bias_correction":
         want = str
+    if key == "smoothquant":  # a number, or "auto"
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value) if isinstance(value, int | float | str) and not isinstance(value, bool) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"option smoothquant must be an alpha in [0, 1] or auto, got {value!r}") from None
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is not None and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
