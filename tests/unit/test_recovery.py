@@ -283,6 +283,36 @@ def test_a_zero_pad_before_a_convolution_stays_inside_its_block(rng):
     np.testing.assert_allclose(out.numpy(), np.concatenate(got[q_out]), rtol=1e-4, atol=1e-4)
 
 
+def test_finetune_level_2_starts_its_blocks_from_gptq_and_keeps_it_unless_beaten(rng):
+    """Level 2 runs on level 1: GPTQ rounds first, each block's learning starts at GPTQ's
+    integers (its initial hard rounding is exactly them, a step up or down is a small move) and
+    a block keeps them where it does not lower the block error."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from edgequant.algorithms.blocks import _Runner, find_blocks
+    from edgequant.algorithms.stage import recover, round_weights
+    from edgequant.transform.qdq import plain_weight, weight_key
+
+    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
+                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(16)]
+    state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=2, adaround_optim_steps=200)
+    gptq, _ = round_weights(state, state.plan, Edits(), "gptq")
+    block = find_blocks(state.model, state.plan, 4)[0]
+    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    weights = {n: (inits[wp.tensor], plain_weight(inits[wp.tensor], wp)[1]) for n, wp in block.weights.items()}
+    start = {n: gptq.weights[weight_key(wp)][0] for n, wp in block.weights.items() if weight_key(wp) in gptq.weights}
+    assert start
+    runner = _Runner(torch, block, state.model, state.plan, state.params(state.plan), weights, {}, start)
+    for n, q in start.items():
+        np.testing.assert_array_equal(runner.integers(n, runner.v0[n]), q)
+    state = dataclasses.replace(state, prepared=dataclasses.replace(state.prepared, options=dataclasses.replace(
+        state.options, recovery=dataclasses.replace(state.options.recovery, finetune_level=2))))
+    done = recover(state)
+    assert [r.name for r in done.recovery] == ["GPTQ", "block reconstruction", "bias correction"]
+    assert set(gptq.weights) <= set(done.edits.weights)  # every GPTQ choice kept or bettered, none back to nearest
+
+
 def test_a_time_budget_cuts_the_steps_of_a_block(rng):
     pytest.importorskip("torch").set_num_threads(1)
     from edgequant.algorithms.stage import round_blocks

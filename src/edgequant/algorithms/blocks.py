@@ -171,23 +171,25 @@ def reconstruct(block: Block, model: ModelProto, plan: QuantPlan, act_params: di
                 weights: dict[str, tuple[np.ndarray, QuantParams]], biases: dict[str, np.ndarray],
                 x: np.ndarray, target: np.ndarray, options: AdaRoundOptions, batch: int,
                 progress: Callable[[int, int], None] | None = None, learn: tuple[str, ...] = (),
-                act_lr: float = 1e-3, seconds: float | None = None) -> tuple[dict[str, np.ndarray], BlockStats]:
+                act_lr: float = 1e-3, seconds: float | None = None,
+                start: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], BlockStats]:
     """Integer weights (by node name) of ``block`` that reconstruct ``target`` from ``x``
     (samples along axis 0). ``weights``: node → (float weight, params) to round; ``biases``:
     node → float bias; ``act_params``: root → params of the plan's activations; ``learn``:
     roots whose step size is learned too (``learnable_roots``), at rate ``act_lr`` on ``log s``;
     ``seconds``: a time limit, by which the number of steps (and with it the regulariser's
-    schedule) is cut once the first ``PROBE_STEPS`` have timed a step."""
+    schedule) is cut once the first ``PROBE_STEPS`` have timed a step; ``start``: integer
+    weights (by node) from another rounding to start from and to beat (else round to nearest)."""
     torch = import_torch()
     with one_thread(torch):
         return _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch,
-                            progress, learn, act_lr, seconds)
+                            progress, learn, act_lr, seconds, start)
 
 
 def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress,
-                 learn, act_lr, seconds):
+                 learn, act_lr, seconds, start):
     began = time.perf_counter()
-    runner = _Runner(torch, block, model, plan, act_params, weights, biases)
+    runner = _Runner(torch, block, model, plan, act_params, weights, biases, start)
     xs, ts = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(target, np.float32))
     before = runner.mse(xs, ts, hard=True, nearest=True)
     v = {k: t.clone().requires_grad_(True) for k, t in runner.v0.items()}
@@ -226,6 +228,16 @@ def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, targ
     return chosen, BlockStats(before, after, time.perf_counter() - began, steps, options.steps)
 
 
+#: Where a block's learning starts from another rounding ``q``: ``h`` just past one half of
+#: ``q − 1 + h``, so the hard rounding is ``q`` and either neighbour is one small step away.
+START_H = 0.55
+
+
+def _logit_h(h: float) -> float:
+    """V with rectified sigmoid ``h(V) = h``."""
+    return float(-np.log((ZETA - GAMMA) / (h - GAMMA) - 1))
+
+
 def _h(torch: Any, v: Any) -> Any:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
@@ -241,7 +253,7 @@ def _shape(p: QuantParams, ndim: int) -> tuple[int, ...]:
 class _Runner:
     """The block as its QDQ model computes it, in torch, with soft or hard rounded weights."""
 
-    def __init__(self, torch, block, model, plan, act_params, weights, biases):
+    def __init__(self, torch, block, model, plan, act_params, weights, biases, start=None):
         self.torch, self.block, self.plan = torch, block, plan
         self.act_params = act_params
         self.inits = {t.name: t for t in model.graph.initializer}
@@ -265,6 +277,11 @@ class _Runner:
             self.bounds[name] = quant_range(p, wp.scheme)
             self.nearest[name] = torch.from_numpy(np.clip(round_values(scaled, wp.scheme.rounding) + z,
                                                           *self.bounds[name]).astype(np.float32))
+            if start is not None and name in start:  # from another rounding (GPTQ's): it is the reference,
+                q = start[name].astype(np.float64)  # and the learning starts at it, free to go one step up or down
+                self.nearest[name] = torch.from_numpy(q.astype(np.float32))
+                self.base[name] = torch.from_numpy((q - z - 1).astype(np.float32))
+                self.v0[name] = torch.from_numpy(np.full(q.shape, _logit_h(START_H), np.float32))
 
     def _quantized_bias(self, name: str, bias: np.ndarray, weights: dict) -> np.ndarray:
         """The bias as the QDQ model holds it: int32 at ``s_in · s_w`` (``quantize_bias``)."""

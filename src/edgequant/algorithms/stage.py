@@ -119,7 +119,9 @@ def recover(state: CalibratedModel, progress: Progress | None = None) -> Calibra
     """``state`` with the edits and reports of the rounding and bias-correction steps asked for."""
     rec = state.options.recovery
     edits, reports = state.edits, list(state.recovery)
-    if rec.rounding == "blocks":
+    if rec.rounding == "blocks":  # level 2 on level 1: blocks start from GPTQ's rounding and keep it unless beaten
+        edits, report = round_weights(state, state.plan, edits, "gptq", progress)
+        reports.append(report)
         edits, report = round_blocks(state, state.plan, edits, progress)
         reports.append(report)
     elif rec.rounding:
@@ -230,8 +232,9 @@ class _Head:
 
 def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
                  progress: Progress | None = None) -> tuple[Edits, StepReport]:
-    """Block reconstruction (``algorithms.blocks``) of every chain of layers, depth by depth;
-    a block keeps round to nearest where its learned rounding does not lower the block error."""
+    """Block reconstruction (``algorithms.blocks``) of every block of layers, depth by depth,
+    starting from the rounding ``edits`` hold (GPTQ's, under ``finetune_level`` 2) or round to
+    nearest; a block keeps that where its learned rounding does not lower the block error."""
     started = time.perf_counter()
     rec = state.options.recovery
     count = min(rec.adaround_data_count, state.split.calibration)
@@ -261,9 +264,11 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
                 if rec.block_learn_activations else ()
             share = None if budget is None else \
                 max(0.0, budget - (time.perf_counter() - started)) / (len(heads) - done)
+            start = {n: edits.weights[weight_key(wp)][0] for n, wp in block.weights.items()
+                     if weight_key(wp) in edits.weights}  # a rounding already chosen (GPTQ's): start from it
             ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases, x, target, opts,
                                       rec.block_batch_size, learn=learn, act_lr=rec.block_activation_lr,
-                                      seconds=share)
+                                      seconds=share, start=start)
             ran.append(stats.optim_steps)
             if stats.mse_after < stats.mse_before:
                 for n, wp in block.weights.items():

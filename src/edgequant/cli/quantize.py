@@ -132,7 +132,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("--adaround", is_flag=True, default=None, help="Learn each weight's rounding layer by layer (AdaRound; needs pip install 'edgequant[torch]').")
 @click.option("--gptq", is_flag=True, default=None, help="Hessian-based weight rounding layer by layer (GPTQ-style, numpy).")
 @click.option("--smoothquant", type=str, is_flag=False, flag_value="0.5", metavar="[ALPHA|auto]", help="Move activation outliers of MatMul/Gemm inputs into the weights (SmoothQuant) [flag alone: alpha 0.5; auto: alpha chosen per activation].")
-@click.option("--finetune-level", type=click.IntRange(0), help="XQuant finetune_level: 0 none, 1 GPTQ rounding and bias correction, 2 block reconstruction and bias correction (PyTorch).")
+@click.option("--finetune-level", type=click.IntRange(0), help="XQuant finetune_level: 0 none, 1 GPTQ rounding and bias correction, 2 GPTQ, then block reconstruction from its rounding, and bias correction (PyTorch).")
 @click.option("--workers", type=click.IntRange(1), help="Local worker processes for calibration shards, layer trials and --auto-mixed candidates (same output bytes) [default: 1].")
 @click.option("--ray", "ray_address", metavar="ADDRESS", help="Run those work units on a Ray cluster (host:port or ray://host:port; pip install 'edgequant[ray]').")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")

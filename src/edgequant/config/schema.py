@@ -78,8 +78,8 @@ class QuantizationParameters(_Strict):
     analysis_enable: bool = False
     precision_level: int = Field(0, ge=0, le=4, description="0 int8, 1 int8 + 16-bit sensitive ops, 2 16-bit "
                                  "activations, 3 16-bit activations and weights, 4 float")
-    finetune_level: int = Field(0, description="0 none, 1 GPTQ rounding and bias correction, 2 block "
-                                "reconstruction and bias correction")
+    finetune_level: int = Field(0, description="0 none, 1 GPTQ rounding and bias correction, 2 GPTQ then "
+                                "block reconstruction from its rounding, and bias correction")
     cle: bool | None = Field(None, description="edgequant: cross-layer equalization")
     smoothquant: float | str | None = Field(None, description="edgequant: SmoothQuant alpha (0-1), or auto (chosen per activation)")
     bias_correction: str | None = Field(None, description="edgequant: empirical or fast")

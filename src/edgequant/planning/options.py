@@ -43,7 +43,8 @@ class Recovery:
       aims at the float layer output (float inputs) instead of the float weight on the
       quantized model's inputs, so it also absorbs the error of the layers before it;
     * ``finetune_level`` (XQuant): 0 none, 1 GPTQ rounding and empirical bias correction, 2
-      block reconstruction (chains of up to ``block_max_layers`` layers rounded together,
+      GPTQ, then block reconstruction starting from its rounding (blocks of up to
+      ``block_max_layers`` layers rounded together, each keeping GPTQ's unless it beats it;
       PyTorch; ``adaround_*`` steps, rate and data count, ``block_batch_size`` samples a step)
       and empirical bias correction; ``block_learn_activations``: the step sizes of the
       activations inside each block are learned with its rounding (LSQ), at
