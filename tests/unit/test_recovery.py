@@ -203,19 +203,41 @@ g (float[N, 8, 8, 8] x) => (float[N, 10] y) {
 """
 
 
+def _residual(rng, text=None):
+    return with_weights(text or RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,),
+                        W2=(8, 1, 3, 3), B2=(8,), W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+
+
+def _runner_matches_onnxruntime(torch, state, block, data):
+    """The runner's block (nearest rounding) computes the last node's output (before its own
+    Q) as onnxruntime's QDQ model does, from the same quantized input."""
+    from edgequant.algorithms.blocks import _Runner
+    from edgequant.runtime.capture import capture, truncated
+    from edgequant.transform.qdq import plain_weight
+
+    params = state.params(state.plan)
+    qmodel = insert_qdq(state.model, state.plan, params)
+    by_name = {n.name: n for n in qmodel.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
+    weights = {n: (inits[wp.tensor], plain_weight(inits[wp.tensor], wp)[1]) for n, wp in block.weights.items()}
+    biases = {n.name: inits[n.input[2]] for n in block.nodes if n.name in block.weights}
+    runner = _Runner(torch, block, state.model, state.plan, params, weights, biases)
+    q_in, q_out = by_name[block.nodes[0].name].input[0], by_name[block.nodes[-1].name].output[0]
+    got = capture(truncated(qmodel, [q_in, q_out]), [q_in, q_out], data)
+    out = runner.forward(torch.from_numpy(np.concatenate(got[q_in])), None, nearest=True)
+    np.testing.assert_allclose(out.numpy(), np.concatenate(got[q_out]), rtol=1e-4, atol=1e-4)
+
+
 def test_a_block_spans_a_residual_add_and_runs_as_its_qdq_model(rng):
     """``x → f(x) → f(x) + x`` is one block (the skip reads the block's input); the runner
     computes the Add's output as onnxruntime's QDQ model does, and reconstruction lowers its
     error."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from edgequant.algorithms.blocks import _Runner, find_blocks
+    from edgequant.algorithms.blocks import find_blocks
     from edgequant.algorithms.stage import round_blocks
-    from edgequant.runtime.capture import capture, truncated
-    from edgequant.transform.qdq import plain_weight
 
-    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
-                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    m = _residual(rng)
     data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(24)]
     state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=4)
     names = {n.name: n.output[0] for n in state.model.graph.node}
@@ -230,18 +252,8 @@ def test_a_block_spans_a_residual_add_and_runs_as_its_qdq_model(rng):
     assert [[n.op_type for n in b.nodes] for b in short] == [["Conv", "Relu"], ["Conv", "HardSwish", "Conv", "Relu"],
                                                             ["Conv"], ["Gemm"]]
     block = blocks[1]
-    params = state.params(state.plan)
-    qmodel = insert_qdq(state.model, state.plan, params)
-    by_name = {n.name: n for n in qmodel.graph.node}
-    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
-    weights = {n: (inits[wp.tensor], plain_weight(inits[wp.tensor], wp)[1]) for n, wp in block.weights.items()}
-    biases = {n.name: inits[n.input[2]] for n in block.nodes if n.name in block.weights}
-    runner = _Runner(torch, block, state.model, state.plan, params, weights, biases)
-    q_in, q_out = by_name[block.nodes[0].name].input[0], by_name[block.nodes[-1].name].output[0]
-    got = capture(truncated(qmodel, [q_in, q_out]), [q_in, q_out], data)
     # the Add's output before its own Q: DQ(Q(c3)) + DQ(Q(a0)), the Add on both quantized inputs
-    out = runner.forward(torch.from_numpy(np.concatenate(got[q_in])), None, nearest=True)
-    np.testing.assert_allclose(out.numpy(), np.concatenate(got[q_out]), rtol=1e-4, atol=1e-4)
+    _runner_matches_onnxruntime(torch, state, block, data)
     seen = []
     edits, report = round_blocks(state, state.plan, Edits(), lambda *a: seen.append(a))
     assert report.layers == 5 and report.after < report.before and edits.weights
@@ -255,32 +267,19 @@ def test_a_zero_pad_before_a_convolution_stays_inside_its_block(rng):
     runner as the QDQ model computes it, so the block does not end there."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from edgequant.algorithms.blocks import _Runner, find_blocks
-    from edgequant.runtime.capture import capture, truncated
-    from edgequant.transform.qdq import plain_weight
+    from edgequant.algorithms.blocks import find_blocks
 
     text = RESIDUAL.replace("    c2 = Conv <pads = [1, 1, 1, 1], group = 8> (r1, W2, B2)",
                             "    pp = Constant <value = int64[8] {0, 0, 2, 1, 0, 0, 0, 1}> ()\n"
                             "    q1 = Pad (r1, pp)\n"
                             "    c2 = Conv <group = 8> (q1, W2, B2)")
-    m = with_weights(text, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
-                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    m = _residual(rng, text)
     data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(8)]
     state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=2)
     blocks = find_blocks(state.model, state.plan, max_layers=3)
     block = blocks[1]
     assert [n.op_type for n in block.nodes] == ["Conv", "HardSwish", "Pad", "Conv", "Relu", "Conv", "Add"]
-    params = state.params(state.plan)
-    qmodel = insert_qdq(state.model, state.plan, params)
-    by_name = {n.name: n for n in qmodel.graph.node}
-    inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
-    weights = {n: (inits[wp.tensor], plain_weight(inits[wp.tensor], wp)[1]) for n, wp in block.weights.items()}
-    biases = {n.name: inits[n.input[2]] for n in block.nodes if n.name in block.weights}
-    runner = _Runner(torch, block, state.model, state.plan, params, weights, biases)
-    q_in, q_out = by_name[block.nodes[0].name].input[0], by_name[block.nodes[-1].name].output[0]
-    got = capture(truncated(qmodel, [q_in, q_out]), [q_in, q_out], data)
-    out = runner.forward(torch.from_numpy(np.concatenate(got[q_in])), None, nearest=True)
-    np.testing.assert_allclose(out.numpy(), np.concatenate(got[q_out]), rtol=1e-4, atol=1e-4)
+    _runner_matches_onnxruntime(torch, state, block, data)
 
 
 def test_finetune_level_2_starts_its_blocks_from_gptq_and_keeps_it_unless_beaten(rng):
@@ -293,8 +292,7 @@ def test_finetune_level_2_starts_its_blocks_from_gptq_and_keeps_it_unless_beaten
     from edgequant.algorithms.stage import recover, round_weights
     from edgequant.transform.qdq import plain_weight, weight_key
 
-    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
-                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    m = _residual(rng)
     data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(16)]
     state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=2, adaround_optim_steps=200)
     gptq, _ = round_weights(state, state.plan, Edits(), "gptq")
@@ -317,8 +315,7 @@ def test_a_time_budget_cuts_the_steps_of_a_block(rng):
     pytest.importorskip("torch").set_num_threads(1)
     from edgequant.algorithms.stage import round_blocks
 
-    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
-                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    m = _residual(rng)
     data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(12)]
     state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=2, block_time_budget=1e-6)
     _, report = round_blocks(state, state.plan, Edits())
@@ -348,8 +345,7 @@ def test_block_reconstruction_learns_activation_steps_the_qdq_model_then_uses(rn
     from edgequant.algorithms.blocks import find_blocks, learnable_roots
     from edgequant.algorithms.stage import round_blocks
 
-    m = with_weights(RESIDUAL, rng, W0=(8, 8, 3, 3), B0=(8,), W1=(8, 8, 1, 1), B1=(8,), W2=(8, 1, 3, 3), B2=(8,),
-                     W3=(8, 8, 1, 1), B3=(8,), W4=(10, 8), B4=(10,))
+    m = _residual(rng)
     data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(24)]
     data[0]["x"] *= 12.0  # one outlier sample: minmax ranges far too wide for the others
     state = calibrate(m, data, weight_dtype="int4", per_channel=False, method="minmax", eval_samples=4)
