@@ -165,6 +165,24 @@ class BlockStats:
     seconds: float
     steps: dict[str, float] = field(default_factory=dict)  # root → learned activation scale
     optim_steps: int = 0  # optimisation steps run (fewer than asked under a time limit)
+    held_before: float | None = None  # the same two errors on held-out samples (``reconstruct``'s ``held``)
+    held_after: float | None = None
+
+    @property
+    def improved(self) -> bool:
+        """The learned rounding lowers the block error, on held-out samples too where there are any."""
+        held = self.held_before is None or self.held_after is None or self.held_after < self.held_before
+        return self.mse_after < self.mse_before and held
+
+    @property
+    def ratio(self) -> float:
+        """Error kept over error before: on the held-out samples where there are any; 1 where
+        the learned rounding is not kept."""
+        if not self.improved:
+            return 1.0
+        if self.held_before is not None and self.held_after is not None:
+            return self.held_after / max(self.held_before, 1e-30)
+        return self.mse_after / max(self.mse_before, 1e-30)
 
 
 def reconstruct(block: Block, model: ModelProto, plan: QuantPlan, act_params: dict[str, QuantParams],
@@ -172,26 +190,35 @@ def reconstruct(block: Block, model: ModelProto, plan: QuantPlan, act_params: di
                 x: np.ndarray, target: np.ndarray, options: AdaRoundOptions, batch: int,
                 progress: Callable[[int, int], None] | None = None, learn: tuple[str, ...] = (),
                 act_lr: float = 1e-3, seconds: float | None = None,
-                start: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], BlockStats]:
+                start: dict[str, np.ndarray] | None = None,
+                held: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], BlockStats]:
     """Integer weights (by node name) of ``block`` that reconstruct ``target`` from ``x``
     (samples along axis 0). ``weights``: node → (float weight, params) to round; ``biases``:
     node → float bias; ``act_params``: root → params of the plan's activations; ``learn``:
     roots whose step size is learned too (``learnable_roots``), at rate ``act_lr`` on ``log s``;
     ``seconds``: a time limit, by which the number of steps (and with it the regulariser's
     schedule) is cut once the first ``PROBE_STEPS`` have timed a step; ``start``: integer
-    weights (by node) from another rounding to start from and to beat (else round to nearest)."""
+    weights (by node) from another rounding to start from and to beat (else round to nearest);
+    ``held``: (inputs, targets) of samples not learned from, on which both roundings' errors are
+    measured too (``BlockStats.improved``)."""
     torch = import_torch()
     with one_thread(torch):
         return _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch,
-                            progress, learn, act_lr, seconds, start)
+                            progress, learn, act_lr, seconds, start, held)
+
+
+def _tensors(torch, x: np.ndarray, target: np.ndarray) -> tuple[Any, Any]:
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(target, np.float32))
 
 
 def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, target, options, batch, progress,
-                 learn, act_lr, seconds, start):
+                 learn, act_lr, seconds, start, held):
     began = time.perf_counter()
     runner = _Runner(torch, block, model, plan, act_params, weights, biases, start)
-    xs, ts = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(target, np.float32))
+    xs, ts = _tensors(torch, x, target)
     before = runner.mse(xs, ts, hard=True, nearest=True)
+    hx, ht = _tensors(torch, *held) if held is not None else (None, None)
+    held_before = runner.mse(hx, ht, hard=True, nearest=True) if held is not None else None
     v = {k: t.clone().requires_grad_(True) for k, t in runner.v0.items()}
     groups = [{"params": list(v.values()), "lr": options.lr}]
     if learn:
@@ -224,8 +251,17 @@ def _reconstruct(torch, block, model, plan, act_params, weights, biases, x, targ
             progress(step, options.steps)
     chosen = {k: runner.integers(k, v[k].detach()) for k in v}
     after = runner.mse(xs, ts, hard=True, v={k: t.detach() for k, t in v.items()})
+    learned = {k: t.detach() for k, t in v.items()}
+    held_after = runner.mse(hx, ht, hard=True, v=learned) if held is not None else None
+    if runner.steps and held_after is not None:  # the learned steps stay only where held-out samples agree
+        with_steps, runner.steps = runner.steps, {}
+        without = runner.mse(hx, ht, hard=True, v=learned)
+        if without < held_after:
+            held_after, after = without, runner.mse(xs, ts, hard=True, v=learned)
+        else:
+            runner.steps = with_steps
     steps = {r: float(np.float32(np.exp(float(t.detach())))) for r, t in runner.steps.items()}
-    return chosen, BlockStats(before, after, time.perf_counter() - began, steps, options.steps)
+    return chosen, BlockStats(before, after, time.perf_counter() - began, steps, options.steps, held_before, held_after)
 
 
 #: Where a block's learning starts from another rounding ``q``: ``h`` just past one half of

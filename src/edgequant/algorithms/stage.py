@@ -245,7 +245,7 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
     acts = {a.root: a for a in plan.activations.values()}
     chosen: dict = dict(edits.weights)
     ranges: dict = dict(edits.ranges)
-    ratios, layers, done, learned, ran = [], 0, 0, 0, []
+    ratios, layers, done, learned, ran, rejected = [], 0, 0, 0, [], 0
     budget = rec.block_time_budget
     for level in depth_levels(state.model, heads):
         qmodel = insert_qdq(state.model, plan, params, Edits(chosen, edits.biases, ranges))
@@ -260,17 +260,20 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
             floats_w = {n: (w, plain_weight(w, block.weights[n])[1]) for n, w in float_w.items()}
             biases = _block_biases(block, plan, inits, edits)
             x, target = _paired(quantized[by_name[head.node.name].input[0]], floats[block.output])
+            fit, held = held_out_split(len(x))
             learn = tuple(learnable_roots(block, plan, state.options.unsigned_nonnegative)) \
                 if rec.block_learn_activations else ()
             share = None if budget is None else \
                 max(0.0, budget - (time.perf_counter() - started)) / (len(heads) - done)
             start = {n: edits.weights[weight_key(wp)][0] for n, wp in block.weights.items()
                      if weight_key(wp) in edits.weights}  # a rounding already chosen (GPTQ's): start from it
-            ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases, x, target, opts,
+            ints, stats = reconstruct(block, state.model, plan, params, floats_w, biases, x[fit], target[fit], opts,
                                       rec.block_batch_size, learn=learn, act_lr=rec.block_activation_lr,
-                                      seconds=share, start=start)
+                                      seconds=share, start=start,
+                                      held=(x[held], target[held]) if held.size else None)
             ran.append(stats.optim_steps)
-            if stats.mse_after < stats.mse_before:
+            rejected += stats.mse_after < stats.mse_before and not stats.improved
+            if stats.improved:
                 for n, wp in block.weights.items():
                     chosen[weight_key(wp)] = (ints[n], floats_w[n][1])
                 for root, step in stats.steps.items():
@@ -278,17 +281,41 @@ def round_blocks(state: CalibratedModel, plan: QuantPlan, edits: Edits,
                     ranges[range_key(act)] = step_range(params[root], act.symmetric, step)
                     params[root] = activation_params(ranges[range_key(act)], act, state.options.unsigned_nonnegative)
                     learned += 1
-            ratios.append(min(stats.mse_after, stats.mse_before) / max(stats.mse_before, 1e-30))
+            ratios.append(stats.ratio)
             layers += len(block.weights)
             done += 1
             if progress:  # the stage, then after " · " how far the blocks' error has come down
                 progress(f"block reconstruction · block MSE {float(np.mean(ratios)) - 1:+.0%}", done, len(heads))
     detail = f"{len(heads)} blocks, {count} samples" + (f", {learned} activation step sizes learned" if learned else "")
+    if rejected:
+        detail += f"; {rejected} block{'s' if rejected > 1 else ''} kept {'their' if rejected > 1 else 'its'} first rounding: " \
+                  "the learned one was worse on held-out samples"
     if ran and min(ran) < opts.steps:
         detail += f"; time budget {budget:g} s: {min(ran)}–{max(ran)} steps a block"
     return Edits(chosen, edits.biases, ranges), StepReport(
-        "block reconstruction", layers, "block MSE", 1.0 if ratios else 0.0, float(np.mean(ratios)) if ratios else 0.0,
+        "block reconstruction", layers, "block MSE (held-out samples)", 1.0 if ratios else 0.0, float(np.mean(ratios)) if ratios else 0.0,
         time.perf_counter() - started, detail)
+
+
+#: Every ``HELD_OUT``-th sample of a block's inputs is held out of its learning: a block keeps
+#: its learned rounding (and step sizes) only where they lower its error on those samples too.
+#: Fitted on all 64 samples, EfficientNet-Lite0's blocks at W4A8 each lowered their own error,
+#: yet the model's output cosine fell from 0.962 (GPTQ + bias correction) to 0.933.
+HELD_OUT = 4
+#: Blocks with fewer samples than this learn from all of them (too few to hold any out).
+MIN_HELD_OUT_SAMPLES = 8
+
+
+def held_out_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the samples a block learns from and of those held out (every ``HELD_OUT``-th,
+    the 4th, 8th …); none held out below ``MIN_HELD_OUT_SAMPLES``.
+
+    Example: 8 → ([0, 1, 2, 4, 5, 6], [3, 7])."""
+    everything = np.arange(n)
+    if n < MIN_HELD_OUT_SAMPLES:
+        return everything, everything[:0]
+    held = everything[HELD_OUT - 1::HELD_OUT]
+    return np.setdiff1d(everything, held), held
 
 
 def step_range(p: QuantParams, symmetric: bool, step: float) -> tuple[float, float]:
