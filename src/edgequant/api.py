@@ -49,11 +49,13 @@ def resolve_config(config: ConfigArg) -> ResolvedConfig | None:
 
 def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, options: QuantOptions | None = None,
               input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
-              min_opset: int = 0, **changes: Any) -> CalibratedModel:
+              min_opset: int = 0, transform_fn: Callable[[Any], Any] | None = None,
+              **changes: Any) -> CalibratedModel:
     """Load, prepare, plan and calibrate: the state every later stage reads.
 
     ``changes`` are ``QuantOptions`` fields (``method="entropy"``, ``target="espdl"``…) applied
-    over ``options`` (or the config's options, or the defaults).
+    over ``options`` (or the config's options, or the defaults). ``transform_fn`` maps each item
+    of the calibration data to the model's inputs (``quantize``).
     """
     started = time.perf_counter()
     cfg = resolve_config(config)
@@ -66,7 +68,7 @@ def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, op
     specs, settings = _match_settings(model_inputs(original), cfg, input_settings)
     check_onnx(original)
     opts = protect_statistics(original, opts)
-    source = open_calibration(calibration, specs, settings, opts.batch_size)
+    source = open_calibration(calibration, specs, settings, opts.batch_size, transform_fn)
     prepared = prepare(original, opts, min_opset, specialization(original, opts, source))
     del original  # ``prepared`` holds the (upgraded) model; the upgrade made a copy, or edited this one
     return calibrate_prepared(prepared, source, progress, started)
@@ -74,12 +76,17 @@ def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, op
 
 def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, options: QuantOptions | None = None,
              input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
-             exports: tuple[str, ...] = (), **changes: Any) -> QuantizeResult:
+             exports: tuple[str, ...] = (), transform_fn: Callable[[Any], Any] | None = None,
+             **changes: Any) -> QuantizeResult:
     """Quantize a float ONNX model with calibration data; ``changes`` are ``QuantOptions``
     fields (``method="entropy"``, ``per_channel=False``, ``overrides=["Conv_3=int16"]``…).
 
     ``calibration``: a path (folder of .npz/.npy/images/raw, list file, single file), one path
-    per input, or an iterable of arrays (single-input models) or dicts keyed by input name.
+    per input, a list of arrays (single-input models) or dicts keyed by input name, or a data
+    object streamed as it is: an onnxruntime ``CalibrationDataReader``, a PyTorch ``DataLoader``
+    or ``Dataset``, a generator or any iterable (``data.stream``). ``transform_fn`` maps one
+    item to the inputs, e.g. ``lambda item: item[0]`` for ``(image, label)`` pairs. The first
+    samples calibrate and the next ``eval_samples`` check fidelity (``split_samples``).
 
     When the collapse guard finds the result broken, it is repaired before it is returned
     (``mixed.repair``: recovery algorithms, then mixed precision; ``Summary.repair`` says
@@ -88,7 +95,7 @@ def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, opt
     the repair adds no recovery step those files cannot describe.
     """
     state = calibrate(model, calibration, config=config, options=options, input_settings=input_settings,
-                      progress=progress, **changes)
+                      progress=progress, transform_fn=transform_fn, **changes)
     result = finish(state, progress=progress, rank=not state.options.repair)
     if result.summary.collapse is None or not state.options.repair:
         return result

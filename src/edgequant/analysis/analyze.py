@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from onnx import ModelProto
@@ -76,7 +77,8 @@ def suggest_overrides(ranked: list[LayerError], precision: QuantDType = QuantDTy
 def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.PathLike | ModelProto,
             calibration, *, mode: str = "both", num_samples: int = 32, histograms: int = 4,
             input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
-            cache_budget_mb: int = 1024, device: str = "cpu") -> ErrorReport:
+            cache_budget_mb: int = 1024, device: str = "cpu",
+            transform_fn: Callable[[Any], Any] | None = None) -> ErrorReport:
     """Compare ``quant_model`` (QDQ) with ``float_model`` on ``num_samples`` calibration samples.
 
     ``float_model`` may be the model as given to the quantizer or the prepared one
@@ -92,7 +94,7 @@ def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.P
     if not len(qmap):
         raise ModelLoadError("the quantized model has no QuantizeLinear/DequantizeLinear on any node of the "
                              "float model; give the float model it was quantized from")
-    source = open_calibration(calibration, model_inputs(fmodel), input_settings, 1)
+    source = open_calibration(calibration, model_inputs(fmodel), input_settings, 1, transform_fn)
     count = min(num_samples, len(source))
     if count == 0:
         raise CalibrationDataError("the calibration data yields 0 samples")

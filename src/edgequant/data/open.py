@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from edgequant.data.inputs import InputSettings, InputSpec
 from edgequant.data.sources import (
@@ -15,6 +16,7 @@ from edgequant.data.sources import (
     FileListSource,
     NpzSource,
 )
+from edgequant.data.stream import StreamSource
 from edgequant.errors import CalibrationDataError, ConfigError
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -77,8 +79,10 @@ def _check_type(st: InputSettings) -> None:
 
 
 def open_calibration(calib, specs: list[InputSpec], settings: list[InputSettings] | None = None,
-                     batch: int = 8) -> CalibrationSource:
-    """Build a source from a path, one path per input, a list file, arrays or dicts."""
+                     batch: int = 8, transform_fn: Callable[[Any], Any] | None = None) -> CalibrationSource:
+    """Build a source from a path, one path per input, a list file, a list of arrays or dicts,
+    or a data object streamed as it is (``data.stream``: a CalibrationDataReader, a DataLoader
+    or Dataset, a generator, any iterable; ``transform_fn`` maps each item to the inputs)."""
     settings = settings or [InputSettings() for _ in specs]
     if len(settings) != len(specs):
         raise ConfigError(
@@ -89,9 +93,11 @@ def open_calibration(calib, specs: list[InputSpec], settings: list[InputSettings
         _check_type(st)
     if isinstance(calib, CalibrationSource):
         return calib
-    paths = _as_paths(calib, settings)
+    paths = _as_paths(calib, settings) if transform_fn is None else None
     if paths is None:
-        return ArraySource(calib, specs)
+        if isinstance(calib, Sequence) and not isinstance(calib, (str, bytes)) and transform_fn is None:
+            return ArraySource(calib, specs)
+        return StreamSource(calib, specs, transform_fn)
     if len(paths) == 1 and len(specs) > 1:
         npz = _npz_files(paths[0])
         if npz is not None:
@@ -128,11 +134,7 @@ def _as_paths(calib, settings: list[InputSettings]) -> list[Path] | None:
         return [Path(calib)]
     if isinstance(calib, (list, tuple)) and calib and all(isinstance(c, (str, os.PathLike)) for c in calib):
         return [Path(c) for c in calib]
-    if not isinstance(calib, Iterable):
-        raise CalibrationDataError(
-            f"calibration must be a path, a list of paths, or an iterable of arrays/dicts, got {type(calib).__name__}"
-        )
-    return None
+    return None  # a data object: StreamSource says what it takes
 
 
 def _npz_files(path: Path) -> list[Path] | None:

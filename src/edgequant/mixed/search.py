@@ -277,6 +277,7 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
                max_high_precision: float = 0.10, fallback: str = "int16", search_samples: int = 64,
                recover: bool | None = None, config=None, options: QuantOptions | None = None,
                input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
+               transform_fn: Callable[[Any], Any] | None = None,
                **changes: Any) -> tuple[QuantizeResult, MixedPrecision]:
     """Quantize ``model`` and keep the layers it needs in ``fallback`` precision (see module doc).
 
@@ -295,7 +296,7 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     if wants and not opts.recovery:
         opts = dataclasses.replace(opts, recovery=recovery_for(opts))
     state = calibrate(model, calibration, config=cfg, options=opts, input_settings=input_settings, progress=progress,
-                      min_opset=21 if settings.fallback != FLOAT else 0)
+                      min_opset=21 if settings.fallback != FLOAT else 0, transform_fn=transform_fn)
     plan, mixed = search_mixed(state, settings, progress)
     result = finish(state, plan, progress)
     result.summary.notes.append(f"auto-mixed: {mixed.describe()}")
