@@ -18,6 +18,7 @@ from edgequant.errors import (
     OutputError,
     TensorNameError,
 )
+from edgequant.frontends.torch import from_torch
 from edgequant.mixed.search import auto_mixed
 from edgequant.planning.options import QuantOptions
 from edgequant.planning.overrides import Override
@@ -46,6 +47,7 @@ __all__ = [
     "__version__",
     "analyze",
     "auto_mixed",
+    "from_torch",
     "make_options",
     "quantize",
     "write_report",

@@ -47,15 +47,38 @@ def resolve_config(config: ConfigArg) -> ResolvedConfig | None:
     return load_config(config)
 
 
+def onnx_model(model: Any, example_inputs: Any = None, layout: str | None = None,
+               options: QuantOptions | None = None, changes: dict | None = None,
+               cfg: ResolvedConfig | None = None) -> Any:
+    """``model`` as it is, or a PyTorch model (``nn.Module``, TorchScript file, ``ExportedProgram``)
+    exported by ``frontends.torch.from_torch`` on ``example_inputs``, or at the ``input_shapes``
+    of the changes, the options or the config (each input's ``input_name`` and ``input_shape``),
+    in ``layout`` (else the config's first input's, else NCHW)."""
+    from edgequant.frontends.torch import is_torch_model
+
+    if not is_torch_model(model):
+        if example_inputs is not None:
+            raise ConfigError("example_inputs are for PyTorch models; an ONNX model has its input shapes")
+        return model
+    from edgequant.frontends.torch import from_torch
+
+    shapes = (changes or {}).get("input_shapes") or (options.input_shapes if options else None)
+    if not shapes and cfg is not None and cfg.settings and all(st.shape for st in cfg.settings):
+        shapes = [(name or f"input_{k}", st.shape) for k, (name, st) in enumerate(zip(cfg.input_names, cfg.settings))]
+    layout = layout or next((st.layout for st in (cfg.settings if cfg else ()) if st.layout), None)
+    return from_torch(model, example_inputs, input_shapes=shapes or None, layout=layout or "NCHW")
+
+
 def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, options: QuantOptions | None = None,
               input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
               min_opset: int = 0, transform_fn: Callable[[Any], Any] | None = None,
-              **changes: Any) -> CalibratedModel:
+              example_inputs: Any = None, layout: str | None = None, **changes: Any) -> CalibratedModel:
     """Load, prepare, plan and calibrate: the state every later stage reads.
 
     ``changes`` are ``QuantOptions`` fields (``method="entropy"``, ``target="espdl"``…) applied
     over ``options`` (or the config's options, or the defaults). ``transform_fn`` maps each item
-    of the calibration data to the model's inputs (``quantize``).
+    of the calibration data to the model's inputs; ``example_inputs`` and ``layout`` are for
+    PyTorch models (``quantize``).
     """
     started = time.perf_counter()
     cfg = resolve_config(config)
@@ -64,7 +87,7 @@ def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, op
         if cfg is None or cfg.model_path is None:
             raise ConfigError("no model given: pass MODEL or set model_parameters.onnx_model in the config")
         model = cfg.model_path
-    original = load_model(model)
+    original = load_model(onnx_model(model, example_inputs, layout, opts, cfg=cfg))
     specs, settings = _match_settings(model_inputs(original), cfg, input_settings)
     check_onnx(original)
     opts = protect_statistics(original, opts)
@@ -77,7 +100,7 @@ def calibrate(model: ModelArg, calibration=None, *, config: ConfigArg = None, op
 def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, options: QuantOptions | None = None,
              input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
              exports: tuple[str, ...] = (), transform_fn: Callable[[Any], Any] | None = None,
-             **changes: Any) -> QuantizeResult:
+             example_inputs: Any = None, layout: str | None = None, **changes: Any) -> QuantizeResult:
     """Quantize a float ONNX model with calibration data; ``changes`` are ``QuantOptions``
     fields (``method="entropy"``, ``per_channel=False``, ``overrides=["Conv_3=int16"]``…).
 
@@ -88,13 +111,21 @@ def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, opt
     item to the inputs, e.g. ``lambda item: item[0]`` for ``(image, label)`` pairs. The first
     samples calibrate and the next ``eval_samples`` check fidelity (``split_samples``).
 
+    ``model`` may be a PyTorch model: an ``nn.Module``, a TorchScript file or an
+    ``ExportedProgram``, exported once (``from_torch``) on ``example_inputs`` or at
+    ``input_shapes``, in ``layout`` (``"NHWC"``: channels-last in and out; the calibration data
+    is given in that layout too).
+
     When the collapse guard finds the result broken, it is repaired before it is returned
     (``mixed.repair``: recovery algorithms, then mixed precision; ``Summary.repair`` says
     what changed); ``repair=False`` returns the plain result with the guard's finding.
     ``exports``: the parameter-file formats the result will be written to (``export_params``);
     the repair adds no recovery step those files cannot describe.
     """
-    state = calibrate(model, calibration, config=config, options=options, input_settings=input_settings,
+    cfg = resolve_config(config)
+    model = onnx_model(model if model is not None else (cfg.model_path if cfg else None), example_inputs, layout,
+                       options, changes, cfg)
+    state = calibrate(model, calibration, config=cfg, options=options, input_settings=input_settings,
                       progress=progress, transform_fn=transform_fn, **changes)
     result = finish(state, progress=progress, rank=not state.options.repair)
     if result.summary.collapse is None or not state.options.repair:
@@ -102,7 +133,7 @@ def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, opt
     from edgequant.mixed.repair import repair
 
     def recalibrate(opts: QuantOptions, min_opset: int) -> CalibratedModel:
-        return calibrate(model, state.source, config=config, options=opts, input_settings=input_settings,
+        return calibrate(model, state.source, config=cfg, options=opts, input_settings=input_settings,
                          progress=progress, min_opset=min_opset)
     return repair(state, result, recalibrate, progress, exports)
 

@@ -13,6 +13,7 @@ EXPECTED = {
     "NotYetSupportedError", "OutputError", "OutputFidelity", "QuantDType", "QuantOptions", "QuantizeResult",
     "Summary", "TensorNameError", "__version__", "make_options", "quantize",
     "ErrorReport", "LayerError", "Metrics", "Override", "TensorError", "analyze", "write_report", "auto_mixed",
+    "from_torch",
 }
 
 

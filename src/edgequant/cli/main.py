@@ -35,6 +35,7 @@ def cli() -> None:
     \b
     edgequant demo                                   quantize the bundled MNIST CNN
     edgequant quantize model.onnx -o model.q.onnx --calib samples/
+    edgequant export model.pt -o model.onnx --input-shape input=1x3x224x224
     edgequant -c config.json                         XQuant-style config file
     edgequant analyze model.onnx model.q.onnx --calib samples/ -o report/
     edgequant run model.q.onnx --inputs x.npz --dump-all -o q.npz
@@ -48,11 +49,12 @@ def _register() -> None:
     from edgequant.cli.analyze import analyze
     from edgequant.cli.compare import compare
     from edgequant.cli.demo import demo
+    from edgequant.cli.export import export
     from edgequant.cli.quantize import quantize
     from edgequant.cli.run import run
     from edgequant.cli.targets import check, targets
 
-    for command in (quantize, analyze, run, compare, targets, check, demo):
+    for command in (quantize, analyze, run, compare, targets, check, demo, export):
         cli.add_command(command)
 
 

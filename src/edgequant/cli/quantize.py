@@ -101,7 +101,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("--mean", help="Image mean per channel, e.g. 123.7,116.3,103.5.")
 @click.option("--std", help="Image std per channel, e.g. 58.4,57.1,57.4.")
 @click.option("--color-format", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb].")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Image layout [default: from the input shape].")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="What the input dimensions mean: the image layout [default: from the input shape]; for a PyTorch MODEL also the layout it is exported in (NHWC: channels-last in and out) [default: NCHW].")
 @click.option("--preprocess", help="User function 'file.py:function' turning a batch of paths into an array.")
 @click.option("--override", "overrides", multiple=True, metavar="SELECTOR=PRECISION",
               help="Keep layers in 16-bit or float: node name, glob, re:REGEX or op:TYPE = int8|uint8|int16|uint16|float. Repeatable.")
@@ -124,7 +124,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("--analyze", is_flag=True, help="Also write a per-layer error report (see edgequant analyze).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="Report folder for --analyze [default: OUTPUT stem + _report].")
 @click.option("--no-simplify", is_flag=True, help="Skip constant folding and BatchNorm folding.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Fix an input's shape, e.g. input=1x512: shape-derived values fold to constants and If/Loop tests on them fold away. Repeatable.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Fix an input's shape, e.g. input=1x512: shape-derived values fold to constants and If/Loop tests on them fold away; a PyTorch MODEL (.pt TorchScript, .pt2) is exported at these shapes, its inputs named after them. Repeatable.")
 @click.option("--fix-input", "fixed_inputs", multiple=True, metavar="NAME=VALUE", help="Pin an input to a value, e.g. sr=16000: the graph is specialized to it (the input stays, unused). Repeatable.")
 @click.option("--no-specialize", is_flag=True, help="Keep control flow as it is [default: a model with If/Loop/Scan is specialized at the shapes, and constant integer scalars, of its calibration data].")
 @click.option("--cle", is_flag=True, default=None, help="Cross-layer equalization of consecutive Conv/Gemm pairs before calibration (ReLU6 between them becomes Relu).")
@@ -138,7 +138,8 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def quantize(**flags: Any) -> None:
-    """Quantize a float ONNX MODEL with calibration data into a QDQ ONNX model.
+    """Quantize a float ONNX MODEL (or a PyTorch .pt/.pt2 file, exported first at the
+    --input-shape shapes) with calibration data into a QDQ ONNX model.
 
     When the result is broken (outputs, or their decisions, far from float on held-out
     samples), it is repaired before it is written: recovery algorithms where weight rounding
@@ -169,6 +170,7 @@ def quantize(**flags: Any) -> None:
         raise OutputError(f"--json: {summary_path(out)} is a folder; choose another -o")
     exports = [parse_spec(e) for e in f["export_params"]]
     imports = [parse_spec(i) for i in f["import_params"]]
+    model_arg = torch_export(model_path, f["input_shapes"], f["layout"], cfg)
     check_side_outputs(exports, f["report_dir"] if (f["analyze"] or (cfg is not None and cfg.analyze)) else None,
                        Path(model_path))
     if any(fmt == "edgequant" for fmt, _ in imports):
@@ -178,7 +180,7 @@ def quantize(**flags: Any) -> None:
     planned = parse_options(cfg.options if cfg else None, changes)
     for fmt, _ in exports:  # before any work: nothing half-done
         check_exportable(fmt, planned.recovery, planned.target)
-    settings = image_settings(model_path, cfg, {
+    settings = image_settings(model_arg, cfg, {
         "file_type": f["file_type"], "mean": _floats(f["mean"]), "std": _floats(f["std"]),
         "color_format": f["color_format"], "layout": f["layout"], "preprocess": f["preprocess"]})
     calib = list(f["calib"]) if f["calib"] else None
@@ -186,12 +188,12 @@ def quantize(**flags: Any) -> None:
     logging.getLogger("edgequant.pipeline").setLevel(logging.ERROR)  # the collapse warning is rendered below
     with progress_bar(not f["quiet"]) as progress:
         if f["auto_mixed"]:
-            result, mixed = auto_mixed(model_path, calib, config=cfg, input_settings=settings, progress=progress,
+            result, mixed = auto_mixed(model_arg, calib, config=cfg, input_settings=settings, progress=progress,
                                        target_cosine=f["target_cosine"], target_sqnr=f["target_sqnr"],
                                        max_high_precision=_share(f["max_high_precision"]), fallback=f["fallback"],
                                        recover=f["recover"], **changes)
         else:
-            result = run(model_path, calib, config=cfg, input_settings=settings, progress=progress,
+            result = run(model_arg, calib, config=cfg, input_settings=settings, progress=progress,
                          exports=tuple(fmt for fmt, _ in exports), **changes)
     saved = result.save(out)
     written = [str(saved)] + [str(write_params(result, fmt, path)) for fmt, path in exports]
@@ -328,6 +330,20 @@ def _analyze(result, calib, cfg, settings, folder: Path, quiet: bool) -> None:
     folder = write_report(report, folder)
     if not quiet:
         print_report(report, folder, 5)
+
+
+def torch_export(model_path, shapes: tuple[str, ...], layout: str | None, cfg=None):
+    """The model path as it is, or a PyTorch file (TorchScript, ``.pt2``) exported to ONNX at the
+    ``--input-shape`` shapes (else the config's ``input_name``/``input_shape``) in ``--layout``."""
+    from edgequant.api import onnx_model
+    from edgequant.frontends.torch import is_torch_model
+
+    if not is_torch_model(model_path):
+        return model_path
+    if not shapes and not (cfg is not None and cfg.settings and all(st.shape for st in cfg.settings)):
+        raise ConfigError(f"{model_path} is a PyTorch model: give its input shapes with --input-shape NAME=DIMS "
+                          "(in the layout --layout names, NCHW unless given), e.g. --input-shape input=1x3x224x224")
+    return onnx_model(model_path, None, layout, changes={"input_shapes": list(shapes)} if shapes else None, cfg=cfg)
 
 
 def image_settings(model_path, cfg, image: dict):

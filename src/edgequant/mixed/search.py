@@ -36,7 +36,7 @@ from onnx import ModelProto
 from edgequant.analysis.layerwise import float_cache
 from edgequant.analysis.metrics import DecisionTally, FidelityAccumulator, is_distribution, is_score
 from edgequant.analysis.plots import png_of, pyplot
-from edgequant.api import calibrate, resolve_config
+from edgequant.api import calibrate, onnx_model, resolve_config
 from edgequant.calibrated import CalibratedModel
 from edgequant.data.inputs import InputSettings
 from edgequant.data.sources import Sample
@@ -277,8 +277,8 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
                max_high_precision: float = 0.10, fallback: str = "int16", search_samples: int = 64,
                recover: bool | None = None, config=None, options: QuantOptions | None = None,
                input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
-               transform_fn: Callable[[Any], Any] | None = None,
-               **changes: Any) -> tuple[QuantizeResult, MixedPrecision]:
+               transform_fn: Callable[[Any], Any] | None = None, example_inputs: Any = None,
+               layout: str | None = None, **changes: Any) -> tuple[QuantizeResult, MixedPrecision]:
     """Quantize ``model`` and keep the layers it needs in ``fallback`` precision (see module doc).
 
     Returns ``(QuantizeResult, MixedPrecision)``. The search's own keywords are those of
@@ -295,6 +295,7 @@ def auto_mixed(model: str | os.PathLike | ModelProto, calibration=None, *, targe
     wants = settings.recover if settings.recover is not None else "float" not in get_target(opts.target).fallback
     if wants and not opts.recovery:
         opts = dataclasses.replace(opts, recovery=recovery_for(opts))
+    model = onnx_model(model, example_inputs, layout, opts)
     state = calibrate(model, calibration, config=cfg, options=opts, input_settings=input_settings, progress=progress,
                       min_opset=21 if settings.fallback != FLOAT else 0, transform_fn=transform_fn)
     plan, mixed = search_mixed(state, settings, progress)
