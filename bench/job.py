@@ -1,6 +1,7 @@
 """One quantization job in its own process, so that peak RSS and wall time are its own.
 
-``python -m bench.job TOOL MODEL CALIB_DIR METHOD N OUT RESULT_JSON [KEYWORDS_JSON]``
+``python -m bench.job TOOL MODEL CALIB_DIR METHOD N OUT RESULT_JSON [KEYWORDS_JSON]`` (TOOL: edgequant,
+``edgequant-generator`` (the samples from a Python generator), ort, ppq)
 
 KEYWORDS_JSON (edgequant only): more ``edgequant.quantize`` keywords, e.g.
 ``{"target": "espdl-s3", "cle": true}``; with it, weights are per channel or per tensor only
@@ -42,6 +43,21 @@ def run_edgequant(model: str, calib: Path, method: str, n: int, out: str, option
         keywords = {"eval_samples": 0, **keywords}
     result = edgequant.quantize(model, [str(calib)], method=method, num_samples=n, **keywords)
     result.save(out)
+
+
+def run_edgequant_generator(model: str, calib: Path, method: str, n: int, out: str) -> None:
+    """edgequant fed by a generator of the first ``n`` samples (one ``.npz`` file read at a
+    time, as a user's generator would load them): streamed, never held as a whole."""
+    import edgequant
+
+    method, per_channel = _granularity(method)
+
+    def samples():
+        for f in _files(calib, n):
+            with np.load(f) as z:
+                yield {k: z[k] for k in z.files}
+
+    edgequant.quantize(model, samples(), method=method, per_channel=per_channel).save(out)
 
 
 def run_ort(model: str, calib: Path, method: str, n: int, out: str) -> None:
@@ -120,7 +136,8 @@ def main(argv: list[str]) -> None:
     status, error = "ok", ""
     t = time.perf_counter()
     try:
-        runner = {"edgequant": run_edgequant, "ort": run_ort, "ppq": run_ppq}[tool]
+        runner = {"edgequant": run_edgequant, "edgequant-generator": run_edgequant_generator, "ort": run_ort,
+                  "ppq": run_ppq}[tool]
         if options is not None and tool != "edgequant":
             raise SystemExit(f"{tool} takes no edgequant keywords")
         if options is None:
