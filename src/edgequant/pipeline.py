@@ -25,7 +25,7 @@ from edgequant.calibration.collect import collect_ranges
 from edgequant.data.sources import CalibrationSource
 from edgequant.errors import CalibrationDataError, ModelLoadError
 from edgequant.ir.graph import outline
-from edgequant.ir.model import ensure_opset, opset_of, skeleton
+from edgequant.ir.model import byte_size, ensure_opset, opset_of, skeleton
 from edgequant.mixed.cost import eight_bit_macs
 from edgequant.mixed.guard import collapse_report, judge
 from edgequant.passes.constants import DivideByConstantToMul
@@ -49,7 +49,7 @@ def check_onnx(model: ModelProto) -> None:
     try:
         onnx.checker.check_model(skeleton(model), full_check=False)
     except Exception as exc:
-        if model.ByteSize() < 2_000_000_000:
+        if byte_size(model) < 2_000_000_000:
             raise ModelLoadError(f"the model is not valid ONNX: {checker_message(exc)}") from None
 
 

@@ -193,3 +193,39 @@ def test_few_calibration_samples_get_a_note(rng):
     assert any(n.startswith("only 6 calibration samples") for n in few.summary.notes)
     enough = edgequant.quantize(model, calib(rng, 20), eval_samples=0)
     assert not any("calibration sample" in n for n in enough.summary.notes)
+
+
+def test_models_past_protobufs_limit_run_and_save_through_external_data(rng, tmp_path, monkeypatch):
+    """Past 2 GiB a model cannot be serialised whole: sessions load it from a file with its
+    weights beside it, and it is saved that way, without the model in memory changing. The
+    limits are lowered here so that a small model takes that path."""
+    from types import SimpleNamespace
+
+    from google.protobuf.message import EncodeError
+
+    from edgequant.ir import model as ir_model
+    from edgequant.runtime import session
+
+    model, data = cnn(rng), calib(rng, 12)
+    want = edgequant.quantize(model, data, eval_samples=2)
+    monkeypatch.setattr(session, "_LIMIT", 100)
+    monkeypatch.setattr(ir_model, "EXTERNAL_DATA_THRESHOLD", 100)
+    got = edgequant.quantize(model, data, eval_samples=2)
+    assert got.model.SerializeToString() == want.model.SerializeToString()  # the same model, every weight inline
+    path = got.save(tmp_path / "q.onnx")
+    assert (tmp_path / "q.onnx.data").exists()
+    np.testing.assert_array_equal(session.make_session(onnx.load(str(path))).run(None, {"x": data[0]})[0],
+                                  session.make_session(want.model).run(None, {"x": data[0]})[0])
+    before = model.SerializeToString()
+    ir_model.save_with_external_data(model, tmp_path / "f.onnx", "f.data", size_threshold=65)
+    assert model.SerializeToString() == before  # the model given is not turned into references
+    back = onnx.load(str(tmp_path / "f.onnx"), load_external_data=False)
+    assert {t.name for t in back.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} == {"W1", "W3"}
+    assert (tmp_path / "f.data").stat().st_size == 4 * (4 * 3 * 3 * 3 + 10 * 64)
+
+    def too_big():
+        raise EncodeError("Failed to serialize proto")
+
+    proto = SimpleNamespace(ByteSize=too_big, graph=SimpleNamespace(initializer=[SimpleNamespace(ByteSize=lambda: 3 << 30)],
+                                                                     node=[]))
+    assert ir_model.byte_size(proto) == 3 << 30

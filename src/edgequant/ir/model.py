@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
-from onnx import ModelProto, helper, version_converter
+from google.protobuf.message import EncodeError
+from onnx import ModelProto, helper, numpy_helper, version_converter
 
 from edgequant.errors import ModelLoadError, OutputError, not_a_file
 
@@ -114,12 +115,11 @@ def save_model(model: ModelProto, path: str | os.PathLike) -> Path:
         raise OutputError(f"output folder does not exist: {folder}; create it or choose another -o")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder is not writable: {folder}; choose another -o")
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    large = byte_size(model) > EXTERNAL_DATA_THRESHOLD
 
     def write(tmp: str) -> None:
         if large:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=out.name + ".data", size_threshold=1024)
+            save_with_external_data(model, tmp, out.name + ".data")
         else:
             onnx.save_model(model, tmp)
 
@@ -181,6 +181,42 @@ def _replace_atomically(out: Path, folder: Path, write) -> Path:
 
 #: Initializers with more elements than this are left out of ``skeleton`` copies.
 SKELETON_MAX_ELEMENTS = 4096
+
+
+def byte_size(model: ModelProto) -> int:
+    """``model.ByteSize()``, or past 2 GiB (where protobuf raises instead) the bytes its
+    initializers hold, which is more than that."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return sum(t.ByteSize() for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+
+
+def save_with_external_data(model: ModelProto, path: str | os.PathLike, location: str, size_threshold: int = 1024) -> None:
+    """Write ``model`` to ``path`` with the data of every initializer of ``size_threshold`` bytes
+    or more in one file ``location`` beside it, in order, without serialising the model whole
+    (protobuf stops at 2 GiB) and without changing ``model`` (onnx's own conversion turns the
+    given proto's tensors into external references in place)."""
+    light = ModelProto()
+    copy_fields(model, light, skip="graph")
+    copy_fields(model.graph, light.graph, skip="initializer")
+    offset = 0
+    with open(Path(path).parent / location, "wb") as fh:
+        for t in model.graph.initializer:
+            inline = t.data_type == onnx.TensorProto.STRING or t.data_location == onnx.TensorProto.EXTERNAL
+            data = b"" if inline else (t.raw_data or numpy_helper.to_array(t).tobytes())
+            if inline or len(data) < size_threshold:
+                light.graph.initializer.append(t)
+                continue
+            stub = light.graph.initializer.add()
+            stub.name, stub.data_type, stub.data_location = t.name, t.data_type, onnx.TensorProto.EXTERNAL
+            stub.dims.extend(t.dims)
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, value
+            fh.write(data)
+            offset += len(data)
+    onnx.save_model(light, str(path))
 
 
 def copy_fields(src, dst, skip: str = "") -> None:

@@ -11,6 +11,7 @@ from onnx import ModelProto
 
 from edgequant.errors import ModelLoadError
 from edgequant.ir.graph import NameScope
+from edgequant.ir.model import byte_size, save_with_external_data
 from edgequant.runtime.segments import SEGMENT_NODES, split_model
 
 _LIMIT = 1_900_000_000
@@ -99,11 +100,11 @@ def _create(model: ModelProto, device: str, threads: int, arena: bool = True,
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        if model.ByteSize() < _LIMIT:
+        if byte_size(model) < _LIMIT:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers_for(device))
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:  # onnxruntime reads the weights once, from the file
             path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.data")
+            save_with_external_data(model, path, "model.data")
             return ort.InferenceSession(path, opts, providers=providers_for(device))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
