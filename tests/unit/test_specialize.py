@@ -106,3 +106,71 @@ def test_quantize_specializes_a_model_with_control_flow_at_its_calibration_shape
     mixed = [{**d, "k": np.array(5 + i % 2, np.int64)} for i, d in enumerate(data)]  # k varies: not pinned
     r2 = edgequant.quantize(model, mixed)
     assert has_control_flow(r2.model) and any("folded 1 If" in n for n in r2.summary.notes)
+
+
+def loop_test_model(early_exit: bool = False) -> onnx.ModelProto:
+    """``h = x; for i in range(T): h = tanh(h·W + i); ys.append(h)`` with T = x's second
+    dimension (a Shape-derived trip count, as exporters write it); outputs the last h and the
+    stacked ys. ``early_exit``: the body's condition is ``sum(h) < 100`` (data decides)."""
+    rng = np.random.default_rng(3)
+    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 4], (rng.standard_normal((4, 4)) * 0.5).astype(np.float32).ravel())
+    body_nodes = [
+        helper.make_node("MatMul", ["h_in", "W"], ["hw"], name="project"),
+        helper.make_node("Cast", ["i"], ["i_f"], name="step_float", to=TensorProto.FLOAT),
+        helper.make_node("Add", ["hw", "i_f"], ["pre"], name="add_step"),
+        helper.make_node("Tanh", ["pre"], ["h_out"], name="squash"),
+        helper.make_node("Identity", ["h_out"], ["y"], name="emit"),
+    ]
+    if early_exit:
+        body_nodes += [helper.make_node("ReduceSum", ["h_out"], ["total"], name="total", keepdims=0),
+                       helper.make_node("Less", ["total", "hundred"], ["cond_out"], name="keep_going")]
+        cond_out = "cond_out"
+    else:
+        body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cond"))
+        cond_out = "cond_out"
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [3, "T"])],
+        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [3, "T"]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "T"])])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "one_i"], ["steps"], name="steps", axis=0),
+        helper.make_node("Loop", ["steps", "go", "x"], ["h_last", "ys"], name="recur", body=body),
+    ]
+    inits = [helper.make_tensor("one_i", TensorProto.INT64, [], [1]), helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+             helper.make_tensor("hundred", TensorProto.FLOAT, [], [100.0]), w]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, "T"])],
+                              [helper.make_tensor_value_info("h_last", TensorProto.FLOAT, [3, "T"]),
+                               helper.make_tensor_value_info("ys", TensorProto.FLOAT, ["steps", 3, "T"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_loop_with_a_constant_trip_count_unrolls_into_what_it_computed(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    model = loop_test_model()
+    spec = Specialize({"x": (3, 4)}, {})
+    spec(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert not has_control_flow(model) and spec.report.unrolled == 1 and spec.report.left == 0
+    assert "unrolled 1 Loop" in spec.report.describe()
+    names = [n.name for n in model.graph.node]
+    assert "recur/0/project" in names and "recur/3/squash" in names and "recur/4/project" not in names
+    for a, b in zip(run(loop_test_model(), {"x": x}), run(model, {"x": x})):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    stopping = loop_test_model(early_exit=True)  # data decides when it stops: it stays a Loop
+    spec = Specialize({"x": (3, 4)}, {})
+    spec(stopping)
+    assert has_control_flow(stopping) and spec.report.unrolled == 0 and spec.report.left == 1
+
+
+def test_quantize_unrolls_the_loop_and_quantizes_what_was_inside(rng):
+    data = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(20)]
+    r = edgequant.quantize(loop_test_model(), data)
+    assert not has_control_flow(r.model) and r.summary.subgraph_float_ops == 0
+    ops = [n.op_type for n in r.model.graph.node]
+    assert ops.count("MatMul") == 4 and ops.count("DequantizeLinear") > 8  # the four copies' MatMuls quantized

@@ -15,8 +15,14 @@ no NPU runs an ``If``. ``Specialize``:
    ``If``'s name (``<If name>/<name>``, made unique), so they stay readable and never collide
    with another scope's; values the branch captures from outside keep their names.
 
-``Loop`` with a constant trip count is not unrolled (the zoo has none); it stays, and its
-body is counted as control flow left in the summary.
+4. in the same rounds, unrolls each ``Loop`` whose trip count is now a constant of at most
+   ``MAX_TRIPS`` (and whose copies stay within ``MAX_UNROLLED_OPS`` ops), whose condition input
+   is absent or true, and whose body passes its condition through unchanged (or sets it to a
+   constant true): the body is inlined once per iteration (``<Loop name>/<i>/<name>``), with
+   the iteration number a constant, the loop-carried values chained from one copy to the
+   next, and each scan output stacked along a new first axis (``Unsqueeze`` + ``Concat``).
+   A loop that may stop early on data, or a large one, stays, and its body is counted as
+   control flow left in the summary.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from onnx import GraphProto, ModelProto, NodeProto, helper, numpy_helper
 
 from edgequant.errors import ConfigError
 from edgequant.ir.graph import NameScope, count_subgraph_nodes
+from edgequant.ir.model import opset_of
 from edgequant.passes.constants import FoldConstants
 from edgequant.passes.identity import Aliases, rename_everywhere
 from edgequant.passes.shapes import InferShapes
@@ -39,6 +46,9 @@ log = logging.getLogger(__name__)
 CONTROL_FLOW = ("If", "Loop", "Scan")
 #: Folding rounds (each round inlines every If whose condition became constant).
 MAX_ROUNDS = 32
+#: A Loop is unrolled for at most this many iterations, into at most this many ops.
+MAX_TRIPS = 64
+MAX_UNROLLED_OPS = 4096
 
 
 @dataclass
@@ -50,6 +60,8 @@ class Specialization:
     values: dict[str, float | int | str] = field(default_factory=dict)
     folded: int = 0
     inlined_ops: int = 0
+    unrolled: int = 0  # Loops unrolled
+    unrolled_ops: int = 0  # ops their copies brought into the main graph
     left: int = 0  # control-flow nodes still in the main graph
     left_ops: int = 0  # ops inside their bodies
 
@@ -57,6 +69,8 @@ class Specialization:
         fixed = [f"{n}={'x'.join(map(str, s)) or 'scalar'}" for n, s in self.shapes.items()]
         fixed += [f"{n}={v}" for n, v in self.values.items()]
         text = f"specialized at {', '.join(fixed)}: folded {self.folded} If ({self.inlined_ops} ops inlined)"
+        if self.unrolled:
+            text += f", unrolled {self.unrolled} Loop ({self.unrolled_ops} ops)"
         if self.left:
             text += f"; {self.left} control-flow nodes remain ({self.left_ops} ops in their bodies)"
         return text
@@ -93,10 +107,13 @@ class Specialize:
             InferShapes()(model)
             FoldConstants()(model)
             folded, ops = _inline_constant_ifs(graph)
-            if not folded:
+            unrolled, copies = _unroll_constant_loops(graph, opset_of(model))
+            if not folded and not unrolled:
                 break
             self.report.folded += folded
             self.report.inlined_ops += ops
+            self.report.unrolled += unrolled
+            self.report.unrolled_ops += copies
         InferShapes()(model)
         left = [n for n in graph.node if n.op_type in CONTROL_FLOW]
         self.report.left, self.report.left_ops = len(left), sum(count_subgraph_nodes(n) for n in left)
@@ -193,3 +210,120 @@ def _inlined(graph: GraphProto, node: NodeProto, branch: GraphProto, scope: Name
             nodes.append(helper.make_node("Identity", [written], [outer], name=scope.fresh(f"{prefix}/{outer}")))
     return nodes
 
+
+
+def _constant(graph: GraphProto, name: str) -> np.ndarray | None:
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    return None
+
+
+def _passes_condition(body: GraphProto) -> bool:
+    """The body's condition output is its condition input, an Identity of it, or a constant true."""
+    cond_in, cond_out = body.input[1].name, body.output[0].name
+    if cond_out == cond_in:
+        return True
+    value = _constant(body, cond_out)
+    if value is not None:
+        return value.size == 1 and bool(value.reshape(-1)[0])
+    prod = next((n for n in body.node if cond_out in n.output), None)
+    if prod is not None and prod.op_type == "Identity" and prod.input[0] == cond_in:
+        return True
+    if prod is not None and prod.op_type == "Constant" and prod.attribute and prod.attribute[0].name == "value":
+        value = numpy_helper.to_array(prod.attribute[0].t)
+        return value.size == 1 and bool(value.reshape(-1)[0])
+    return False
+
+
+def _trips(graph: GraphProto, node: NodeProto, body: GraphProto) -> int | None:
+    """The Loop's iteration count when it is a constant and the loop cannot stop before it."""
+    if not node.input or not node.input[0]:
+        return None
+    count = _constant(graph, node.input[0])
+    if count is None or count.size != 1:
+        return None
+    if len(node.input) > 1 and node.input[1]:
+        cond = _constant(graph, node.input[1])
+        if cond is None or cond.size != 1 or not bool(cond.reshape(-1)[0]):
+            return None
+    return int(count.reshape(-1)[0]) if _passes_condition(body) else None
+
+
+def _unroll_constant_loops(graph: GraphProto, opset: int) -> tuple[int, int]:
+    """Unroll each Loop ``_trips`` allows (module doc, step 4); (Loops unrolled, ops added)."""
+    unrolled = ops = 0
+    out: list[NodeProto] = []
+    scope = NameScope(graph)
+    for node in list(graph.node):
+        body = next((a.g for a in node.attribute if a.name == "body"), None) if node.op_type == "Loop" else None
+        trips = _trips(graph, node, body) if body is not None else None
+        if body is None or trips is None or not 1 <= trips <= MAX_TRIPS or trips * len(body.node) > MAX_UNROLLED_OPS:
+            out.append(node)
+            continue
+        nodes = _unrolled(graph, node, body, trips, scope, opset)
+        out += nodes
+        unrolled += 1
+        ops += len(nodes)
+    if unrolled:
+        graph.ClearField("node")
+        graph.node.extend(out)
+    return unrolled, ops
+
+
+def _unrolled(graph: GraphProto, node: NodeProto, body: GraphProto, trips: int, scope: NameScope,
+              opset: int) -> list[NodeProto]:
+    """The body once per iteration, writing the Loop's outputs (ONNX keeps a body's names apart
+    from every enclosing scope's, so renaming never confuses the two)."""
+    prefix = node.name or "Loop"
+    carried_count = len(node.input) - 2
+    local = {o for n in body.node for o in n.output if o} | {t.name for t in body.initializer} | {i.name for i in body.input}
+    carried = list(node.input[2:])
+    scans: list[list[str]] = [[] for _ in range(len(body.output) - 1 - carried_count)]
+    nodes: list[NodeProto] = []
+    for i in range(trips):
+        copy = GraphProto()
+        copy.CopyFrom(body)
+        aliases = Aliases()
+        step = scope.fresh(f"{prefix}/{i}/iteration")
+        graph.initializer.append(numpy_helper.from_array(np.array(i, np.int64), step))
+        aliases.add(copy.input[0].name, step)
+        true = scope.fresh(f"{prefix}/{i}/condition")
+        graph.initializer.append(numpy_helper.from_array(np.array(True), true))
+        aliases.add(copy.input[1].name, true)
+        for value, outer in zip(copy.input[2:], carried):
+            aliases.add(value.name, outer)
+        for name in sorted(local - {v.name for v in copy.input}):
+            aliases.add(name, scope.fresh(f"{prefix}/{i}/{name}"))
+        rename_everywhere(copy, aliases)
+        for t in copy.initializer:
+            t.name = aliases.resolve(t.name)
+            graph.initializer.append(t)
+        for n in copy.node:
+            n.name = scope.fresh(f"{prefix}/{i}/{n.name or n.op_type}")
+            nodes.append(n)
+        results = [aliases.resolve(o.name) for o in copy.output]
+        carried = results[1:1 + carried_count]
+        for k, name in enumerate(results[1 + carried_count:]):
+            scans[k].append(name)
+    for outer, final in zip(node.output[:carried_count], carried):
+        if outer:
+            nodes.append(helper.make_node("Identity", [final], [outer], name=scope.fresh(f"{prefix}/{outer}")))
+    axes = None
+    if opset >= 13 and scans:
+        axes = scope.fresh(f"{prefix}/axes")
+        graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes))
+    for outer, parts in zip(node.output[carried_count:], scans):
+        if not outer:
+            continue
+        stacked = []
+        for part in parts:
+            name = scope.fresh(f"{part}/unsqueezed")
+            unsqueeze = helper.make_node("Unsqueeze", [part, axes] if axes else [part], [name],
+                                         name=scope.fresh(f"{name}/Unsqueeze"))
+            if axes is None:  # before opset 13 the axes are an attribute
+                unsqueeze.attribute.append(helper.make_attribute("axes", [0]))
+            nodes.append(unsqueeze)
+            stacked.append(name)
+        nodes.append(helper.make_node("Concat", stacked, [outer], name=scope.fresh(f"{prefix}/{outer}/Concat"), axis=0))
+    return nodes
