@@ -87,6 +87,9 @@ def prepare(original: ModelProto, options: QuantOptions, min_opset: int = 0,
                 f"to 13 that per-channel weights need failed ({exc})")
         log.warning(note)
         model, options, notes = original, fallback, [note]
+    layout = next((p.value for p in original.metadata_props if p.key == LAYOUT_NOTE_KEY), None)
+    if layout:
+        notes.append(layout)
     passes: list[PassResult] = []
     if specialize is not None:
         passes.append(PassResult(specialize.name, specialize(model)))
@@ -194,6 +197,9 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
                             started if started is not None else t0, recovery=tuple(reports), reference_model=original)
     return recover(state, progress) if opts.recovery.rounding or opts.recovery.bias else state
 
+
+#: Metadata ``from_torch`` leaves on an NHWC export: what its edges hold, for the summary.
+LAYOUT_NOTE_KEY = "edgequant.layout"
 
 #: Fewer calibration samples than this get a note: ranges (and percentiles) from a handful of
 #: samples follow those samples, not the data the model will see.

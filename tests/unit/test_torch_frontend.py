@@ -116,6 +116,7 @@ def test_quantize_takes_a_module_as_it_takes_its_export(rng):
     nhwc = edgequant.quantize(net, [d.transpose(0, 2, 3, 1) for d in data], example_inputs=data[0].transpose(0, 2, 3, 1),
                               layout="NHWC", eval_samples=4)
     assert _shape(nhwc.model.graph.input[0]) == [1, 8, 6, 3] and nhwc.summary.collapse is None
+    assert "NHWC in and out: a Transpose stays beside image, output (ONNX convolutions take NCHW" in nhwc.summary.notes[0]
     with pytest.raises(edgequant.ConfigError, match="example_inputs are for PyTorch models"):
         edgequant.quantize(direct.float_model, data, example_inputs=data[0])
 

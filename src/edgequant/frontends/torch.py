@@ -304,8 +304,12 @@ def from_torch(module_or_path: Any, example_inputs: Any = None, *, input_shapes:
     if layout == "NHWC":
         changed = channels_last(model)
         expected = [_nhwc(e) if outs[k] in changed else e for k, e in enumerate(expected)]
-        log.info("NHWC: a Transpose at %s (ONNX convolutions take NCHW; an NPU converter that runs NHWC folds it)",
-                 ", ".join(changed) or "no edge")
+        if changed:
+            entry = model.metadata_props.add()
+            entry.key = "edgequant.layout"  # pipeline.LAYOUT_NOTE_KEY: the summary says it
+            entry.value = (f"NHWC in and out: a Transpose stays beside {', '.join(changed)} (ONNX convolutions take "
+                           "NCHW; an NHWC converter cancels it with its own)")
+            log.info(entry.value)
     _check(model, dict(zip(names, (a.detach().cpu().numpy() for a in given))), expected)
     return model
 
