@@ -129,3 +129,12 @@ def test_items_of_the_wrong_kind_are_named_with_what_was_expected(rng):
         len(open_calibration(Batches(calib(rng, 2), 2), specs, transform_fn=lambda b: b[0]["image"]))
     with pytest.raises(edgequant.CalibrationDataError, match="yields 0 samples"):
         len(open_calibration(iter([]), specs))
+
+
+def test_a_list_of_image_label_pairs_gets_the_same_hint(rng):
+    pairs = [(x, 1) for x in calib(rng, 3)]
+    with pytest.raises(edgequant.CalibrationDataError, match=r"calibration item 0 is a tuple of 2 \(ndarray, int\).*transform_fn"):
+        list(open_calibration(pairs, _specs(rng)).samples())
+    assert len(open_calibration(pairs, _specs(rng), transform_fn=lambda p: p[0])) == 3
+    nested = [x.tolist() for x in calib(rng, 2)]  # arrays written as Python lists still count
+    assert [s["x"].shape for s in open_calibration(iter(nested), _specs(rng)).samples()] == [(1, 3, 8, 8)] * 2

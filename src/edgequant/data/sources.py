@@ -87,7 +87,8 @@ class ArraySource(CalibrationSource):
 
     def _iter(self, k: int) -> Iterator[Sample]:
         for j in range(k, len(self.items)):
-            yield from _samples_from(self.items[j], self.specs, f"calibration item {j}")
+            origin = f"calibration item {j}"
+            yield from _samples_from(checked_item(self.items[j], self.specs, origin), self.specs, origin)
 
 
 def samples_in(spec: InputSpec, shape: tuple[int, ...]) -> int:
@@ -102,6 +103,43 @@ def samples_in(spec: InputSpec, shape: tuple[int, ...]) -> int:
     if first is None or (first == 1 and shape[0] > 1):
         return int(shape[0])
     return 1
+
+
+#: Item kinds calibration data may hold, for the error that names what came instead.
+EXPECTED = "an array or tensor, or a dict keyed by input name"
+
+
+def describe(item: object) -> str:
+    """``a tuple of 2 (Tensor, int)``, ``an int``, ``None``."""
+    if item is None:
+        return "None"
+    name = type(item).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if isinstance(item, (tuple, list)):
+        inner = ", ".join(type(v).__name__ for v in item[:4]) + (", …" if len(item) > 4 else "")
+        return f"{article} {name} of {len(item)} ({inner})"
+    return f"{article} {name}"
+
+
+def _nested_numbers(item) -> bool:
+    """A (nested) list of plain numbers: an array written as Python lists."""
+    if isinstance(item, (list, tuple)):
+        return bool(item) and all(_nested_numbers(v) for v in item)
+    return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+
+def checked_item(item, specs: list[InputSpec], origin: str):
+    """``item`` if it is an array, a tensor or a dict; else an error naming what it is and what
+    was expected (a ``(input, label)`` pair: use ``transform_fn``)."""
+    if isinstance(item, Mapping) or hasattr(item, "__array__") or hasattr(item, "detach") or _nested_numbers(item):
+        return item
+    hint = ""
+    if isinstance(item, (tuple, list)):
+        hint = ("; pass transform_fn= to pick the inputs from each item, e.g. transform_fn=lambda item: item[0] "
+                "for (input, label) pairs")
+        if len(specs) > 1:
+            hint += f", or a dict keyed by {', '.join(s.name for s in specs)}"
+    raise CalibrationDataError(f"{origin} is {describe(item)}; expected {EXPECTED}{hint}")
 
 
 def _samples_from(item, specs: list[InputSpec], origin: str) -> Iterator[Sample]:

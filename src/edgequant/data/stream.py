@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgequant.data.inputs import InputSpec
-from edgequant.data.sources import CalibrationSource, Sample, _samples_from
+from edgequant.data.sources import CalibrationSource, Sample, _samples_from, checked_item, describe
 from edgequant.errors import CalibrationDataError
-
-#: Item kinds the data may hold, for the error that names what came instead.
-EXPECTED = "an array or tensor, or a dict keyed by input name"
 
 
 def is_reader(data: Any) -> bool:
@@ -63,37 +59,17 @@ def rereadable(data: Any) -> bool:
     return iter(data) is not data
 
 
-def _describe(item: Any) -> str:
-    """``a tuple of 2 (Tensor, int)``, ``an int``, ``None``."""
-    if item is None:
-        return "None"
-    name = type(item).__name__
-    article = "an" if name[:1].lower() in "aeiou" else "a"
-    if isinstance(item, (tuple, list)):
-        inner = ", ".join(type(v).__name__ for v in item[:4]) + (", …" if len(item) > 4 else "")
-        return f"{article} {name} of {len(item)} ({inner})"
-    return f"{article} {name}"
-
-
-def _arrays(item: Any, specs: list[InputSpec], origin: str) -> Any:
-    """``item`` as ``_samples_from`` takes it, or an error naming what it is and what was expected."""
-    if isinstance(item, Mapping) or hasattr(item, "__array__") or hasattr(item, "detach"):
-        return item
-    hint = ""
-    if isinstance(item, (tuple, list)):
-        hint = ("; pass transform_fn= to pick the inputs from each item, e.g. transform_fn=lambda item: item[0] "
-                "for (input, label) pairs")
-        if len(specs) > 1:
-            hint += f", or a dict keyed by {', '.join(s.name for s in specs)}"
-    raise CalibrationDataError(f"{origin} is {_describe(item)}; expected {EXPECTED}{hint}")
-
-
 class Spool(CalibrationSource):
     """Samples kept on disk, one ``.npy`` file per input and sample (``k.j.npy``: sample ``k``,
     input ``j`` in the model's order), read back one sample at a time."""
 
-    def __init__(self, folder: Path, specs: list[InputSpec]):
-        self.folder, self.specs, self.count = folder, specs, 0
+    def __init__(self, folder: tempfile.TemporaryDirectory, specs: list[InputSpec]):
+        self._folder = folder  # removed once no source or iterator holds the spool
+        self.folder, self.specs, self.count = Path(folder.name), specs, 0
+
+    def __getstate__(self) -> dict:
+        """Another process reads the files (the folder stays with this process's spool)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_folder"}
 
     def append(self, sample: Sample) -> None:
         for j, spec in enumerate(self.specs):
@@ -119,7 +95,7 @@ class StreamSource(CalibrationSource):
         if data is None or isinstance(data, (str, bytes)) or \
                 not (isinstance(data, Iterable) or is_reader(data) or rereadable(data)):
             raise CalibrationDataError(
-                f"calibration is {_describe(data)}: give a path, a list of paths, a CalibrationDataReader, "
+                f"calibration is {describe(data)}: give a path, a list of paths, a CalibrationDataReader, "
                 "a DataLoader or Dataset, a generator, or an iterable of arrays or dicts")
         self.data, self.specs, self.transform = data, specs, transform_fn
         self.again = rereadable(data)
@@ -143,16 +119,14 @@ class StreamSource(CalibrationSource):
                 try:
                     item = self.transform(item)
                 except Exception as exc:
-                    raise CalibrationDataError(f"transform_fn failed on {origin} ({_describe(item)}): "
+                    raise CalibrationDataError(f"transform_fn failed on {origin} ({describe(item)}): "
                                                f"{type(exc).__name__}: {exc}") from None
-            yield from _samples_from(_arrays(item, self.specs, origin), self.specs, origin)
+            yield from _samples_from(checked_item(item, self.specs, origin), self.specs, origin)
 
     def spooled(self) -> Spool:
         """The data written once, sample by sample, to ``.npy`` files in a temporary folder."""
         if self._spool is None:
-            folder = tempfile.TemporaryDirectory(prefix="edgequant-calib-")
-            weakref.finalize(self, folder.cleanup)
-            spool = Spool(Path(folder.name), self.specs)
+            spool = Spool(tempfile.TemporaryDirectory(prefix="edgequant-calib-"), self.specs)
             for sample in self._read():
                 spool.append(sample)
             if not len(spool):
