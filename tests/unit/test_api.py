@@ -226,6 +226,7 @@ def test_models_past_protobufs_limit_run_and_save_through_external_data(rng, tmp
     def too_big():
         raise EncodeError("Failed to serialize proto")
 
-    proto = SimpleNamespace(ByteSize=too_big, graph=SimpleNamespace(initializer=[SimpleNamespace(ByteSize=lambda: 3 << 30)],
+    huge = SimpleNamespace(ByteSize=too_big, dims=[3, 1 << 28], data_type=onnx.TensorProto.FLOAT)  # 3 GiB
+    proto = SimpleNamespace(ByteSize=too_big, graph=SimpleNamespace(initializer=[huge],
                                                                      node=[]))
     assert ir_model.byte_size(proto) == 3 << 30

@@ -189,7 +189,31 @@ def byte_size(model: ModelProto) -> int:
     try:
         return model.ByteSize()
     except EncodeError:
-        return sum(t.ByteSize() for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+        return sum(_tensor_bytes(t) for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+
+
+def append_tensor(tensors, t: onnx.TensorProto) -> None:
+    """``tensors.append(t)`` (a repeated TensorProto field), also for a tensor past 2 GiB, which
+    protobuf cannot copy whole: then field by field."""
+    count = len(tensors)
+    try:
+        tensors.append(t)
+    except EncodeError:
+        del tensors[count:]  # the failed copy may have left an empty tensor behind
+        new = tensors.add()
+        copy_fields(t, new, skip="raw_data")
+        new.raw_data = t.raw_data
+
+
+def _tensor_bytes(t) -> int:
+    """What a tensor's data takes, from its shape (a tensor past 2 GiB cannot measure itself)."""
+    try:
+        return t.ByteSize()
+    except EncodeError:
+        count = 1
+        for d in t.dims:
+            count *= d
+        return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def save_with_external_data(model: ModelProto, path: str | os.PathLike, location: str, size_threshold: int = 1024) -> None:

@@ -22,7 +22,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from edgequant.errors import ConfigError
 from edgequant.ir.graph import NameScope, consumers
-from edgequant.ir.model import copy_fields
+from edgequant.ir.model import append_tensor, copy_fields
 from edgequant.planning.plan import ActivationPlan, QuantPlan, WeightPlan
 from edgequant.quant.assign import weight_params
 from edgequant.quant.params import QuantParams, fit_bias, quantize_array, quantize_bias
@@ -155,7 +155,9 @@ class _Inserter:
     def _attach_initializers(self) -> None:
         """Original weights still read (in their order), then the new ones; nothing copied twice."""
         used = set(consumers(self.graph)) | {o.name for o in self.graph.output}
-        self.graph.initializer.extend(t for t in self.inits.values() if t.name in used)
+        for t in self.inits.values():
+            if t.name in used:
+                append_tensor(self.graph.initializer, t)
         self.graph.initializer.extend(self.new_inits)
         dropped = set(self.inits) - used
         if dropped:
