@@ -94,11 +94,9 @@ class AdaRoundStats:
 
 
 def import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ConfigError("AdaRound and block reconstruction need PyTorch: pip install 'edgequant[torch]' (torch==2.13.0)") from None
-    return torch
+    from edgequant.frontends.torch import import_torch as required
+
+    return required("AdaRound and block reconstruction")
 
 
 @contextlib.contextmanager

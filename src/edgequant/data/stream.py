@@ -50,13 +50,14 @@ def _indexed(data: Any) -> Iterator[Any]:
 
 def rereadable(data: Any) -> bool:
     """Whether ``data`` can be read again from its start: a reader with ``rewind()``, a
-    ``Dataset`` (``__getitem__`` and ``__len__``), or an iterable whose ``iter()`` is a new
-    iterator each time (a ``DataLoader``, a list); not a generator or an iterator."""
+    ``Dataset`` (``__getitem__`` and ``__len__``), or an iterable that is no iterator itself (a
+    ``DataLoader``, a list); not a generator or an iterator. Nothing is iterated to find out (a
+    DataLoader's ``iter()`` starts its workers)."""
     if is_reader(data):
         return callable(getattr(data, "rewind", None))
     if not isinstance(data, Iterable):
         return hasattr(data, "__getitem__") and hasattr(data, "__len__")
-    return iter(data) is not data
+    return not isinstance(data, Iterator)
 
 
 class Spool(CalibrationSource):

@@ -32,6 +32,8 @@ import onnx
 from onnx import ModelProto
 
 from edgequant.errors import ConfigError, ModelLoadError
+from edgequant.ir.graph import NameScope
+from edgequant.planning.options import parse_input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,12 @@ DEFAULT_OPSET = 17
 RELATIVE_TOLERANCE = 1e-3
 
 
-def import_torch() -> Any:
+def import_torch(who: str = "PyTorch models") -> Any:
+    """``torch``, or one line saying who needs it and how to install it (the optional extra)."""
     try:
         import torch
     except ImportError:
-        raise ConfigError("PyTorch models need PyTorch: pip install 'edgequant[torch]' (torch==2.13.0)") from None
+        raise ConfigError(f"{who} need PyTorch: pip install 'edgequant[torch]' (torch==2.13.0)") from None
     return torch
 
 
@@ -129,28 +132,6 @@ def _as_module(torch: Any, model: Any) -> tuple[Any, Any]:
     return model, model
 
 
-def _parse_shapes(shapes: Any) -> list[tuple[str, tuple[int, ...]]]:
-    """``{"image": (1, 3, 224, 224)}``, ``[("image", "1x3x224x224")]`` or ``["image=1x3x224x224"]``."""
-    items = list(shapes.items()) if isinstance(shapes, Mapping) else list(shapes)
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            name, sep, text = item.partition("=")
-            if not sep:
-                raise ConfigError(f"input shape {item!r}: write NAME=DIMS, e.g. image=1x3x224x224")
-            item = (name, text)
-        name, given = item
-        try:
-            dims = tuple(int(d) for d in (given.lower().split("x") if isinstance(given, str) else given))
-        except (TypeError, ValueError):
-            raise ConfigError(f"input shape {name}={given}: dimensions are integers joined by x, "
-                              "e.g. 1x3x224x224") from None
-        if not dims or any(d < 1 for d in dims):
-            raise ConfigError(f"input shape {name}={'x'.join(map(str, dims))}: every dimension must be ≥ 1")
-        out.append((str(name).strip(), dims))
-    return out
-
-
 def _argument_names(module: Any, count: int) -> list[str]:
     """``forward``'s parameter names (an nn.Module's), else ``input``, ``input_1``…"""
     try:
@@ -204,15 +185,8 @@ def channels_last(model: ModelProto) -> list[str]:
     from onnx import helper
 
     graph = model.graph
-    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    fresh = NameScope(graph).fresh
     changed, front, back = [], [], []
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
 
     def permute(value, perm: list[int]) -> None:
         dims = list(value.type.tensor_type.shape.dim)
@@ -280,7 +254,7 @@ def from_torch(module_or_path: Any, example_inputs: Any = None, *, input_shapes:
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     module, exported = _as_module(torch, module_or_path)
-    shapes = _parse_shapes(input_shapes) if input_shapes else []
+    shapes = list(parse_input_shapes(input_shapes)) if input_shapes else []
     args, names = _examples(torch, module, example_inputs, shapes, input_names)
     given = args  # in ``layout``; the module itself takes NCHW
     if layout == "NHWC":

@@ -193,6 +193,18 @@ def _inlined(graph: GraphProto, node: NodeProto, branch: GraphProto, scope: Name
             aliases.add(name, finals[name])  # the producing node writes the If's output directly
         else:
             aliases.add(name, scope.fresh(f"{prefix}/{name}"))
+    nodes = _spliced(graph, body, aliases, scope, prefix)
+    for inner, outer in zip(results, node.output):
+        written = aliases.resolve(inner)
+        if written != outer:  # a captured outer value, a branch initializer or a repeated result
+            nodes.append(helper.make_node("Identity", [written], [outer], name=scope.fresh(f"{prefix}/{outer}")))
+    return nodes
+
+
+
+def _spliced(graph: GraphProto, body: GraphProto, aliases: Aliases, scope: NameScope, prefix: str) -> list[NodeProto]:
+    """``body``'s nodes renamed through ``aliases`` for ``graph``, which takes its initializers
+    and value infos; each node named ``<prefix>/<name>`` (made unique)."""
     rename_everywhere(body, aliases)
     for t in body.initializer:
         t.name = aliases.resolve(t.name)
@@ -203,13 +215,8 @@ def _inlined(graph: GraphProto, node: NodeProto, branch: GraphProto, scope: Name
             graph.value_info.append(v)
     nodes = list(body.node)
     for n in nodes:
-        n.name = scope.fresh(f"{prefix}/{n.name}" if n.name else f"{prefix}/{n.op_type}")
-    for inner, outer in zip(results, node.output):
-        written = aliases.resolve(inner)
-        if written != outer:  # a captured outer value, a branch initializer or a repeated result
-            nodes.append(helper.make_node("Identity", [written], [outer], name=scope.fresh(f"{prefix}/{outer}")))
+        n.name = scope.fresh(f"{prefix}/{n.name or n.op_type}")
     return nodes
-
 
 
 def _constant(graph: GraphProto, name: str) -> np.ndarray | None:
@@ -295,13 +302,7 @@ def _unrolled(graph: GraphProto, node: NodeProto, body: GraphProto, trips: int, 
             aliases.add(value.name, outer)
         for name in sorted(local - {v.name for v in copy.input}):
             aliases.add(name, scope.fresh(f"{prefix}/{i}/{name}"))
-        rename_everywhere(copy, aliases)
-        for t in copy.initializer:
-            t.name = aliases.resolve(t.name)
-            graph.initializer.append(t)
-        for n in copy.node:
-            n.name = scope.fresh(f"{prefix}/{i}/{n.name or n.op_type}")
-            nodes.append(n)
+        nodes += _spliced(graph, copy, aliases, scope, f"{prefix}/{i}")
         results = [aliases.resolve(o.name) for o in copy.output]
         carried = results[1:1 + carried_count]
         for k, name in enumerate(results[1 + carried_count:]):

@@ -303,7 +303,7 @@ def _parse(key: str, value: object) -> object:
     if key == "overrides":
         return parse_overrides(value)
     if key == "input_shapes":
-        return tuple((n, parse_shape(n, v)) for n, v in _named(key, value))
+        return parse_input_shapes(value)
     if key == "fixed_inputs":
         return tuple((n, parse_number(n, v)) for n, v in _named(key, value))
     if key == "fusions":
@@ -347,6 +347,11 @@ def _named(key: str, value: object) -> list[tuple[str, object]]:
         else:
             raise ConfigError(f"option {key}: {item!r} must read NAME=VALUE (e.g. input=1x512, sr=16000)")
     return pairs
+
+
+def parse_input_shapes(value: object) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Named shapes: ``{"x": (1, 512)}``, ``"x=1x512"``, ``["x=1x512", ...]`` or ``[("x", "1x512"), ...]``."""
+    return tuple((n, parse_shape(n, v)) for n, v in _named("input_shapes", value))
 
 
 def parse_shape(name: str, value: object) -> tuple[int, ...]:
