@@ -117,7 +117,7 @@ def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, opt
     is given in that layout too).
 
     When the collapse guard finds the result broken, it is repaired before it is returned
-    (``mixed.repair``: recovery algorithms, then mixed precision; ``Summary.repair`` says
+    (``mixed.repair``: recovery algorithms or minmax ranges, then mixed precision; ``Summary.repair`` says
     what changed); ``repair=False`` returns the plain result with the guard's finding.
     ``exports``: the parameter-file formats the result will be written to (``export_params``);
     the repair adds no recovery step those files cannot describe.

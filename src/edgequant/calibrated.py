@@ -233,5 +233,5 @@ class CalibratedModel:
             if progress:
                 progress("evaluating", done, len(refs))
         return [OutputFidelity(n, a.cosine, a.sqnr_db, tally[n].decisions, tally[n].flips, tally[n].flipped,
-                               tally[n].row_flips)
+                               tally[n].row_flips, tally[n].sequences)
                 for n, a in acc.items() if a.count]

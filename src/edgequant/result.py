@@ -30,7 +30,9 @@ class OutputFidelity:
     confident row keeps its top-1 class, and ``row_flips`` the share of confident rows that
     change it; ``flips``: outputs in [0, 1] (sigmoid scores, masks),
     1 − F1 of the confident decisions (float at least 0.1 from 0.5) against float, and
-    ``flipped`` how many crossed 0.5 (``analysis.metrics.DecisionTally``).
+    ``flipped`` how many crossed 0.5; ``sequences``: sequences of class probabilities (a CTC
+    recognizer), the share of samples whose greedy-decoded sequence is float's
+    (``analysis.metrics.DecisionTally``).
     """
 
     name: str
@@ -40,6 +42,7 @@ class OutputFidelity:
     flips: float | None = None
     flipped: int = 0
     row_flips: float | None = None
+    sequences: float | None = None
 
 
 @dataclass(frozen=True)

@@ -158,11 +158,16 @@ def test_auto_mixed_restores_the_ppocr_transformer_recognizer():
 
     int8 = edgequant.quantize(str(model), data, repair=False)
     result, mixed = auto_mixed(str(model), data)
-    float_acc, int8_acc, mixed_acc = (line_accuracy(m) for m in (int8.float_model, int8.model, result.model))
-    print(f"float {float_acc:.4f} int8 {int8_acc:.4f} auto-mixed {mixed_acc:.4f}", mixed.describe())
+    default = edgequant.quantize(str(model), data)  # the guard judges decoded lines; the repair fixes them
+    float_acc, int8_acc, mixed_acc, default_acc = (line_accuracy(m) for m in (
+        int8.float_model, int8.model, result.model, default.model))
+    print(f"float {float_acc:.4f} int8 {int8_acc:.4f} auto-mixed {mixed_acc:.4f} default {default_acc:.4f}",
+          mixed.describe(), default.summary.repair)
     assert float_acc > 0.9 and int8_acc < float_acc - 0.05
+    assert "decode to another sequence" in int8.summary.collapse.reason
     assert mixed.cost <= 0.10 and mixed.measure == "cosine, samples keeping their decisions"
     assert mixed_acc >= float_acc - 0.01, mixed.describe()
+    assert default.summary.collapse is None and default_acc >= float_acc - 0.01, default.summary.repair
 
 
 def test_auto_mixed_on_the_standard_silero_export_whose_lstm_sits_in_if_bodies():

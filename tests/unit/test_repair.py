@@ -5,8 +5,15 @@ import pytest
 from onnx import numpy_helper
 
 import edgequant
-from edgequant.analysis.metrics import DecisionTally
-from edgequant.mixed.guard import DECISION_FLOOR, FLIP_CEILING, MIN_FLIPPED, ROW_FLIP_CEILING, judge
+from edgequant.analysis.metrics import DecisionTally, blank_class, decoded
+from edgequant.mixed.guard import (
+    DECISION_FLOOR,
+    FLIP_CEILING,
+    MIN_FLIPPED,
+    ROW_FLIP_CEILING,
+    SEQUENCE_FLOOR,
+    judge,
+)
 from edgequant.mixed.repair import fallback_for, health
 from edgequant.result import OutputFidelity
 from tests.conftest import parse
@@ -59,6 +66,38 @@ def test_judge_names_the_broken_output_and_stays_quiet_on_healthy_ones():
     assert judge([OutputFidelity("s", 0.95, 15.0, flips=FLIP_CEILING / 2, flipped=10)], 0.9) == ""
     assert judge([OutputFidelity("s", 0.95, 15.0, flips=0.5, flipped=MIN_FLIPPED - 1)], 0.9) == ""  # too few
     assert health([misread]) < health([ok]) and health([flips]) < health([ok])
+    # a CTC recognizer is judged by what it reads, not frame by frame
+    reads = OutputFidelity("ctc", 0.96, 15.0, decisions=0.12, row_flips=0.042, sequences=1.0)
+    assert judge([reads], 0.9) == ""
+    misreads = OutputFidelity("ctc", 0.97, 15.0, decisions=0.19, row_flips=0.037, sequences=15 / 16)
+    assert "6% of held-out samples decode to another sequence" in judge([misreads], 0.9)
+    assert judge([OutputFidelity("ctc", 0.97, 15.0, decisions=0.0, row_flips=0.5, sequences=SEQUENCE_FLOOR)], 0.9) == ""
+    assert health([misreads]) < health([reads])  # the repair prefers the model that reads as float does
+
+
+def _frames(classes, blank=0, c=5, sure=0.9):
+    """[1, T, c] probabilities whose top-1 per frame is ``classes``."""
+    p = np.full((1, len(classes), c), (1 - sure) / (c - 1), np.float32)
+    p[0, np.arange(len(classes)), classes] = sure
+    return p
+
+
+def test_sequences_are_compared_as_a_greedy_ctc_decoder_reads_them():
+    ref = _frames([0, 1, 1, 0, 2, 0, 0, 2, 0])  # reads 1 2 2
+    assert blank_class(ref) == 0 and decoded(ref, 0) == (1, 2, 2)
+    shifted = _frames([0, 0, 1, 0, 2, 2, 0, 2, 0])  # two frames flip at character boundaries
+    merged = _frames([0, 1, 1, 0, 2, 2, 2, 2, 0])  # the blank between the two 2s is lost: reads 1 2
+    swapped = _frames([0, 1, 1, 0, 3, 0, 0, 2, 0])  # a character misread
+    t = DecisionTally()
+    for got in (ref, shifted, merged, swapped):
+        t.update(ref, got)
+    assert t.sequences == 0.5 and t.decisions == 0.25  # frame by frame, only the identical one agrees
+    last = _frames([4, 1, 4, 4, 2, 4])  # TensorFlow's convention: the blank is the last class
+    assert blank_class(last) == 4 and decoded(last, 4) == (1, 2)
+    assert blank_class(_frames([1, 2, 3])) is None and decoded(_frames([1, 1, 2, 3]), None) == (1, 2, 3)
+    single = DecisionTally()
+    single.update(_frames([1])[0], _frames([2])[0])  # one row per sample: a classifier, not a sequence
+    assert single.sequences is None and single.decisions == 0.0
 
 
 def test_decision_tally_counts_kept_decisions_and_flipped_scores():
@@ -89,8 +128,9 @@ def test_the_default_repairs_a_collapse_with_the_fallback_the_target_allows():
     assert plain.summary.collapse is not None and not plain.summary.repair
     fixed = edgequant.quantize(model, data)
     assert fixed.summary.collapse is None and plain.summary.collapse.cosine < 0.9 < fixed.summary.fidelity[0].cosine
-    lines = fixed.summary.repair  # per-channel int8 weights: straight to mixed precision
-    assert "broken" in lines[0] and "mixed precision" in lines[1] and len(lines) == 3, lines
+    lines = fixed.summary.repair  # per-channel int8 weights: unclipped ranges, then mixed precision
+    assert "broken" in lines[0] and "ranges by minmax" in lines[1] and "guard quiet" not in lines[1], lines
+    assert "mixed precision" in lines[2] and len(lines) == 4, lines
     assert "kept: the mixed-precision result" in lines[-1]
     assert fixed.summary.precision == {"Sub_3": "float"}  # onnxruntime: float kernels beat 16-bit ones
     npu = edgequant.quantize(model, data, target="acuity-perchannel")  # an NPU runs int16 natively
@@ -170,3 +210,34 @@ def test_protect_statistics_keeps_decomposed_layer_norm_statistics_out_of_8_bits
     assert user.summary.precision["Sub_3"] == "int16"
     healthy = edgequant.quantize(offset_model(), data, repair=False, protect_statistics=True)  # no statistics
     assert not healthy.summary.precision and not any("from the start" in n for n in healthy.summary.notes)
+
+
+# one token's channel carries a value 200× the rest (an attention sink): 1 value in 16384, so the
+# 99.99th percentile clips it, and the output row it feeds is lost; minmax keeps it
+SINK = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 64, 256] x) => (float[1, 64, 8] y) {
+    y = MatMul (x, W)
+}
+"""
+
+
+def test_the_repair_tries_unclipped_ranges_before_leaving_8_bits():
+    m = parse(SINK, check=False)
+    m.graph.initializer.append(numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32), "W"))
+    rng = np.random.default_rng(1)
+    data = [rng.standard_normal((1, 64, 256)).astype(np.float32) for _ in range(40)]
+    for x in data:
+        x[0, 0, 0] = 200.0
+    plain = edgequant.quantize(m, data, repair=False)
+    assert plain.summary.collapse is not None and plain.summary.fidelity[0].cosine < 0.8
+    fixed = edgequant.quantize(m, data)
+    lines = fixed.summary.repair
+    assert "ranges by minmax" in lines[1] and "guard quiet" in lines[1], lines
+    assert "kept: the minmax-calibrated result" in lines[-1] and len(lines) == 3, lines
+    assert fixed.summary.collapse is None and fixed.summary.fidelity[0].cosine > 0.98
+    assert not fixed.summary.precision and fixed.options.method.value == "minmax"  # all 8-bit, and says how
+    assert fixed.model.SerializeToString() == edgequant.quantize(m, data).model.SerializeToString()
+    assert edgequant.quantize(m, data, method="minmax", repair=False).model.SerializeToString() == \
+        fixed.model.SerializeToString()  # exactly the model minmax calibration gives

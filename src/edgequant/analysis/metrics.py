@@ -183,6 +183,33 @@ def row_flips(ref: np.ndarray, got: np.ndarray) -> tuple[int, int]:
     return int((ref[decided].argmax(-1) != got[decided].argmax(-1)).sum()), int(decided.sum())
 
 
+def is_sequence(x: np.ndarray) -> bool:
+    """A sequence of class-probability rows per sample ([N, T, C] or [T, N, C], more than one
+    row): a CTC recognizer's or a tagger's output, read by decoding, not row by row."""
+    return x.ndim >= 3 and x.size // x.shape[-1] > 1
+
+
+def decoded(probs: np.ndarray, blank: int | None) -> tuple[int, ...]:
+    """The sequence a greedy CTC decoder reads from rows of class probabilities: the top-1 of
+    each row, repeats collapsed, then ``blank`` dropped."""
+    top = probs.reshape(-1, probs.shape[-1]).argmax(-1)
+    if not top.size:
+        return ()
+    kept = top[np.concatenate([[True], top[1:] != top[:-1]])]
+    return tuple(int(k) for k in kept if k != blank)
+
+
+def blank_class(probs: np.ndarray) -> int | None:
+    """The CTC blank of a sequence output: the first or the last class (the conventions of
+    PaddleOCR and PyTorch, and of TensorFlow), whichever float picks on more rows; None where
+    float picks neither."""
+    top = probs.reshape(-1, probs.shape[-1]).argmax(-1)
+    first, last = int((top == 0).sum()), int((top == probs.shape[-1] - 1).sum())
+    if not first and not last:
+        return None
+    return 0 if first >= last else probs.shape[-1] - 1
+
+
 def is_distribution(x: np.ndarray | None) -> bool:
     """Rows of class probabilities along the last axis (a softmax output)?"""
     if x is None or x.dtype.kind != "f" or x.ndim == 0 or x.shape[-1] < 2 or not x.size:
@@ -206,8 +233,11 @@ class DecisionTally:
     top-1 class (``decisions_agree``), and the confident rows that change it, pooled. Scores in [0, 1] (``is_score``): the confident elements
     (float at least ``UNDECIDED_MARGIN`` from 0.5) that land on the other side of 0.5, counted
     against the positive decisions as 1 − F1 = (fp + fn) / (2 tp + fp + fn), so that a sparse
-    output (note frames, a mask) is not judged by its sea of confident zeros. An output is
-    judged as a kind only if every sample's float output is of that kind.
+    output (note frames, a mask) is not judged by its sea of confident zeros. Sequences of class
+    probabilities (``is_sequence``) are also decoded as a greedy CTC decoder reads them
+    (``decoded``, blank from float's output): the samples whose decoded sequence is float's.
+    A frame that flips at a character boundary changes no text; a misread character does. An
+    output is judged as a kind only if every sample's float output is of that kind.
     """
 
     samples: int = 0
@@ -219,6 +249,8 @@ class DecisionTally:
     tp: int = 0
     fp: int = 0
     fn: int = 0
+    sequences_seen: int = 0
+    sequences_kept: int = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         if ref.dtype.kind != "f" or ref.shape != np.shape(test):
@@ -231,6 +263,10 @@ class DecisionTally:
             self.agree += flipped == 0
             self.rows += rows
             self.rows_flipped += flipped
+            if is_sequence(ref):
+                self.sequences_seen += 1
+                blank = blank_class(ref)
+                self.sequences_kept += decoded(ref, blank) == decoded(test, blank)
         elif is_score(ref):
             self.scores += 1
             sure = np.abs(ref - 0.5) >= UNDECIDED_MARGIN
@@ -241,13 +277,22 @@ class DecisionTally:
 
     def merge(self, other: DecisionTally) -> None:
         """Add ``other``'s counts: both sample sets pooled."""
-        for f in ("samples", "distributions", "agree", "rows", "rows_flipped", "scores", "tp", "fp", "fn"):
+        for f in ("samples", "distributions", "agree", "rows", "rows_flipped", "scores", "tp", "fp", "fn",
+                  "sequences_seen", "sequences_kept"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
     @property
     def decisions(self) -> float | None:
         """Share of samples keeping their top-1 decisions (None: not class probabilities)."""
         return self.agree / self.samples if self.samples and self.distributions == self.samples else None
+
+    @property
+    def sequences(self) -> float | None:
+        """Share of samples whose decoded sequence is float's (None: not a sequence of class
+        probabilities)."""
+        if not self.samples or self.sequences_seen != self.samples:
+            return None
+        return self.sequences_kept / self.samples
 
     @property
     def row_flips(self) -> float | None:

@@ -116,7 +116,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("--fallback", type=click.Choice(["int16", "uint16", "float"]), default="int16", show_default=True, help="--auto-mixed precision for the layers it picks.")
 @click.option("--recover", is_flag=True, default=None, help="--auto-mixed: first fix the rounding with bias correction (+ CLE for per-tensor weights, GPTQ for 4-bit ones), then search [default: when the target cannot run float].")
 @click.option("--protect-statistics", is_flag=True, help="Keep the statistics of decomposed normalisations (mean, x - mean, its square, + eps) in the target's repair fallback (float on generic, int16 on NPUs) from the start, instead of leaving a collapse to the repair.")
-@click.option("--no-repair", is_flag=True, help="Write the plain result even when the collapse guard finds it broken (default: repair it first with recovery algorithms, then mixed precision).")
+@click.option("--no-repair", is_flag=True, help="Write the plain result even when the collapse guard finds it broken (default: repair it first with recovery algorithms or minmax ranges, then mixed precision).")
 @click.option("--json", "json", is_flag=True, help="Also write the summary as JSON beside the model (OUT stem + .summary.json): ops, precision, fidelity per output, recovery steps, notes.")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when the written model is still broken (the collapse guard fires after any repair).")
 @click.option("--export-params", multiple=True, metavar="FORMAT:PATH", help="Write parameters: qparams (NeuroPilot JSON), cali-table, qtable (TPU-MLIR), acuity (YAML), edgequant (own JSON), espdl (the ESP-DL model file, via esp-ppq). Repeatable.")
@@ -143,7 +143,8 @@ def quantize(**flags: Any) -> None:
 
     When the result is broken (outputs, or their decisions, far from float on held-out
     samples), it is repaired before it is written: recovery algorithms where weight rounding
-    is to blame, then mixed precision within 10 % of MACs; the summary says what changed
+    is to blame, else unclipped (minmax) activation ranges, then mixed precision within 10 %
+    of MACs; the summary says what changed
     (--no-repair writes the plain result). A model with If/Loop is first specialized at its
     calibration data's shapes, and the Ifs those decide are folded away (--no-specialize
     keeps them).

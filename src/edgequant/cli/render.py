@@ -86,6 +86,7 @@ def print_summary(summary: Summary, output: str | None) -> None:
     where = "calibration samples (too few to hold some out)" if summary.eval_on_calibration else "held-out samples"
     for f in summary.fidelity:
         kept = f"   decisions kept {f.decisions:.0%}" if f.decisions is not None else ""
+        kept += f"   decoded as float {f.sequences:.0%}" if f.sequences is not None else ""
         kept += f"   confident scores flipped {f.flipped} (1 − F1 {f.flips:.3f})" if f.flips is not None else ""
         t.add_row(f"output {f.name}", f"cosine {f.cosine:.5f}   SQNR {f.sqnr_db:.1f} dB{kept}   "
                                       f"({summary.eval_samples} {where})")

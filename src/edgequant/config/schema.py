@@ -101,7 +101,7 @@ class QuantizationParameters(_Strict):
     weights_quantization_clipping_ratio: float | None = Field(
         None, description="NeuroPilot: keep this share (0-1] of each weight channel's range instead of the MSE search")
     repair: bool = Field(True, description="edgequant: when the collapse guard finds the result broken, repair it "
-                         "before writing (recovery algorithms, then mixed precision); false writes the plain result")
+                         "before writing (recovery algorithms or minmax ranges, then mixed precision); false writes the plain result")
     protect_statistics: bool = Field(False, description="edgequant: keep the statistics of decomposed normalisations "
                                      "in the target's repair fallback (float on generic, int16 on NPUs) from the start")
     max_percentile: float = 0.9999
