@@ -50,6 +50,22 @@ def test_export_and_quantize_a_torchscript_file(script, tmp_path):
     assert _dims(tmp_path / "c.q.onnx") == [1, 3, 8, 6]
 
 
+def test_analyze_takes_the_torchscript_file_a_model_was_quantized_from(script, tmp_path):
+    common = ("--calib", script / "calib", "--input-shape", "image=1x3x8x6", "-q")
+    assert cli("quantize", script / "net.pt", "-o", tmp_path / "net.q.onnx", *common).returncode == 0
+    assert cli("export", script / "net.pt", "-o", tmp_path / "net.onnx", "--input-shape", "image=1x3x8x6").returncode == 0
+    for name, model in (("pt", script / "net.pt"), ("onnx", tmp_path / "net.onnx")):
+        r = cli("analyze", model, tmp_path / "net.q.onnx", *common, "-o", tmp_path / name, "--mode", "graphwise")
+        assert r.returncode == 0, r.stderr
+
+    def errors(name):
+        data = json.loads((tmp_path / name / "report.json").read_text())
+        return [(t["tensor"], t["cosine"]) for t in data["graphwise"]]
+    assert errors("pt") == errors("onnx") and errors("pt")  # the same export, the same per-tensor figures
+    r = cli("analyze", script / "net.pt", tmp_path / "net.q.onnx", "--calib", script / "calib", "-q")
+    assert r.returncode != 0 and "give its input shapes with --input-shape" in r.stderr
+
+
 def test_torch_files_without_shapes_with_wrong_ones_or_holding_weights_are_one_line_errors(script, tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
     cases = [

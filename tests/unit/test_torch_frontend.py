@@ -119,6 +119,10 @@ def test_quantize_takes_a_module_as_it_takes_its_export(rng):
     assert "NHWC in and out: a Transpose stays beside image, output (ONNX convolutions take NCHW" in nhwc.summary.notes[0]
     with pytest.raises(edgequant.ConfigError, match="example_inputs are for PyTorch models"):
         edgequant.quantize(direct.float_model, data, example_inputs=data[0])
+    from_module = edgequant.analyze(net, direct.model, data, example_inputs=data[0], mode="graphwise", num_samples=4)
+    from_onnx = edgequant.analyze(direct.float_model, direct.model, data, mode="graphwise", num_samples=4)
+    assert [(t.name, t.metrics.cosine) for t in from_module.graphwise] == \
+        [(t.name, t.metrics.cosine) for t in from_onnx.graphwise] and from_module.graphwise
 
 
 def test_without_torch_the_entry_points_say_how_to_install_it_and_the_rest_never_imports_it(tmp_path, monkeypatch):

@@ -78,13 +78,20 @@ def analyze(float_model: str | os.PathLike | ModelProto, quant_model: str | os.P
             calibration, *, mode: str = "both", num_samples: int = 32, histograms: int = 4,
             input_settings: list[InputSettings] | None = None, progress: Progress | None = None,
             cache_budget_mb: int = 1024, device: str = "cpu",
-            transform_fn: Callable[[Any], Any] | None = None) -> ErrorReport:
+            transform_fn: Callable[[Any], Any] | None = None, example_inputs: Any = None,
+            input_shapes: Any = None, layout: str | None = None) -> ErrorReport:
     """Compare ``quant_model`` (QDQ) with ``float_model`` on ``num_samples`` calibration samples.
 
     ``float_model`` may be the model as given to the quantizer or the prepared one
     (``QuantizeResult.float_model``); a given model is also prepared the way ``quantize`` does
-    (BatchNorm folded...) and the form whose weights match the quantized model is used.
+    (BatchNorm folded...) and the form whose weights match the quantized model is used. A
+    PyTorch model (``nn.Module``, TorchScript file, ``ExportedProgram``) is exported first, as
+    ``quantize`` exports it: on ``example_inputs`` or at ``input_shapes``, in ``layout``.
     """
+    from edgequant.api import onnx_model
+
+    float_model = onnx_model(float_model, example_inputs, layout,
+                             changes={"input_shapes": input_shapes} if input_shapes else None)
     if mode not in MODES:
         raise ConfigError(f"analysis mode {mode!r} is not one of {', '.join(MODES)}")
     if num_samples < 1:
