@@ -179,7 +179,8 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
         count = min(opts.recovery.bias_correction_data_count, split.calibration or 64)
         original = ModelProto()
         original.CopyFrom(prepared.model)
-        search = AlphaSearch(opts.activation_dtype, opts.activation_symmetric, opts.weight_dtype)
+        search = AlphaSearch(opts.activation_dtype, opts.activation_symmetric, opts.weight_dtype,
+                             per_channel=opts.per_channel, per_channel_ops=opts.per_channel_ops, scheme=opts.scheme)
         reports = equalize_before(prepared.model, lambda: source.samples(0, count), opts.recovery, search)
         if original.graph.node == prepared.model.graph.node or not any("ReLU6 → Relu" in r.detail for r in reports):
             original = None  # rescaling alone keeps the float model's outputs: no second copy

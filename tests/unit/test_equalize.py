@@ -342,7 +342,7 @@ def test_smoothquant_auto_picks_per_activation_the_alpha_with_the_least_product_
     sm = _Smoother(m)
     for name, w in (("x", w_flat), ("z", w_uneven)):
         mats, x = [w.astype(np.float32)], rows[name]
-        refs = [x @ mats[0]]
+        refs = [(x @ mats[0], 1)]
         ranges = _row_ranges(sm.inits, sm.layers_of(name, 8))
         err = {a: _product_error(x, mats, refs, smoothing_scales(absmax[name], ranges, a).astype(np.float32),
                                  AlphaSearch()) for a in AlphaSearch().grid}
@@ -353,3 +353,45 @@ def test_smoothquant_auto_picks_per_activation_the_alpha_with_the_least_product_
     for s, want in zip(samples, before):
         for got, ref in zip(run(m, s), want):
             close(got, ref)
+
+
+def _per_tensor_product_error(x, w, s):
+    """The oracle: ``Q(x/s)·Q(s·W)`` against ``x·W``, relative, written out here: uint8 asymmetric
+    activation over [min, max] ∪ 0, int8 symmetric weight over max |s·W| (one scale each)."""
+    xs = x / s
+    lo, hi = min(xs.min(), 0.0), max(xs.max(), 0.0)
+    step = (hi - lo) / 255
+    zp = np.round(-lo / step)
+    xq = (np.clip(np.round(xs / step) + zp, 0, 255) - zp) * step
+    ws = w * s[:, None]
+    wstep = np.abs(ws).max() / 127
+    wq = np.clip(np.round(ws / wstep), -128, 127) * wstep
+    ref = x @ w
+    return float(np.mean((xq @ wq - ref) ** 2) / np.mean(ref ** 2))
+
+
+def test_smoothquant_auto_judges_per_tensor_weights_per_tensor():
+    """Where the plan quantizes a MatMul's weight per tensor (``per_channel=False``, or TPU-MLIR's
+    and Acuity's per-tensor MatMul/Gemm), the α search quantizes its trial weights per tensor: its
+    choice is the best α of the grid by an independent per-tensor oracle, where the per-channel
+    search's choice has twice that error (a weight with one dominant output column and row)."""
+    from edgequant.algorithms.smoothquant import AlphaSearch, activation_rows, choose_alphas
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 6)) * np.array([1, 1, 1, 1, 1, 30])[None, :] * np.array([1] * 7 + [8])[:, None]
+    m = build("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 5, 8] x) => (float[2, 5, 6] y) {
+        y = MatMul (x, W1)
+    }""", W1=w)
+    samples = outlier_samples(rng, (2, 5, 8))
+    absmax = channel_absmax(m, ["x"], samples)
+    rows = activation_rows(m, ["x"], samples)
+    per_tensor = choose_alphas(m, rows, absmax, AlphaSearch(per_channel=False))["x"]
+    per_channel = choose_alphas(m, rows, absmax)["x"]
+    assert choose_alphas(m, rows, absmax, AlphaSearch(per_channel_ops=("Conv",)))["x"] == per_tensor
+    x, w_max = rows["x"].astype(np.float64), np.abs(w).max(axis=1)
+    err = {a: _per_tensor_product_error(x, w, smoothing_scales(absmax["x"], w_max, a)) for a in AlphaSearch().grid}
+    err[None] = _per_tensor_product_error(x, w, np.ones(8))
+    assert err[per_tensor] == pytest.approx(min(err.values()), rel=1e-6)
+    assert err[per_channel] > 1.5 * err[per_tensor]
