@@ -37,7 +37,7 @@ def _add_new_commands(sub) -> None:
     a = sub.add_parser("recovery", help="gain of each accuracy-recovery algorithm per zoo model (results/recovery.json)")
     a.add_argument("--models", default=",".join(recovery.MODELS))
     a.add_argument("--groups", default=",".join(g.key for g in recovery.GROUPS),
-                   help="espdl-s3 (per-tensor power-of-two int8), w4a8, int8; sq, sq-minmax (transformers)")
+                   help="espdl-s3 (per-tensor power-of-two int8), w4a8, int8; int8-t, w4a8-t, sq, sq-minmax, sq-pt (transformers)")
     a.add_argument("--samples", type=int, default=recovery.SAMPLES, help="calibration samples, the same for every job")
     a.add_argument("--timeout", type=int, default=recovery.TIMEOUT, help="seconds per job; a timeout is a result")
     a.add_argument("--slow", choices=("last", "skip", "only"), default="last",

@@ -1,7 +1,8 @@
 """``python -m bench recovery``: what each accuracy-recovery algorithm gains, per zoo model.
 
 For every model and setting group (per-tensor power-of-two int8 for the ESP32-S3, W4A8 with
-per-channel weights, default int8; SmoothQuant for transformers) the plain quantization and each
+per-channel weights, default int8; for transformers bias correction, W4A8 and SmoothQuant, the
+last also with per-tensor MatMul weights as TPU-MLIR and Acuity quantize them) the plain quantization and each
 recovery variant run as ``edgequant.quantize`` jobs in their own processes (``bench.job``: wall
 time and peak RSS of the quantize call), on the same calibration files; the parent scores each
 output with the zoo's task metric and the mean output cosine against float on the zoo's eval
@@ -55,6 +56,13 @@ GROUPS: tuple[Group, ...] = (
     Group("sq", "default int8 (percentile), SmoothQuant", "percentile", {},
           ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}, {"smoothquant": "auto"}), transformers=True),
     Group("sq-minmax", 'int8 with `method="minmax"`, SmoothQuant', "minmax", {},
+          ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}, {"smoothquant": "auto"}), transformers=True),
+    Group("int8-t", "default int8, bias correction (transformers: MatMul + Add layers)", "percentile", {},
+          ({}, BC, {"bias_correction": "fast"}), transformers=True),
+    Group("w4a8-t", "W4A8, per-channel weights (transformers)", "percentile", {"weight_dtype": "int4"},
+          ({}, {"gptq": True}, BC, {"gptq": True, **BC}), transformers=True),
+    Group("sq-pt", "int8 with per-tensor MatMul/Gemm weights (as TPU-MLIR and Acuity), SmoothQuant", "percentile",
+          {"per_channel_ops": ["Conv", "ConvTranspose"]},
           ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}, {"smoothquant": "auto"}), transformers=True),
 )
 GROUP = {g.key: g for g in GROUPS}

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 import edgequant
-from edgequant.algorithms.bias_correction import add_zero_biases, bias_layers
+from edgequant.algorithms.bias_correction import MIN_VALUES, add_zero_biases, bias_layers
 from edgequant.api import calibrate
 from edgequant.runtime.session import make_session
 from edgequant.transform.qdq import Edits, insert_qdq
@@ -66,7 +66,7 @@ def test_empirical_bias_correction_leaves_no_mean_error_in_the_corrected_layers(
     assert fixed.recovery[0].after < 0.05 * fixed.recovery[0].before
     assert fixed.plan.weights == plain.plan.weights  # the plan is the same: only biases moved
     gemm = next(lay for lay in bias_layers(fixed.model, fixed.plan) if lay.node.op_type == "Gemm")
-    b3 = numpy_helper.to_array(next(t for t in fixed.model.graph.initializer if t.name == gemm.bias.tensor))
+    b3 = numpy_helper.to_array(next(t for t in fixed.model.graph.initializer if t.name == gemm.bias))
     np.testing.assert_array_equal(fixed.edits.biases[gemm.key], b3)  # 32 values a channel: left alone
 
 
@@ -77,8 +77,97 @@ def test_fast_bias_correction_removes_the_weight_rounding_shift(rng):
     inits = {t.name: numpy_helper.to_array(t) for t in state.model.graph.initializer}
     lay = bias_layers(state.model, state.plan)[0]
     new = state.edits.biases[lay.key]
-    assert not np.allclose(new, inits[lay.bias.tensor])
+    assert not np.allclose(new, inits[lay.bias])
     assert "removed" in state.recovery[0].line()
+
+
+LINEAR = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 24, 16] x) => (float[N, 24, 8] y) {
+    m1 = MatMul (x, W1)
+    h = Add (m1, B1)
+    r = Relu (h)
+    m2 = MatMul (r, W2)
+    y = Add (B2, m2)
+}
+"""
+
+
+def _last_axis_errors(state, edits, layers, feeds):
+    """Independent of the library's reduction: per layer, the mean of (quantized − float) per
+    channel of the last axis over every value of every feed, where the float value is > 0 for
+    the layer a Relu follows (the first); and how many values each channel's mean has."""
+    qmodel = insert_qdq(state.model, state.plan, state.params(state.plan), edits)
+    by_name = {n.name: n for n in qmodel.graph.node}
+    q_names = [by_name[lay.node.name].output[0] for lay in layers]  # before the output's own Q/DQ
+    f_names = [lay.node.output[0] for lay in layers]
+    q_sess, f_sess = make_session(qmodel, q_names), make_session(state.model, f_names)
+    out = []
+    for k in range(len(layers)):
+        q = np.concatenate([q_sess.run([q_names[k]], f)[0].reshape(-1, 12 if k == 0 else 8) for f in feeds])
+        fl = np.concatenate([f_sess.run([f_names[k]], f)[0].reshape(q.shape[0] // len(feeds), -1) for f in feeds])
+        mask = fl > 0 if k == 0 else np.ones_like(fl, bool)
+        out.append((np.where(mask, q - fl, 0).sum(axis=0) / np.maximum(mask.sum(axis=0), 1), mask.sum(axis=0)))
+    return out
+
+
+@pytest.mark.parametrize("kind", [{}, {"target": "espdl-s3"}])
+def test_bias_correction_corrects_the_add_after_a_matmul(kind, rng):
+    """A Linear layer as exporters write it (MatMul, then Add of a constant): the mean error of
+    the Add's output per channel (the last axis) is (almost) all gone, for the generic target,
+    which quantizes the constant as the Add's operand, and for espdl-s3, which fuses the Add
+    into the MatMul and keeps it float. Generic quantizes the constant from its corrected values
+    (its range follows). The fast form moves the constants too. A plan that leaves the MatMuls
+    float reads the original constants: the correction was measured for 4-bit weights."""
+    m = with_weights(LINEAR, rng, W1=(16, 12), B1=(12,), W2=(12, 8), B2=(1, 1, 8))
+    data = [{"x": rng.standard_normal((1, 24, 16)).astype(np.float32) + 0.7} for _ in range(40)]
+    opts = dict(weight_dtype="int4", per_channel=False, eval_samples=8, **kind)
+    plain = calibrate(m, data, **opts)
+    fixed = calibrate(m, data, bias_correction="empirical", **opts)
+    layers = bias_layers(fixed.model, fixed.plan)
+    adds = [n.name for n in fixed.model.graph.node if n.op_type == "Add"]
+    assert [(lay.node.name, lay.compute.op_type, lay.bias, lay.axis) for lay in layers] == [
+        (adds[0], "MatMul", "B1", -1), (adds[1], "MatMul", "B2", -1)]
+    feeds = list(fixed.samples(0, fixed.split.calibration))
+    before = _last_axis_errors(plain, Edits(), layers, feeds)
+    after = _last_axis_errors(fixed, fixed.edits, layers, feeds)
+    for (b, count), (a, _) in zip(before, after):  # a channel with too few active values is left be
+        measured = count >= MIN_VALUES
+        assert measured.sum() >= 6 and np.abs(a[measured]).max() < 0.1 * np.abs(b[measured]).max() + 1e-6, (b, a)
+    assert fixed.recovery[0].layers == 2 and fixed.recovery[0].after < 0.1 * fixed.recovery[0].before
+    corrected = fixed.edits.biases[layers[0].key]
+    original = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "B1"))
+    assert corrected.shape == original.shape and not np.allclose(corrected, original)
+    qmodel, _ = fixed.assemble(fixed.plan)
+    if not kind:  # the constant is quantized from the corrected values, to within half a step
+        dq = next(n.output[0] for n in qmodel.graph.node if n.op_type == "DequantizeLinear" and
+                  n.input[0].startswith("B1"))
+        got = make_session(qmodel, [dq]).run([dq], feeds[0])[0]
+        step = (max(corrected.max(), 0) - min(corrected.min(), 0)) / 255
+        np.testing.assert_allclose(got, corrected, atol=step / 2 + 1e-6)
+    fast = calibrate(m, data, bias_correction="fast", **opts)
+    assert not np.allclose(fast.edits.biases[layers[1].key], numpy_helper.to_array(m.graph.initializer[3]))
+    floated, _ = fixed.assemble(fixed.plan_with([edgequant.Override(name, "float") for name in
+                                                 ("MatMul_0", "MatMul_3")]))
+    q_sess, f_sess = make_session(floated), make_session(plain.assemble(plain.plan_with(
+        [edgequant.Override(name, "float") for name in ("MatMul_0", "MatMul_3")]))[0])
+    np.testing.assert_array_equal(q_sess.run(None, feeds[0])[0], f_sess.run(None, feeds[0])[0])
+
+
+def test_a_matmul_layers_error_is_the_shift_most_positions_share(rng):
+    """The trimmed mean of a channel's errors: a few huge errors (a transformer's outlier tokens)
+    do not move it, where they move the mean; NaN (not measured) is left out, and a channel with
+    fewer than ``MIN_VALUES`` measured values gets no estimate."""
+    from edgequant.algorithms.bias_correction import _trimmed_mean
+
+    errors = np.full((3, 1000), 0.1, np.float32) + rng.normal(0, 0.01, (3, 1000)).astype(np.float32)
+    errors[0, :20] = -50.0  # 2 % outliers: mean −0.90
+    errors[1, 500:] = np.nan
+    errors[2, MIN_VALUES - 1:] = np.nan
+    sums, counts = _trimmed_mean(errors)
+    assert errors[0].mean() < -0.8
+    np.testing.assert_allclose(sums[:2] / counts[:2], 0.1, atol=0.002)
+    assert counts[0] == pytest.approx(800, abs=2) and counts[1] == pytest.approx(400, abs=2) and counts[2] == 0
 
 
 def test_zero_biases_keep_the_float_model_and_get_corrected(rng):
@@ -439,6 +528,32 @@ def test_smoothquant_through_quantize_flattens_the_outliers_and_lowers_the_error
     x = data[-1]
     np.testing.assert_allclose(make_session(smooth.float_model).run(None, x)[0], make_session(m).run(None, x)[0],
                                rtol=1e-4, atol=1e-3)  # the rescaled float model computes the same
+
+
+SKIP_READ = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16, 32] x) => (float[N, 16, 32] y) {
+    h = MatMul (x, W1)
+    y = Add (h, x)
+}
+"""
+
+
+def test_smoothquant_with_an_inserted_mul_keeps_the_matmul_in_8_bits(rng):
+    """The graph input is read by the Add too, so ``1/s`` goes into an inserted ``Mul``: its
+    output is quantized like any activation, and the MatMul reads 8-bit operands (it read a
+    float input when the inserted tensor had no type)."""
+    m = with_weights(SKIP_READ, rng, W1=(32, 32))
+    scale = np.ones(32, np.float32)
+    scale[[5, 20]] = 30.0
+    data = [{"x": (rng.standard_normal((1, 16, 32)) * scale).astype(np.float32)} for _ in range(24)]
+    smooth = edgequant.quantize(m, data, smoothquant=0.5, repair=False)
+    assert "1 Mul inserted" in smooth.summary.recovery[0].detail
+    producers = {o: n for n in smooth.model.graph.node for o in n.output}
+    matmul = next(n for n in smooth.model.graph.node if n.op_type == "MatMul")
+    assert [producers[i].op_type for i in matmul.input] == ["DequantizeLinear", "DequantizeLinear"]
+    eight, total = smooth.summary.eight_bit_macs
+    assert eight == total > 0
 
 
 RELU6 = """

@@ -47,12 +47,56 @@ def plain_weight(w: np.ndarray, wp: WeightPlan) -> tuple[np.ndarray, QuantParams
 
 
 @dataclass(frozen=True)
+class MatMulBias:
+    """An Add whose constant operand is the bias of the MatMul in front of it (``y = x·W + b``,
+    as exporters write a Linear layer): ``slot`` of the Add holds ``b``."""
+
+    add: NodeProto
+    slot: int
+    matmul: NodeProto
+    weight: WeightPlan
+
+    @property
+    def tensor(self) -> str:
+        return self.add.input[self.slot]
+
+
+def matmul_biases(model: ModelProto, plan: QuantPlan) -> dict[str, MatMulBias]:
+    """Add name → its ``MatMulBias``, for each MatMul whose planned weight is a 2-D constant
+    ``[K, N]``, whose output only that Add reads (and is no graph output), where the Add's other
+    operand is a float constant of N values along the last axis (``[N]`` or ``[1, …, 1, N]``)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers = consumers(model.graph)
+    outputs = {o.name for o in model.graph.output}
+    found: dict[str, MatMulBias] = {}
+    for mm in model.graph.node:
+        wp = plan.weights.get(mm.name, {}).get(1)
+        if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx") or wp is None or wp.tensor not in inits:
+            continue
+        dims = list(inits[wp.tensor].dims)
+        nxt = readers.get(mm.output[0], [])
+        if len(dims) != 2 or len(nxt) != 1 or mm.output[0] in outputs:
+            continue
+        add = nxt[0]
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2 or \
+                add.input[0] == add.input[1]:
+            continue
+        slot = 1 if add.input[0] == mm.output[0] else 0
+        b = inits.get(add.input[slot])
+        if b is not None and b.data_type == TensorProto.FLOAT and b.dims and b.dims[-1] == dims[1] and \
+                int(np.prod(b.dims)) == dims[1]:
+            found[add.name] = MatMulBias(add, slot, mm, wp)
+    return found
+
+
+@dataclass(frozen=True)
 class Edits:
     """What accuracy recovery chose, applied where a plan quantizes a weight the same way.
 
     ``weights``: integer weights picked by a rounding algorithm (AdaRound, GPTQ) with the
     params they were picked for, keyed by ``weight_key``; ``biases``: float values that replace
-    a bias initializer (bias correction) where it is quantized with that weight key. A plan
+    a bias initializer (bias correction) where it is quantized with that weight key, or the
+    constant of an Add after a MatMul (``matmul_biases``) where the MatMul's weight is. A plan
     that quantizes a weight otherwise (another dtype, float) gets plain rounding and the
     original bias: an edit is only ever used for what it was computed for. ``ranges``: learned
     activation ranges (block reconstruction's step sizes), keyed by ``range_key``; they replace
@@ -88,6 +132,14 @@ class _Inserter:
         self.weight_cache: dict[tuple, tuple[str, QuantParams]] = {}
         self.bias_cache: dict[tuple, str] = {}
         self.clipped_bias = 0
+        # Add → (slot, corrected bias of the MatMul before it), where this plan quantizes that
+        # MatMul's weight as the correction was measured for
+        self.add_biases: dict[str, tuple[int, np.ndarray]] = {}
+        if edits.biases:
+            for name, mb in matmul_biases(source, plan).items():
+                value = edits.biases.get((mb.tensor, weight_key(mb.weight)))
+                if value is not None:
+                    self.add_biases[name] = (mb.slot, value)
 
     def const(self, base: str, arr: np.ndarray) -> str:
         name = self.scope.fresh(base)
@@ -136,6 +188,7 @@ class _Inserter:
             if node.name in folded:
                 continue
             out_nodes += self.weight_nodes(node)
+            self.float_bias(node)
             out_nodes.append(node)
             for k, out in enumerate(node.output):
                 act = by_tensor.get(out)
@@ -165,13 +218,23 @@ class _Inserter:
             self.graph.ClearField("input")
             self.graph.input.extend(inputs)
 
+    def float_bias(self, node: NodeProto) -> None:
+        """A corrected MatMul bias that this plan leaves float: a new initializer for the Add."""
+        slot, value = self.add_biases.get(node.name, (-1, None))
+        if value is not None and slot not in self.plan.weights.get(node.name, {}):
+            node.input[slot] = self.const(f"{node.input[slot]}_corrected", np.asarray(value, np.float32))
+
     def weight_nodes(self, node: NodeProto) -> list[NodeProto]:
         made: list[NodeProto] = []
         for slot, wp in self.plan.weights.get(node.name, {}).items():
             bias = self._bias_for(node)
             key = (wp.tensor, wp.axis, wp.dtype, wp.symmetric, wp.clipping) + (bias or ())
+            corrected = self.add_biases.get(node.name, (-1, None))
+            if corrected[0] == slot:  # a corrected MatMul bias quantized as a constant operand
+                key += (node.name,)
             if key not in self.weight_cache:
-                w = numpy_helper.to_array(self.inits[wp.tensor])
+                w = numpy_helper.to_array(self.inits[wp.tensor]) if corrected[0] != slot else \
+                    np.asarray(corrected[1], np.float32)
                 chosen = self.edits.weights.get(weight_key(wp))
                 q, p = chosen if chosen is not None else plain_weight(w, wp)
                 if bias is not None:  # keep the bias from overflowing its accumulator
