@@ -106,12 +106,13 @@ def test_smoothquant_recovers_most_of_what_per_tensor_matmul_weights_lose_on_ppo
     """PP-OCRv4's recognizer (SVTR attention blocks) with per-tensor MatMul/Gemm weights, as
     TPU-MLIR and Acuity quantize them (per-channel Conv weights): plain int8 loses about half of
     the exact lines; ``smoothquant="auto"`` wins back more than half of that loss with every
-    layer still in 8 bits (no repair). Measured: float 0.98, plain 0.44, SmoothQuant 0.86."""
+    layer still in 8 bits (no repair). Measured on 80 lines: float 0.95, plain 0.55, SmoothQuant 0.80
+    (on the bench's 300 lines, calibrated on 64: 0.98, 0.44, 0.86)."""
     from tests.integration.realdata import ctc_decode, ppocr_charset, text_lines
 
     model = extract("rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx")
     charset = ppocr_charset(onnx.load(str(model)))
-    calib, test = [x for _, x in text_lines(32, seed=1)], text_lines(100, seed=3)
+    calib, test = [x for _, x in text_lines(28, seed=1)], text_lines(80, seed=3)
 
     def line_accuracy(m) -> float:
         from tests.conftest import session
@@ -119,7 +120,7 @@ def test_smoothquant_recovers_most_of_what_per_tensor_matmul_weights_lose_on_ppo
         sess = session(m)
         return float(np.mean([ctc_decode(sess.run(None, {"x": x})[0][0], charset) == t for t, x in test]))
 
-    per_tensor = dict(per_channel_ops=("Conv", "ConvTranspose"), repair=False)
+    per_tensor = dict(per_channel_ops=("Conv", "ConvTranspose"), repair=False, eval_samples=4)
     plain = edgequant.quantize(model, calib, **per_tensor)
     smoothed = edgequant.quantize(model, calib, smoothquant="auto", **per_tensor)
     float_acc, plain_acc, sq_acc = (line_accuracy(m) for m in (plain.float_model, plain.model, smoothed.model))
