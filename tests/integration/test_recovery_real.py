@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import edgequant
-from tests.conftest import extract, run
+from tests.conftest import extract, outside_ci, run
 from tests.integration.realdata import orientation_pages
 
 
@@ -59,6 +59,7 @@ def test_gptq_lowers_the_error_of_4_bit_weights(orientation):
     assert step.name == "GPTQ" and step.layers >= 30 and step.after < step.before
 
 
+@outside_ci  # 75 s; AdaRound's defining property is unit-tested, GPTQ's real-model test stays in CI
 def test_adaround_lowers_the_error_of_4_bit_weights(orientation):
     pytest.importorskip("torch")
     model, calib, x, y, reference = orientation
@@ -84,6 +85,7 @@ def test_auto_mixed_recovers_before_it_takes_layers_out_of_8_bits(orientation):
     assert _scores(recovered, x, y, reference)[0] >= _scores(searched, x, y, reference)[0] - 0.01
 
 
+@outside_ci  # 225 s (13.5 M parameters)
 def test_gptq_and_bias_correction_bring_4_bit_ocr_back_from_collapse():
     """ddddocr (CNN + LSTM, 13.5 M parameters), W4A8 per channel: sequences 0.28 → 0.50
     (float 0.59, int8 0.56), output cosine 0.86 → 0.99."""
