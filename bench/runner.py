@@ -186,17 +186,21 @@ def edgequant_source() -> dict:
             "edgequant_src_modified": bool(dirty.stdout.strip())}
 
 
-def environment() -> dict:
-    import edgequant
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The host's CPU model (``/proc/cpuinfo``), else what ``platform`` says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import edgequant
+
+    cpu = cpu_name()
     return {"python": platform.python_version(), "edgequant": edgequant.__version__, "onnxruntime": ort.__version__,
             "onnx": onnx.__version__, "numpy": np.__version__, "cpu": cpu, "cores": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"), **edgequant_source()}
