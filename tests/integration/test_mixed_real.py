@@ -144,7 +144,7 @@ def test_auto_mixed_restores_the_streaming_voice_activity_lstm():
     assert int16_acc >= float_acc - 0.005
 
 
-def test_auto_mixed_restores_the_ppocr_transformer_recognizer():
+def test_the_default_repair_restores_the_ppocr_transformer_recognizer():
     import onnx
 
     model = extract("rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx")
@@ -157,16 +157,18 @@ def test_auto_mixed_restores_the_ppocr_transformer_recognizer():
         return float(np.mean([ctc_decode(sess.run(None, {"x": x})[0][0], charset) == t for t, x in test]))
 
     int8 = edgequant.quantize(str(model), data, repair=False)
-    result, mixed = auto_mixed(str(model), data)
-    default = edgequant.quantize(str(model), data)  # the guard judges decoded lines; the repair fixes them
-    float_acc, int8_acc, mixed_acc, default_acc = (line_accuracy(m) for m in (
-        int8.float_model, int8.model, result.model, default.model))
-    print(f"float {float_acc:.4f} int8 {int8_acc:.4f} auto-mixed {mixed_acc:.4f} default {default_acc:.4f}",
-          mixed.describe(), default.summary.repair)
+    # the guard judges decoded lines; the repair's minmax step reads too few held-out lines as
+    # float does here, so it keeps its mixed-precision search (auto_mixed's defaults)
+    default = edgequant.quantize(str(model), data)
+    float_acc, int8_acc, default_acc = (line_accuracy(m) for m in (int8.float_model, int8.model, default.model))
+    print(f"float {float_acc:.4f} int8 {int8_acc:.4f} default {default_acc:.4f}", default.summary.repair)
     assert float_acc > 0.9 and int8_acc < float_acc - 0.05
     assert "decode to another sequence" in int8.summary.collapse.reason
-    assert mixed.cost <= 0.10 and mixed.measure == "cosine, samples keeping their decisions"
-    assert mixed_acc >= float_acc - 0.01, mixed.describe()
+    mixed = next(line for line in default.summary.repair if line.startswith("mixed precision: "))
+    assert "cosine, samples keeping their decisions" in mixed
+    assert default.summary.repair[-1].startswith("kept: the mixed-precision result")
+    eight, macs = default.summary.eight_bit_macs
+    assert default.summary.precision and 1 - eight / macs <= 0.10
     assert default.summary.collapse is None and default_acc >= float_acc - 0.01, default.summary.repair
 
 
