@@ -18,6 +18,7 @@ import numpy as np
 from onnx import GraphProto, ModelProto
 
 from edgequant.analysis.metrics import DecisionTally, FidelityAccumulator
+from edgequant.bodies import Bodies, splice
 from edgequant.calibration.observers import MinMaxObserver
 from edgequant.data.sources import CalibrationSource, Sample
 from edgequant.errors import ConfigError
@@ -105,6 +106,7 @@ class CalibratedModel:
     edits: Edits = NO_EDITS  # weights and biases chosen by accuracy recovery (``algorithms``)
     recovery: tuple = ()  # what each recovery algorithm did (``algorithms.stage.StepReport``)
     reference_model: ModelProto | None = None  # the float model before recovery changed its semantics (ReLU6 → Relu)
+    bodies: Bodies = Bodies()  # the quantized branches of the If nodes that stay (edgequant.bodies)
     _references: dict[tuple[int, int], list[Sample]] = field(default_factory=dict, repr=False)
     _shapes: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
@@ -152,7 +154,7 @@ class CalibratedModel:
         """The QDQ model for ``plan`` (whose tensors were all observed) without recalibrating,
         with the weights and biases recovery chose where ``plan`` quantizes them as it did."""
         params = self.params(plan)
-        return stamp(insert_qdq(self.model, plan, params, self.edits)), params
+        return stamp(splice(insert_qdq(self.model, plan, params, self.edits), self.bodies)), params
 
     def samples(self, first: int, count: int) -> Iterator[Sample]:
         return self.source.samples(first, first + count)

@@ -20,6 +20,7 @@ from onnx import ModelProto
 from edgequant.algorithms.bias_correction import add_zero_biases
 from edgequant.algorithms.smoothquant import AlphaSearch
 from edgequant.algorithms.stage import equalize_before, recover
+from edgequant.bodies import body_lines, body_macs, quantize_bodies, state_counts
 from edgequant.calibrated import CalibratedModel, Prepared, SampleSplit
 from edgequant.calibration.collect import collect_ranges
 from edgequant.data.sources import CalibrationSource
@@ -196,7 +197,9 @@ def calibrate(prepared: Prepared, source: CalibrationSource, progress: Progress 
     split = dataclasses.replace(split, calibration=seen)
     state = CalibratedModel(prepared, plan, observers, source, split, time.perf_counter() - t0,
                             started if started is not None else t0, recovery=tuple(reports), reference_model=original)
-    return recover(state, progress) if opts.recovery.rounding or opts.recovery.bias else state
+    state = recover(state, progress) if opts.recovery.rounding or opts.recovery.bias else state
+    state.bodies = quantize_bodies(state, progress)
+    return state
 
 
 #: Metadata ``from_torch`` leaves on an NHWC export: what its edges hold, for the summary.
@@ -223,12 +226,17 @@ def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Prog
     opts = state.options
     fidelity = state.evaluate(qmodel, progress)
     first, count = state.split.eval_range
-    summary = Summary(dict(plan.quantized_ops), dict(plan.float_ops), plan.subgraph_float_ops,
+    quantized, float_inside = state_counts(plan, state.bodies)
+    summary = Summary(quantized, dict(plan.float_ops), float_inside,
                       state.split.calibration, count, state.split.held_out == 0, state.calibration_seconds, 0.0,
                       (state.prepared.from_opset, opset_of(qmodel)), state.prepared.passes, fidelity,
-                      list(state.prepared.notes) + few_samples(state.split.calibration), dict(plan.precision),
+                      list(state.prepared.notes) + few_samples(state.split.calibration) + list(state.bodies.notes)
+                      + body_lines(state.bodies), dict(plan.precision),
                       recovery=list(state.recovery))
     summary.eight_bit_macs = eight_bit_macs(state.model, qmodel, state.tensor_shapes())
+    if state.bodies.branches:  # the compute inside the quantized If branches
+        inside = body_macs(state.bodies)
+        summary.eight_bit_macs = (summary.eight_bit_macs[0] + inside[0], summary.eight_bit_macs[1] + inside[1])
     result = QuantizeResult(qmodel, state.model, plan, state.ranges(plan), params, summary, opts,
                             state.prepared.source)
     reason = judge(fidelity, opts.collapse_cosine)

@@ -361,3 +361,23 @@ def test_side_outputs_that_cannot_be_written_fail_before_any_work(tmp_path, npz_
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
         assert not out.exists()
     assert cli("quantize", MODEL, "-o", tmp_path, "--calib", npz_dir, "-q").returncode == 2  # -o a folder
+
+
+def test_if_branches_that_stay_are_quantized_unless_float_bodies(tmp_path):
+    import onnx
+
+    from tests.unit.test_bodies import _branch_ops, _model, _samples
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(), str(path))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, x in enumerate(_samples(24)):
+        np.save(calib / f"{i:03d}.npy", x)
+    for flag in (False, True):
+        out = tmp_path / f"q{flag}.onnx"
+        done = cli("quantize", path, "-o", out, "--calib", calib, *(["--float-bodies"] if flag else []))
+        assert done.returncode == 0, done.stderr
+        ops = _branch_ops(onnx.load(str(out)))
+        assert ("QuantizeLinear" in ops["then_branch"]) is not flag
+        assert ("then branch quantized on the" in done.stdout) is not flag, done.stdout

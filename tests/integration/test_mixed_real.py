@@ -183,7 +183,8 @@ def test_auto_mixed_on_the_standard_silero_export_whose_lstm_sits_in_if_bodies()
     data = [{"input": f["input"], "state": f["state"], "sr": np.array(16000, np.int64)} for f in carried]
     result, mixed = auto_mixed(str(model), data, specialize=False)
     onnx.checker.check_model(result.model, full_check=True)
-    assert result.summary.subgraph_float_ops > 200 and mixed.steps
+    assert any(n.op_type == "If" for n in result.model.graph.node) and mixed.steps
+    assert result.summary.quantized_ops["LSTM"] == 1  # inside the If's branch
     assert min(f.cosine for f in result.summary.fidelity) > 0.99
 
 
@@ -206,6 +207,40 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def _scenes_auc():
+    scenes = vad_scenes(40, seed=7)
+    labels = np.concatenate([y for _, y in scenes])
+
+    def auc(m) -> float:
+        sess = _WithRate(session(m))
+        return _auc(np.concatenate([vad_stream(sess, x) for x, _ in scenes]), labels)
+    return auc
+
+
+def test_the_if_branches_the_standard_silero_export_keeps_are_quantized_lstm_included():
+    """Kept as control flow (``specialize=False``): If(sr == 16000) wraps the whole model, with
+    shape tests nested inside. Each branch the calibration samples take is quantized as a model
+    of its own (and repaired there: its power spectrum breaks at plain int8)."""
+    import onnx
+
+    model = extract("silero_vad", "silero_vad/data/silero_vad.onnx")
+    feeds = vad_calibration(extract("silero_vad", "silero_vad/data/silero_vad_openvino_16k.onnx"))[::6]
+    data = [{**f, "sr": np.array(16000, np.int64)} for f in feeds]
+    result = edgequant.quantize(str(model), data, specialize=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [n.op_type for n in result.model.graph.node].count("If") == 1
+    s = result.summary
+    assert s.quantized_ops["LSTM"] == 1 and s.collapse is None
+    assert any(n.startswith("If If_0: then branch quantized on the") and "repair kept" in n for n in s.notes), s.notes
+    assert any("its else branch" in n and "taken by no calibration sample" in n for n in s.notes)  # sr 8000
+    eight, total = s.eight_bit_macs
+    assert eight >= 0.9 * total
+    auc = _scenes_auc()
+    float_auc, q_auc = auc(onnx.load(str(model))), auc(result.model)
+    print(f"AUC float {float_auc:.4f} If kept {q_auc:.4f}; 8-bit MACs {eight / total:.3f}", s.notes)
+    assert float_auc > 0.95 and q_auc >= float_auc - 0.02
+
+
 def test_the_defaults_fold_the_standard_silero_export_flat_and_quantize_its_lstm():
     """silero-vad's standard export wraps the whole model in If(sr == 16000), with shape tests
     ("is the batch 1?", "is the state empty?") nested inside. At the calibration data's shapes
@@ -223,12 +258,7 @@ def test_the_defaults_fold_the_standard_silero_export_flat_and_quantize_its_lstm
     assert any(n.startswith("specialized at input=1x576, state=2x1x128, sr=16000") for n in result.summary.notes)
     eight, total = result.summary.eight_bit_macs
     assert eight >= 0.9 * total, result.summary.repair
-    scenes = vad_scenes(40, seed=7)
-    labels = np.concatenate([y for _, y in scenes])
-
-    def auc(m) -> float:
-        sess = _WithRate(session(m))
-        return _auc(np.concatenate([vad_stream(sess, x) for x, _ in scenes]), labels)
+    auc = _scenes_auc()
     float_auc, q_auc = auc(onnx.load(str(model))), auc(result.model)
     print(f"AUC float {float_auc:.4f} default {q_auc:.4f}; 8-bit MACs {eight / total:.3f}", result.summary.repair)
     assert float_auc > 0.95 and q_auc >= float_auc - 0.02

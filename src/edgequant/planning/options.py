@@ -162,6 +162,9 @@ class QuantOptions:
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     fixed_inputs: tuple[tuple[str, float], ...] = ()
     specialize: bool = True
+    # the If bodies that stay (data-dependent conditions) quantized too, each branch as a model
+    # of its own calibrated on the samples that take it (edgequant.bodies)
+    quantize_bodies: bool = True
     scheme: Scheme = DEFAULT_SCHEME
     target: str = "generic"
     per_channel_ops: tuple[str, ...] | None = None  # with per_channel: only these op types (None: all)
@@ -322,7 +325,7 @@ def _parse(key: str, value: object) -> object:
 
 
 _SIMPLE: dict[str, type] = {
-    "percentile": float, "collapse_cosine": float, "repair": bool, "protect_statistics": bool, "specialize": bool, "quantize_constants": bool, "quantize_all_ops": bool, "unsigned_nonnegative": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
+    "percentile": float, "collapse_cosine": float, "repair": bool, "protect_statistics": bool, "specialize": bool, "quantize_bodies": bool, "quantize_constants": bool, "quantize_all_ops": bool, "unsigned_nonnegative": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
     "per_channel": bool, "quantize_outputs": bool, "simplify": bool, "batch_size": int, "num_samples": int,
     "eval_samples": int, "workers": int, "device": str, "ray_address": str,
 }
