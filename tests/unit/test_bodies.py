@@ -108,6 +108,9 @@ def test_float_bodies_and_branches_no_sample_takes_stay_float():
     model = _model()
     plain = edgequant.quantize(model, _samples(40), repair=False, quantize_bodies=False)
     assert all("QuantizeLinear" not in ops for ops in _branch_ops(plain.model).values())
+    configured = edgequant.quantize(model, _samples(40), config={"quantization_parameters": {"quantize_bodies": False}},
+                                    repair=False)
+    assert configured.model.SerializeToString() == plain.model.SerializeToString()
     assert plain.summary.subgraph_float_ops == sum(len(g.node) for n in model.graph.node for g in bodies(n))
     positive = edgequant.quantize(model, _samples(40, shifts=(0.5,)), repair=False)
     ops = _branch_ops(positive.model)
