@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgequant
@@ -118,3 +119,18 @@ def test_float_bodies_and_branches_no_sample_takes_stay_float():
     assert any("its else branch (3 ops) is taken by no calibration sample and stays float" in n
                for n in positive.summary.notes), positive.summary.notes
     onnx.checker.check_model(positive.model, full_check=True)
+
+
+def test_parameter_files_say_they_leave_the_quantized_branches_out(tmp_path):
+    from edgequant.errors import ConfigError
+    from edgequant.export import export_params
+
+    result = edgequant.quantize(_model(), _samples(40), repair=False)
+    export_params(result, "qparams", tmp_path / "q.json")
+    assert any("the qparams file describes the enclosing graph's tensors; the 2 quantized If branches" in n
+               for n in result.summary.notes), result.summary.notes
+    with pytest.raises(ConfigError, match="quantize with --float-bodies to export it"):
+        export_params(result, "edgequant", tmp_path / "e.json")
+    assert not (tmp_path / "e.json").exists()
+    flat = edgequant.quantize(_model(), _samples(40), repair=False, quantize_bodies=False)
+    export_params(flat, "edgequant", tmp_path / "e.json")

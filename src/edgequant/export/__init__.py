@@ -67,9 +67,28 @@ def exportable_recovery(recovery, formats):
     return recovery
 
 
+def quantized_branches(model) -> int:
+    """How many branches of ``model``'s ``If`` nodes hold Q/DQ (``edgequant.bodies``)."""
+    from edgequant.ir.graph import direct_bodies
+
+    return sum(any(n.op_type == "QuantizeLinear" for n in g.node)
+               for node in model.graph.node if node.op_type == "If" for g in direct_bodies(node))
+
+
 def export_params(result, fmt: str, path: str | os.PathLike) -> Path:
-    """Write ``result``'s parameters in ``fmt`` (atomically)."""
+    """Write ``result``'s parameters in ``fmt`` (atomically). The files describe the enclosing
+    graph's tensors: quantized ``If`` branches live in the QDQ model only (the summary says so;
+    an ``edgequant`` file, which re-creates the model, is refused)."""
     check_exportable(fmt, result.options.recovery, result.options.target)
+    branches = quantized_branches(result.model)
+    if branches and fmt in ("edgequant", "espdl"):
+        raise ConfigError(f"--export-params {fmt}: {branches} If branches were quantized inside, and the file "
+                          "describes the enclosing graph only; quantize with --float-bodies to export it")
+    if branches:
+        note = (f"the {fmt} file describes the enclosing graph's tensors; the {branches} quantized If branches are "
+                "in the QDQ model only")
+        if note not in result.summary.notes:
+            result.summary.notes.append(note)
     if fmt == "espdl":  # a binary file, written by esp-ppq
         return espdl.write(result, path)
     writer = {"qparams": qparams.dumps, "cali-table": tpu_mlir.dumps_cali_table, "qtable": tpu_mlir.dumps_qtable,
