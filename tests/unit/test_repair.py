@@ -14,7 +14,7 @@ from edgequant.mixed.guard import (
     SEQUENCE_FLOOR,
     judge,
 )
-from edgequant.mixed.repair import fallback_for, health
+from edgequant.mixed.repair import better, fallback_for, health
 from edgequant.result import OutputFidelity
 from tests.conftest import parse
 
@@ -241,3 +241,20 @@ def test_the_repair_tries_unclipped_ranges_before_leaving_8_bits():
     assert fixed.model.SerializeToString() == edgequant.quantize(m, data).model.SerializeToString()
     assert edgequant.quantize(m, data, method="minmax", repair=False).model.SerializeToString() == \
         fixed.model.SerializeToString()  # exactly the model minmax calibration gives
+
+
+def test_at_equal_decisions_the_all_eight_bit_result_wins_where_its_cosine_clears_the_floor():
+    from types import SimpleNamespace
+
+    def result(cosine, decoded, eight, seq=True):
+        f = OutputFidelity("y", cosine, 20.0, decisions=decoded, sequences=decoded if seq else None)
+        return SimpleNamespace(summary=SimpleNamespace(fidelity=[f], eight_bit_macs=(eight, 100)))
+
+    minmax, mixed = result(0.972, 10 / 12, 100), result(0.986, 10 / 12, 90)
+    assert better(minmax, mixed, 0.9) and not better(mixed, minmax, 0.9)
+    assert better(mixed, result(0.972, 9 / 12, 100), 0.9)  # more decisions kept: whatever the cost
+    broken = result(0.85, 1.0, 100, seq=False)  # decisions kept, cosine below the floor: the fix wins
+    assert better(result(0.99, 1.0, 90, seq=False), broken, 0.9) and not better(broken, result(0.99, 1.0, 90), 0.9)
+    plain = SimpleNamespace(summary=SimpleNamespace(fidelity=[OutputFidelity("y", 0.8, 5.0)], eight_bit_macs=(100, 100)))
+    assert better(SimpleNamespace(summary=SimpleNamespace(fidelity=[OutputFidelity("y", 0.95, 9.0)],
+                                                          eight_bit_macs=(90, 100))), plain, 0.9)  # no decisions: cosine
