@@ -1,22 +1,30 @@
-"""Quantization inside the ``If`` bodies that stay: those whose condition depends on data.
+"""Quantization inside the ``If`` and ``Loop`` bodies that stay: those whose condition or
+trip count depends on data.
 
-Specialization folds the ``If``s a deployment's fixed shapes decide (``passes.specialize``).
-An ``If`` that is left holds its compute in its branches, where the main graph's plan does
-not reach. Each branch that holds something to quantize becomes a model of its own:
+Specialization folds the ``If``s a deployment's fixed shapes decide and unrolls the
+``Loop``s whose trip count folds (``passes.specialize``). What is left holds its compute in
+bodies, where the main graph's plan does not reach. Each body that holds something to
+quantize becomes a model of its own:
 
-* its inputs are the names it captures from the main graph, and the main graph's weights it
-  reads are its initializers;
-* it is calibrated on the values those names take on the calibration samples that take the
-  branch (the condition observed alongside), with the run's own options, and quantized
-  like any model (its own ``If``s recursively);
-* its QDQ graph goes back in place of the branch in every model the state assembles. The
-  names it adds are prefixed with the ``If``'s name and the branch, so they stay unique; a
-  weight quantized inside it leaves the main graph when nothing else reads it.
+* its inputs are a ``Loop`` body's formal inputs (iteration number, condition, carried
+  values) and the names it captures from the main graph; the main graph's weights it reads
+  are its initializers;
+* it is calibrated on the values those inputs take: for an ``If`` branch, on the calibration
+  samples that take the branch (the condition observed alongside); for a ``Loop`` body, on
+  its iterations over the calibration samples (exposed for that run as extra scan outputs),
+  at most as many as there are calibration samples, evenly spaced;
+* it is quantized as ``quantize`` quantizes a model, with the run's options: checked on its
+  own held-out samples, repaired where its guard fires, its own ``If``s and ``Loop``s
+  recursively;
+* its QDQ graph goes back in place of the body in every model the state assembles. The
+  names it adds are prefixed with the node's name and the branch (``If_0/then/…``,
+  ``recur/body/…``), so they stay unique; a weight quantized inside it leaves the main
+  graph when nothing else reads it.
 
-A branch no calibration sample takes stays float, and the summary says so. ``Loop`` and
-``Scan`` bodies (left only when their trip count is not constant) stay float. Recovery
-algorithms and overrides act on the main graph only; the parameter files describe the main
-graph's tensors.
+A branch no calibration sample takes stays float, and the summary says so, as it does for a
+body that cannot be quantized (the model is written all the same). ``Scan`` bodies stay
+float. Recovery algorithms, overrides and the mixed-precision search act on the main graph;
+the parameter files describe the main graph's tensors (``export.export_params``).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from edgequant.data.sources import CalibrationSource, Sample
 from edgequant.ir.graph import bodies, direct_bodies, subgraph_inputs
@@ -116,13 +124,15 @@ def body_lines(found: Bodies) -> list[str]:
     lines = []
     for b in found.branches:
         s = b.result.summary
-        line = (f"If {b.node}: {b.attr.removesuffix('_branch')} branch quantized on the {b.samples} calibration "
-                f"samples that take it ({sum(s.quantized_ops.values())} ops quantized, "
-                f"{sum(s.float_ops.values())} float)")
+        ops = f"({sum(s.quantized_ops.values())} ops quantized, {sum(s.float_ops.values())} float)"
+        line = (f"Loop {b.node}: body quantized on {b.samples} of its iterations on the calibration samples {ops}"
+                if b.attr == "body" else
+                f"If {b.node}: {b.attr.removesuffix('_branch')} branch quantized on the {b.samples} calibration "
+                f"samples that take it {ops}")
         if s.repair:
             line += f"; its guard fired and the repair {s.repair[-1].replace('kept: ', 'kept ')}"
         lines.append(line)
-        lines += [f"If {b.node}/{b.attr.removesuffix('_branch')}: {n}" for n in s.notes if n.startswith("If ")]
+        lines += [f"{b.prefix.rstrip('/')}: {n}" for n in s.notes if n.startswith(("If ", "Loop "))]
     return lines
 
 
@@ -141,25 +151,70 @@ def _computes(graph: GraphProto) -> bool:
 
 
 def _wanted(node: NodeProto) -> bool:
-    return node.op_type == "If" and node.domain in ("", "ai.onnx") and any(len(g.node) for g in direct_bodies(node))
+    return node.op_type in ("If", "Loop") and node.domain in ("", "ai.onnx") and \
+        any(len(g.node) for g in direct_bodies(node))
+
+
+def _graph(node: NodeProto, attr: str) -> GraphProto:
+    return next(a.g for a in node.attribute if a.name == attr)
 
 
 def _branch_model(model: ModelProto, node: NodeProto, attr: str, values: dict[str, np.ndarray]) -> ModelProto:
     """The branch ``attr`` of ``node`` as a model: captured names as inputs (typed from
     ``values``, one sample's), the main graph's weights it reads as initializers."""
-    branch = next(a.g for a in node.attribute if a.name == attr)
+    branch = _graph(node, attr)
     inits = {t.name: t for t in model.graph.initializer}
-    probe = helper.make_node("If", [node.input[0]], [], then_branch=branch, else_branch=GraphProto(name="empty"))
-    captured = sorted(subgraph_inputs(probe))
+    captured = _captures(branch)
     g = helper.make_graph(list(branch.node), branch.name or attr, [], list(branch.output),
                           initializer=list(branch.initializer) + [inits[n] for n in captured if n in inits],
                           value_info=list(branch.value_info))
-    for name in captured:
+    for name in [i.name for i in branch.input] + [n for n in captured if n not in inits]:
         if name not in inits:
             v = values[name]
             g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
     out = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     return out
+
+
+def _captures(graph: GraphProto) -> list[str]:
+    """The names ``graph`` (a body) reads from the enclosing scope, sorted."""
+    probe = helper.make_node("If", ["c"], [], then_branch=graph, else_branch=GraphProto(name="empty"))
+    return sorted(subgraph_inputs(probe))
+
+
+def _loop_feeds(model: ModelProto, loop: NodeProto, samples, device: str, limit: int) -> list[dict[str, np.ndarray]]:
+    """The inputs a ``Loop``'s body gets, iteration by iteration, on ``samples``: its
+    iteration number, condition and carried values (exposed as extra scan outputs of the
+    loop, for this run only) and the names it captures. At most ``limit`` iterations, evenly
+    spaced over all of them."""
+    body = _graph(loop, "body")
+    saved_body, saved_outputs = GraphProto(), list(loop.output)
+    saved_body.CopyFrom(body)
+    formal = [i.name for i in body.input]
+    seen = [f"{loop.name}::seen::{k}" for k in range(len(formal))]
+    for name, out, vi in zip(formal, seen, body.input):
+        body.node.append(helper.make_node("Identity", [name], [out], name=out))
+        body.output.append(helper.make_tensor_value_info(out, vi.type.tensor_type.elem_type, None))
+    loop.output.extend(seen)
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    captured = [n for n in _captures(saved_body) if n not in inits]
+    exposed = seen + [n for n in captured if n not in graph_inputs]
+    feeds: list[dict[str, np.ndarray]] = []
+    try:
+        sess = make_session(model, exposed, device=device)
+        for i, feed in enumerate(samples):
+            values = dict(zip(exposed, run_in_place(sess, exposed, feed, i)))
+            outer = {n: np.array(feed[n] if n in graph_inputs else values[n]) for n in captured}
+            steps = values[seen[0]].shape[0] if seen else 0
+            feeds += [{**{f: np.array(values[s][t]) for f, s in zip(formal, seen)}, **outer} for t in range(steps)]
+    finally:
+        body.CopyFrom(saved_body)
+        del loop.output[:]
+        loop.output.extend(saved_outputs)
+    if len(feeds) > limit:
+        feeds = [feeds[int(k)] for k in np.linspace(0, len(feeds) - 1, limit)]
+    return feeds
 
 
 def _options(options: QuantOptions) -> QuantOptions:
@@ -170,61 +225,96 @@ def _options(options: QuantOptions) -> QuantOptions:
 
 
 def quantize_bodies(state, progress: Progress | None = None) -> Bodies:
-    """Calibrate and plan every branch of the state's top-level ``If``s that holds something to
-    quantize (see the module doc); the main graph is not changed."""
+    """Calibrate and quantize every branch of the state's top-level ``If``s, and every body of
+    its top-level ``Loop``s, that holds something to quantize (see the module doc); the main
+    graph is not changed."""
+    model, opts = state.model, state.options
+    nodes = [n for n in model.graph.node if _wanted(n)]
+    if not nodes or not opts.quantize_bodies:
+        return Bodies()
+    weights = {t.name: t for t in model.graph.initializer}
+    count = state.split.calibration
+    ifs = [n for n in nodes if n.op_type == "If"]
+    captured = _if_captures(model, ifs, state.samples(0, count), opts.device) if ifs else []
+    branches: list[Branch] = []
+    notes: list[str] = []
+
+    def attempt(where: str, node: NodeProto, attr: str, feeds: Callable[[], list[dict[str, np.ndarray]]]) -> None:
+        try:
+            given = feeds()
+            found = _branch(model, opts, node, attr, given, weights, progress) if given else \
+                "no calibration sample runs an iteration"
+        except Exception as exc:  # a body that cannot be quantized stays float; the model still is
+            log.warning("%s stays float: %s", where, exc)
+            found = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if isinstance(found, Branch):
+            branches.append(found)
+        elif found:
+            notes.append(f"{where} stays float ({found})")
+
+    for node in nodes:
+        if node.op_type == "Loop":
+            attempt(f"Loop {node.name}: its body", node, "body",
+                    lambda node=node: _loop_feeds(model, node, state.samples(0, count), opts.device, max(count, 1)))
+            continue
+        cond = node.input[0]
+        if cond in weights:  # a constant condition the passes left (simplify off)
+            taken = [bool(numpy_helper.to_array(weights[cond]).reshape(-1)[0])] * len(captured)
+        else:
+            taken = [bool(np.asarray(c[cond]).reshape(-1)[0]) for c in captured]
+        for attr in BRANCHES:
+            branch = _graph(node, attr)
+            chosen = [c for c, t in zip(captured, taken) if t == (attr == "then_branch")]
+            where = f"If {node.name}: its {attr.removesuffix('_branch')} branch"
+            if not chosen and _computes(branch):
+                notes.append(f"{where} ({nodes_in(branch)} ops) is taken by no calibration sample and stays float")
+            if branch.node and chosen:
+                attempt(where, node, attr, lambda chosen=chosen: chosen)  # type: ignore[misc]
+    return Bodies(tuple(branches), tuple(notes))
+
+
+def _if_captures(model: ModelProto, ifs: list[NodeProto], samples, device: str) -> list[dict[str, np.ndarray]]:
+    """Per sample, the conditions of ``ifs`` and every name their branches read from the main
+    graph (its weights aside)."""
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    wanted = sorted({n.input[0] for n in ifs} - inits | ({c for n in ifs for c in subgraph_inputs(n)} - inits))
+    exposed = [n for n in wanted if n not in graph_inputs]
+    sess = make_session(model, exposed, device=device)
+    captured = []
+    for i, feed in enumerate(samples):
+        values = dict(zip(exposed, run_in_place(sess, exposed, feed, i)))
+        captured.append({n: np.array(feed[n] if n in graph_inputs else values[n]) for n in wanted})
+    return captured
+
+
+def _branch(model: ModelProto, opts: QuantOptions, node: NodeProto, attr: str, feeds: list[dict[str, np.ndarray]],
+            weights: dict[str, TensorProto], progress: Progress | None) -> Branch | str:
+    """The branch quantized on ``feeds``; else why not (empty: nothing in it to quantize)."""
     from edgequant.data.inputs import model_inputs
     from edgequant.pipeline import prepare
 
-    model, opts = state.model, state.options
-    ifs = [n for n in model.graph.node if _wanted(n)]
-    if not ifs or not opts.quantize_bodies:
-        return Bodies()
-    weights = {t.name: t for t in model.graph.initializer}
-    inits = set(weights)
-    graph_inputs = {i.name for i in model.graph.input}
-    wanted = sorted({n.input[0] for n in ifs} | ({c for n in ifs for c in subgraph_inputs(n)} - inits))
-    exposed = [n for n in wanted if n not in graph_inputs]
-    count = state.split.calibration
-    captured: list[dict[str, np.ndarray]] = []
-    sess = make_session(model, exposed, device=opts.device)
-    for i, feed in enumerate(state.samples(0, count)):
-        values = dict(zip(exposed, run_in_place(sess, exposed, feed, i)))
-        captured.append({n: np.array(feed[n] if n in graph_inputs else values[n]) for n in wanted})
-    branches, notes = [], []
-    for node in ifs:
-        taken = [bool(np.asarray(c[node.input[0]]).reshape(-1)[0]) for c in captured]
-        for attr in BRANCHES:
-            branch = next(a.g for a in node.attribute if a.name == attr)
-            feeds = [c for c, t in zip(captured, taken) if t == (attr == "then_branch")]
-            if not feeds and _computes(branch):
-                notes.append(f"If {node.name}: its {attr.removesuffix('_branch')} branch ({nodes_in(branch)} ops) is "
-                             "taken by no calibration sample and stays float")
-            if not branch.node or not feeds:
-                continue
-            sub = _branch_model(model, node, attr, feeds[0])
-            read = {t.name for t in sub.graph.initializer} - {t.name for t in branch.initializer}
-            interface = ModelProto()  # the branch's inputs and outputs (the passes edit ``sub`` in place)
-            interface.graph.input.extend(sub.graph.input)
-            interface.graph.output.extend(sub.graph.output)
-            names = [i.name for i in sub.graph.input]
-            feeds = [{n: f[n] for n in names} for f in feeds]
-            sub_opts = _options(opts)
-            prepared = prepare(sub, sub_opts, min_opset=opset_of(model))
-            if not _same_interface(prepared.model, interface, model) or not _plans_something(prepared):
-                continue
-            result = _quantized(prepared, Feeds(feeds, model_inputs(prepared.model)), progress)
-            if opset_of(result.model) != opset_of(model):
-                notes.append(f"If {node.name}: its {attr.removesuffix('_branch')} branch stays float (its repair needs "
-                             f"opset {opset_of(result.model)}, the model is at {opset_of(model)})")
-                continue
-            if result.summary.collapse is not None:
-                notes.append(f"If {node.name}: its {attr.removesuffix('_branch')} branch stays float (quantized, "
-                             f"it is broken: {result.summary.collapse.reason})")
-                continue
-            original = GraphProto()
-            original.CopyFrom(branch)
-            branches.append(Branch(node.name, attr, result, original, {n: weights[n] for n in read}, len(feeds)))
-    return Bodies(tuple(branches), tuple(notes))
+    branch = _graph(node, attr)
+    sub = _branch_model(model, node, attr, feeds[0])
+    read = {t.name for t in sub.graph.initializer} - {t.name for t in branch.initializer}
+    interface = ModelProto()  # the branch's inputs and outputs (the passes edit ``sub`` in place)
+    interface.graph.input.extend(sub.graph.input)
+    interface.graph.output.extend(sub.graph.output)
+    names = [i.name for i in sub.graph.input]
+    feeds = [{n: f[n] for n in names} for f in feeds]
+    prepared = prepare(sub, _options(opts), min_opset=opset_of(model))
+    if not _same_interface(prepared.model, interface, model):
+        return "the graph passes changed its inputs or outputs"
+    if not _plans_something(prepared):
+        return ""
+    result = _quantized(prepared, Feeds(feeds, model_inputs(prepared.model)), progress)
+    if opset_of(result.model) != opset_of(model):
+        return f"its repair needs opset {opset_of(result.model)}, the model is at {opset_of(model)}"
+    if result.summary.collapse is not None:
+        return f"quantized, it is broken: {result.summary.collapse.reason}"
+    original = GraphProto()
+    original.CopyFrom(branch)
+    return Branch(node.name, attr, result, original, {n: weights[n] for n in read}, len(feeds))
 
 
 def _quantized(prepared, feeds: Feeds, progress: Progress | None) -> QuantizeResult:
@@ -280,6 +370,7 @@ def _as_branch(qmodel: ModelProto, original: GraphProto, weights: dict[str, Tens
     g.CopyFrom(qmodel.graph)
     captured = {i.name for i in g.input}
     g.ClearField("input")
+    g.input.extend(original.input)  # a Loop body's iteration number, condition and carried values
     for vi in [v for v in g.value_info if v.name in captured]:
         g.value_info.remove(vi)
     kept = [t for t in g.initializer if t.name in weights and t.SerializeToString() == weights[t.name].SerializeToString()]

@@ -134,3 +134,56 @@ def test_parameter_files_say_they_leave_the_quantized_branches_out(tmp_path):
     assert not (tmp_path / "e.json").exists()
     flat = edgequant.quantize(_model(), _samples(40), repair=False, quantize_bodies=False)
     export_params(flat, "edgequant", tmp_path / "e.json")
+
+
+def _loop_model() -> onnx.ModelProto:
+    """A Loop whose trip count is computed from the data (floor(max(x)) + 3): h ← tanh(h·W + b) + x."""
+    rng = np.random.default_rng(2)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["mm"], name="mm"),
+         helper.make_node("Add", ["mm", "b"], ["ab"], name="bias"),
+         helper.make_node("Tanh", ["ab"], ["t"], name="tanh"),
+         helper.make_node("Add", ["t", "x"], ["hn"], name="carry"),
+         helper.make_node("Identity", ["hn"], ["hs"], name="scan"),
+         helper.make_node("Identity", ["c"], ["c_out"], name="keep")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("hs", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b")])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], name="max", keepdims=0),
+             helper.make_node("Floor", ["mx"], ["fl"], name="floor"),
+             helper.make_node("Add", ["fl", "three"], ["f3"], name="plus"),
+             helper.make_node("Cast", ["f3"], ["trips"], name="cast", to=TensorProto.INT64),
+             helper.make_node("Loop", ["trips", "yes", "x"], ["h_final", "h_all"], name="recur", body=body)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("h_final", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.array(3, np.float32), "three"),
+                               numpy_helper.from_array(np.array(True), "yes")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_loop_body_that_stays_is_quantized_on_its_iterations():
+    model = _loop_model()
+    rng = np.random.default_rng(3)
+    data = [rng.uniform(0, 2, (1, 8)).astype(np.float32) for _ in range(30)]
+    result = edgequant.quantize(model, data, repair=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
+    body = loop.attribute[0].g
+    ops = [n.op_type for n in body.node]
+    assert "QuantizeLinear" in ops and [i.name for i in body.input] == ["i", "c", "h"]
+    made = {o: n.op_type for n in body.node for o in n.output}
+    mm = next(n for n in body.node if n.op_type == "MatMul")
+    assert made[mm.input[0]] == "DequantizeLinear" and made[mm.input[1]] == "DequantizeLinear"
+    assert result.summary.quantized_ops["MatMul"] == 1
+    assert any(n.startswith("Loop recur: body quantized on 24 of its iterations") for n in result.summary.notes), \
+        result.summary.notes
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    qsess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for x in [rng.uniform(0, 2, (1, 8)).astype(np.float32) for _ in range(10)]:
+        a, b = sess.run(None, {"x": x})[0].ravel(), qsess.run(None, {"x": x})[0].ravel()
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
