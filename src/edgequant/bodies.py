@@ -33,6 +33,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
@@ -159,9 +160,10 @@ def _graph(node: NodeProto, attr: str) -> GraphProto:
     return next(a.g for a in node.attribute if a.name == attr)
 
 
-def _branch_model(model: ModelProto, node: NodeProto, attr: str, values: dict[str, np.ndarray]) -> ModelProto:
-    """The branch ``attr`` of ``node`` as a model: captured names as inputs (typed from
-    ``values``, one sample's), the main graph's weights it reads as initializers."""
+def _branch_model(model: ModelProto, node: NodeProto, attr: str, feeds: list[dict[str, np.ndarray]]) -> ModelProto:
+    """The branch ``attr`` of ``node`` as a model: its formal and captured names as inputs
+    (typed from ``feeds``: a dimension that differs between them is symbolic), the main
+    graph's weights it reads as initializers."""
     branch = _graph(node, attr)
     inits = {t.name: t for t in model.graph.initializer}
     captured = _captures(branch)
@@ -170,8 +172,10 @@ def _branch_model(model: ModelProto, node: NodeProto, attr: str, values: dict[st
                           value_info=list(branch.value_info))
     for name in [i.name for i in branch.input] + [n for n in captured if n not in inits]:
         if name not in inits:
-            v = values[name]
-            g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+            v = feeds[0][name]
+            dims = [d if all(f[name].shape[k] == d for f in feeds) else f"{name}_{k}"
+                    for k, d in enumerate(v.shape)] if all(f[name].ndim == v.ndim for f in feeds) else None
+            g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), dims))
     out = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     return out
 
@@ -255,7 +259,7 @@ def quantize_bodies(state, progress: Progress | None = None) -> Bodies:
     for node in nodes:
         if node.op_type == "Loop":
             attempt(f"Loop {node.name}: its body", node, "body",
-                    lambda node=node: _loop_feeds(model, node, state.samples(0, count), opts.device, max(count, 1)))
+                    partial(_loop_feeds, model, node, state.samples(0, count), opts.device, max(count, 1)))
             continue
         cond = node.input[0]
         if cond in weights:  # a constant condition the passes left (simplify off)
@@ -269,7 +273,7 @@ def quantize_bodies(state, progress: Progress | None = None) -> Bodies:
             if not chosen and _computes(branch):
                 notes.append(f"{where} ({nodes_in(branch)} ops) is taken by no calibration sample and stays float")
             if branch.node and chosen:
-                attempt(where, node, attr, lambda chosen=chosen: chosen)  # type: ignore[misc]
+                attempt(where, node, attr, partial(list, chosen))
     return Bodies(tuple(branches), tuple(notes))
 
 
@@ -295,7 +299,7 @@ def _branch(model: ModelProto, opts: QuantOptions, node: NodeProto, attr: str, f
     from edgequant.pipeline import prepare
 
     branch = _graph(node, attr)
-    sub = _branch_model(model, node, attr, feeds[0])
+    sub = _branch_model(model, node, attr, feeds)
     read = {t.name for t in sub.graph.initializer} - {t.name for t in branch.initializer}
     interface = ModelProto()  # the branch's inputs and outputs (the passes edit ``sub`` in place)
     interface.graph.input.extend(sub.graph.input)
