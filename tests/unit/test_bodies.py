@@ -187,3 +187,33 @@ def test_a_loop_body_that_stays_is_quantized_on_its_iterations():
     for x in [rng.uniform(0, 2, (1, 8)).astype(np.float32) for _ in range(10)]:
         a, b = sess.run(None, {"x": x})[0].ravel(), qsess.run(None, {"x": x})[0].ravel()
         assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
+
+
+def test_a_body_that_cannot_be_calibrated_stays_float_and_the_model_is_still_written():
+    """Carried values that grow each iteration cannot be stacked as scan outputs: that body
+    stays float, with a note, and the rest of the model is quantized as before."""
+    body = helper.make_graph(
+        [helper.make_node("Concat", ["h", "x"], ["hn"], name="grow", axis=1),
+         helper.make_node("Identity", ["c"], ["c_out"], name="keep")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, None])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, None])])
+    w = numpy_helper.from_array(np.random.default_rng(4).normal(0, 0.3, (8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"], name="mm"),
+             helper.make_node("ReduceMax", ["x"], ["mx"], name="max", keepdims=0),
+             helper.make_node("Floor", ["mx"], ["fl"], name="floor"),
+             helper.make_node("Add", ["fl", "three"], ["f3"], name="plus"),
+             helper.make_node("Cast", ["f3"], ["trips"], name="cast", to=TensorProto.INT64),
+             helper.make_node("Loop", ["trips", "yes", "xw"], ["h_final"], name="recur", body=body)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("h_final", TensorProto.FLOAT, [1, None])],
+                              [w, numpy_helper.from_array(np.array(3, np.float32), "three"),
+                               numpy_helper.from_array(np.array(True), "yes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(5)
+    result = edgequant.quantize(model, [rng.uniform(0, 2, (1, 8)).astype(np.float32) for _ in range(20)], repair=False)
+    assert any(n.startswith("Loop recur: its body stays float (") for n in result.summary.notes), result.summary.notes
+    assert result.summary.quantized_ops["MatMul"] == 1
+    onnx.checker.check_model(result.model, full_check=True)
