@@ -1,5 +1,5 @@
-"""Quantization inside the ``If`` and ``Loop`` bodies that stay: those whose condition or
-trip count depends on data.
+"""Quantization inside the ``If``, ``Loop`` and ``Scan`` bodies that stay: those whose
+condition or trip count depends on data (a Scan's iterations follow its input's length).
 
 Specialization folds the ``If``s a deployment's fixed shapes decide and unrolls the
 ``Loop``s whose trip count folds (``passes.specialize``). What is left holds its compute in
@@ -7,14 +7,14 @@ bodies, where the main graph's plan does not reach. Each body that holds somethi
 quantize becomes a model of its own:
 
 * its inputs are a ``Loop`` body's formal inputs (iteration number, condition, carried
-  values) and the names it captures from the main graph; the main graph's weights it reads
-  are its initializers;
+  values), a ``Scan`` body's (states and input slices), and the names it captures from the
+  main graph; the main graph's weights it reads are its initializers;
 * it is calibrated on the values those inputs take: for an ``If`` branch, on the calibration
-  samples that take the branch (the condition observed alongside); for a ``Loop`` body, on
-  its iterations over the calibration samples (exposed for that run as extra scan outputs),
-  at most as many as there are calibration samples, evenly spaced;
+  samples that take the branch (the condition observed alongside); for a ``Loop`` or
+  ``Scan`` body, on its iterations over the calibration samples (exposed for that run as
+  extra scan outputs), at most as many as there are calibration samples, evenly spaced;
 * it is quantized as ``quantize`` quantizes a model, with the run's options: checked on its
-  own held-out samples, repaired where its guard fires, its own ``If``s and ``Loop``s
+  own held-out samples, repaired where its guard fires, the control flow inside it
   recursively;
 * its QDQ graph goes back in place of the body in every model the state assembles. The
   names it adds are prefixed with the node's name and the branch (``If_0/then/…``,
@@ -22,9 +22,9 @@ quantize becomes a model of its own:
   graph when nothing else reads it.
 
 A branch no calibration sample takes stays float, and the summary says so, as it does for a
-body that cannot be quantized (the model is written all the same). ``Scan`` bodies stay
-float. Recovery algorithms, overrides and the mixed-precision search act on the main graph;
-the parameter files describe the main graph's tensors (``export.export_params``).
+body that cannot be quantized (the model is written all the same). Recovery algorithms,
+overrides and the mixed-precision search act on the main graph; the parameter files
+describe the main graph's tensors (``export.export_params``).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class Branch:
     original: GraphProto  # the branch as it was (its names, for the splice)
     weights: dict[str, TensorProto]  # the main graph's weights it reads, as they are there
     samples: int
+    kind: str = "If"  # the node's op type
     _graph: GraphProto | None = field(default=None, repr=False)
 
     @property
@@ -126,14 +127,14 @@ def body_lines(found: Bodies) -> list[str]:
     for b in found.branches:
         s = b.result.summary
         ops = f"({sum(s.quantized_ops.values())} ops quantized, {sum(s.float_ops.values())} float)"
-        line = (f"Loop {b.node}: body quantized on {b.samples} of its iterations on the calibration samples {ops}"
+        line = (f"{b.kind} {b.node}: body quantized on {b.samples} of its iterations on the calibration samples {ops}"
                 if b.attr == "body" else
                 f"If {b.node}: {b.attr.removesuffix('_branch')} branch quantized on the {b.samples} calibration "
                 f"samples that take it {ops}")
         if s.repair:
             line += f"; its guard fired and the repair {s.repair[-1].replace('kept: ', 'kept ')}"
         lines.append(line)
-        lines += [f"{b.prefix.rstrip('/')}: {n}" for n in s.notes if n.startswith(("If ", "Loop "))]
+        lines += [f"{b.prefix.rstrip('/')}: {n}" for n in s.notes if n.startswith(("If ", "Loop ", "Scan "))]
     return lines
 
 
@@ -152,7 +153,7 @@ def _computes(graph: GraphProto) -> bool:
 
 
 def _wanted(node: NodeProto) -> bool:
-    return node.op_type in ("If", "Loop") and node.domain in ("", "ai.onnx") and \
+    return node.op_type in ("If", "Loop", "Scan") and node.domain in ("", "ai.onnx") and \
         any(len(g.node) for g in direct_bodies(node))
 
 
@@ -187,19 +188,25 @@ def _captures(graph: GraphProto) -> list[str]:
 
 
 def _loop_feeds(model: ModelProto, loop: NodeProto, samples, device: str, limit: int) -> list[dict[str, np.ndarray]]:
-    """The inputs a ``Loop``'s body gets, iteration by iteration, on ``samples``: its
-    iteration number, condition and carried values (exposed as extra scan outputs of the
-    loop, for this run only) and the names it captures. At most ``limit`` iterations, evenly
-    spaced over all of them."""
+    """The inputs a ``Loop``'s or ``Scan``'s body gets, iteration by iteration, on ``samples``:
+    a Loop's iteration number, condition and carried values, a Scan's states and input slices
+    (exposed as extra scan outputs, stacked on axis 0, for this run only), and the names it
+    captures. At most ``limit`` iterations, evenly spaced over all of them."""
     body = _graph(loop, "body")
     saved_body, saved_outputs = GraphProto(), list(loop.output)
     saved_body.CopyFrom(body)
+    saved_attrs = [type(a)() for a in loop.attribute]
+    for kept, a in zip(saved_attrs, loop.attribute):
+        kept.CopyFrom(a)
     formal = [i.name for i in body.input]
     seen = [f"{loop.name}::seen::{k}" for k in range(len(formal))]
     for name, out, vi in zip(formal, seen, body.input):
         body.node.append(helper.make_node("Identity", [name], [out], name=out))
         body.output.append(helper.make_tensor_value_info(out, vi.type.tensor_type.elem_type, None))
     loop.output.extend(seen)
+    for a in loop.attribute:  # a Scan's per-output axes and directions cover the new outputs too
+        if a.name in ("scan_output_axes", "scan_output_directions"):
+            a.ints.extend([0] * len(seen))
     inits = {t.name for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
     captured = [n for n in _captures(saved_body) if n not in inits]
@@ -216,6 +223,8 @@ def _loop_feeds(model: ModelProto, loop: NodeProto, samples, device: str, limit:
         body.CopyFrom(saved_body)
         del loop.output[:]
         loop.output.extend(saved_outputs)
+        del loop.attribute[:]
+        loop.attribute.extend(saved_attrs)
     if len(feeds) > limit:
         feeds = [feeds[int(k)] for k in np.linspace(0, len(feeds) - 1, limit)]
     return feeds
@@ -257,8 +266,8 @@ def quantize_bodies(state, progress: Progress | None = None) -> Bodies:
             notes.append(f"{where} stays float ({found})")
 
     for node in nodes:
-        if node.op_type == "Loop":
-            attempt(f"Loop {node.name}: its body", node, "body",
+        if node.op_type in ("Loop", "Scan"):
+            attempt(f"{node.op_type} {node.name}: its body", node, "body",
                     partial(_loop_feeds, model, node, state.samples(0, count), opts.device, max(count, 1)))
             continue
         cond = node.input[0]
@@ -318,7 +327,7 @@ def _branch(model: ModelProto, opts: QuantOptions, node: NodeProto, attr: str, f
         return f"quantized, it is broken: {result.summary.collapse.reason}"
     original = GraphProto()
     original.CopyFrom(branch)
-    return Branch(node.name, attr, result, original, {n: weights[n] for n in read}, len(feeds))
+    return Branch(node.name, attr, result, original, {n: weights[n] for n in read}, len(feeds), node.op_type)
 
 
 def _quantized(prepared, feeds: Feeds, progress: Progress | None) -> QuantizeResult:

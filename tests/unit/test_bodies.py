@@ -217,3 +217,42 @@ def test_a_body_that_cannot_be_calibrated_stays_float_and_the_model_is_still_wri
     assert any(n.startswith("Loop recur: its body stays float (") for n in result.summary.notes), result.summary.notes
     assert result.summary.quantized_ops["MatMul"] == 1
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_a_scan_body_is_quantized_on_its_steps():
+    """A Scan over a sequence of any length (an RNN cell as a body): h ← tanh(x_t·W + h·U)."""
+    rng = np.random.default_rng(6)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "wx"], ["a"], name="in_proj"),
+         helper.make_node("MatMul", ["h", "wh"], ["b"], name="rec_proj"),
+         helper.make_node("Add", ["a", "b"], ["s"], name="sum"),
+         helper.make_node("Tanh", ["s"], ["hn"], name="cell"),
+         helper.make_node("Identity", ["hn"], ["yt"], name="emit")],
+        "cell", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 8]),
+                 helper.make_tensor_value_info("xt", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("yt", TensorProto.FLOAT, [1, 8])])
+    nodes = [helper.make_node("Scan", ["h0", "x"], ["h_last", "ys"], name="rnn", body=body, num_scan_inputs=1,
+                              scan_input_axes=[1], scan_output_axes=[0])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 4]),
+                                           helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("ys", TensorProto.FLOAT, ["T", 1, 8])],
+                              [numpy_helper.from_array(rng.normal(0, 0.5, (4, 8)).astype(np.float32), "wx"),
+                               numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), "wh")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": rng.normal(0, 1, (1, int(rng.integers(3, 9)), 4)).astype(np.float32),
+              "h0": np.zeros((1, 8), np.float32)} for _ in range(30)]
+    result = edgequant.quantize(model, feeds, repair=False, specialize=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    scan = next(n for n in result.model.graph.node if n.op_type == "Scan")
+    assert [a.ints for a in scan.attribute if a.name == "scan_output_axes"] == [[0]]
+    body_ops = [n.op_type for a in scan.attribute if a.name == "body" for n in a.g.node]
+    assert body_ops.count("QuantizeLinear") >= 3 and body_ops.count("MatMul") == 2
+    assert result.summary.quantized_ops["MatMul"] == 2
+    assert any(n.startswith("Scan rnn: body quantized on 24 of its iterations") for n in result.summary.notes), \
+        result.summary.notes
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    qsess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for f in feeds[:5]:
+        a, b = sess.run(None, f)[0].ravel(), qsess.run(None, f)[0].ravel()
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99  # 8-bit steps compound over the steps

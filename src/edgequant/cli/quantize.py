@@ -127,7 +127,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Fix an input's shape, e.g. input=1x512: shape-derived values fold to constants and If/Loop tests on them fold away; a PyTorch MODEL (.pt TorchScript, .pt2) is exported at these shapes, its inputs named after them. Repeatable.")
 @click.option("--fix-input", "fixed_inputs", multiple=True, metavar="NAME=VALUE", help="Pin an input to a value, e.g. sr=16000: the graph is specialized to it (the input stays, unused). Repeatable.")
 @click.option("--no-specialize", is_flag=True, help="Keep control flow as it is [default: a model with If/Loop/Scan is specialized at the shapes, and constant integer scalars, of its calibration data].")
-@click.option("--float-bodies", is_flag=True, help="Leave the If branches and Loop bodies that stay float [default: each is quantized as a model of its own, on the calibration samples that take it or on its iterations].")
+@click.option("--float-bodies", is_flag=True, help="Leave the If branches and Loop/Scan bodies that stay float [default: each is quantized as a model of its own, on the calibration samples that take it or on its iterations].")
 @click.option("--cle", is_flag=True, default=None, help="Cross-layer equalization of consecutive Conv/Gemm pairs before calibration (ReLU6 between them becomes Relu).")
 @click.option("--bias-correction", type=click.Choice(["empirical", "fast"]), is_flag=False, flag_value="empirical", help="Remove each layer's mean output error from its bias: empirical (measured layer by layer) or fast (weight rounding on input means) [flag alone: empirical].")
 @click.option("--adaround", is_flag=True, default=None, help="Learn each weight's rounding layer by layer (AdaRound; needs pip install 'edgequant[torch]').")
@@ -148,7 +148,7 @@ def quantize(**flags: Any) -> None:
     of MACs; the summary says what changed
     (--no-repair writes the plain result). A model with If/Loop is first specialized at its
     calibration data's shapes, and the Ifs those decide are folded away (--no-specialize
-    keeps them); the If branches and Loop bodies that stay are quantized too (--float-bodies keeps
+    keeps them); the If branches and Loop/Scan bodies that stay are quantized too (--float-bodies keeps
     them float).
     """
     from edgequant.api import quantize as run

@@ -104,8 +104,8 @@ class QuantizationParameters(_Strict):
                          "before writing (recovery algorithms or minmax ranges, then mixed precision); false writes the plain result")
     protect_statistics: bool = Field(False, description="edgequant: keep the statistics of decomposed normalisations "
                                      "in the target's repair fallback (float on generic, int16 on NPUs) from the start")
-    quantize_bodies: bool = Field(True, description="edgequant: quantize inside the If branches that stay, each as a "
-                                  "model of its own on the samples that take it; false leaves them float (--float-bodies)")
+    quantize_bodies: bool = Field(True, description="edgequant: quantize inside the If branches and Loop/Scan bodies "
+                                  "that stay, each as a model of its own; false leaves them float (--float-bodies)")
     max_percentile: float = 0.9999
     custom_setting: list[CustomSetting] | None = None
     truncate_var_names: list[str] | None = None

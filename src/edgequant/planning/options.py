@@ -162,8 +162,8 @@ class QuantOptions:
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     fixed_inputs: tuple[tuple[str, float], ...] = ()
     specialize: bool = True
-    # the If bodies that stay (data-dependent conditions) quantized too, each branch as a model
-    # of its own calibrated on the samples that take it (edgequant.bodies)
+    # the If branches and Loop/Scan bodies that stay quantized too, each as a model of its own
+    # calibrated on the samples that take it or on its iterations (edgequant.bodies)
     quantize_bodies: bool = True
     scheme: Scheme = DEFAULT_SCHEME
     target: str = "generic"
