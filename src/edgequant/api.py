@@ -22,7 +22,13 @@ from edgequant.data.open import open_calibration
 from edgequant.errors import ConfigError, TensorNameError, closest_names
 from edgequant.ir.model import load_model
 from edgequant.pipeline import calibrate as calibrate_prepared
-from edgequant.pipeline import check_onnx, finish, prepare, protect_statistics, specialization
+from edgequant.pipeline import (
+    check_onnx,
+    finish_repaired,
+    prepare,
+    protect_statistics,
+    specialization,
+)
 from edgequant.planning.options import QuantOptions, parse_options
 from edgequant.result import OutputFidelity, QuantizeResult, Summary
 
@@ -127,15 +133,10 @@ def quantize(model: ModelArg, calibration=None, *, config: ConfigArg = None, opt
                        options, changes, cfg)
     state = calibrate(model, calibration, config=cfg, options=options, input_settings=input_settings,
                       progress=progress, transform_fn=transform_fn, **changes)
-    result = finish(state, progress=progress, rank=not state.options.repair)
-    if result.summary.collapse is None or not state.options.repair:
-        return result
-    from edgequant.mixed.repair import repair
-
     def recalibrate(opts: QuantOptions, min_opset: int) -> CalibratedModel:
         return calibrate(model, state.source, config=cfg, options=opts, input_settings=input_settings,
                          progress=progress, min_opset=min_opset)
-    return repair(state, result, recalibrate, progress, exports)
+    return finish_repaired(state, recalibrate, progress, exports)
 
 
 def _match_settings(specs: list[InputSpec], cfg: ResolvedConfig | None,

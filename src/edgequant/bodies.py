@@ -333,21 +333,16 @@ def _branch(model: ModelProto, opts: QuantOptions, node: NodeProto, attr: str, f
 def _quantized(prepared, feeds: Feeds, progress: Progress | None) -> QuantizeResult:
     """The branch quantized as ``quantize`` does a model: checked on its held-out samples, and
     repaired where its guard fires (``mixed.repair``), recalibrating on the same feeds."""
-    from edgequant.mixed.repair import repair
-    from edgequant.pipeline import calibrate, finish, prepare
+    from edgequant.pipeline import calibrate, finish_repaired, prepare
 
     kept = ModelProto()
     kept.CopyFrom(prepared.model)
-    state = calibrate(prepared, feeds, progress)
-    result = finish(state, progress=progress, rank=not state.options.repair)
-    if result.summary.collapse is None or not state.options.repair:
-        return result
 
     def recalibrate(opts: QuantOptions, min_opset: int):
         model = ModelProto()
         model.CopyFrom(kept)
         return calibrate(prepare(model, opts, min_opset), feeds, progress)
-    return repair(state, result, recalibrate, progress)
+    return finish_repaired(calibrate(prepared, feeds, progress), recalibrate, progress)
 
 
 def _same_interface(prepared: ModelProto, sub: ModelProto, main: ModelProto) -> bool:

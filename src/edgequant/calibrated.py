@@ -106,7 +106,7 @@ class CalibratedModel:
     edits: Edits = NO_EDITS  # weights and biases chosen by accuracy recovery (``algorithms``)
     recovery: tuple = ()  # what each recovery algorithm did (``algorithms.stage.StepReport``)
     reference_model: ModelProto | None = None  # the float model before recovery changed its semantics (ReLU6 → Relu)
-    bodies: Bodies = Bodies()  # the quantized branches of the If nodes that stay (edgequant.bodies)
+    bodies: Bodies = Bodies()  # the quantized If branches and Loop/Scan bodies that stay (edgequant.bodies)
     _references: dict[tuple[int, int], list[Sample]] = field(default_factory=dict, repr=False)
     _shapes: dict[str, np.ndarray] | None = field(default=None, repr=False)
 

@@ -247,3 +247,16 @@ def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Prog
                         reason, ", ".join(summary.collapse.layers))
     summary.total_seconds = time.perf_counter() - state.started
     return result
+
+
+def finish_repaired(state: CalibratedModel, recalibrate, progress: Progress | None = None,
+                    exports: tuple[str, ...] = ()) -> QuantizeResult:
+    """``finish``, then, where the guard finds the result broken and ``options.repair`` is on,
+    the default repair (``mixed.repair``; ``recalibrate(options, min_opset)`` calibrates the
+    same model and samples again)."""
+    result = finish(state, progress=progress, rank=not state.options.repair)
+    if result.summary.collapse is None or not state.options.repair:
+        return result
+    from edgequant.mixed.repair import repair
+
+    return repair(state, result, recalibrate, progress, exports)
