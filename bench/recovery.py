@@ -60,7 +60,7 @@ GROUPS: tuple[Group, ...] = (
     Group("int8-t", "default int8, bias correction (transformers: MatMul + Add layers)", "percentile", {},
           ({}, BC, {"bias_correction": "fast"}), transformers=True),
     Group("w4a8-t", "W4A8, per-channel weights (transformers)", "percentile", {"weight_dtype": "int4"},
-          ({}, {"gptq": True}, BC, {"gptq": True, **BC}), transformers=True),
+          ({}, {"gptq": True}, BC, {"gptq": True, **BC}, {"adaround": True}, {"finetune_level": 2}), transformers=True),
     Group("sq-pt", "int8 with per-tensor MatMul/Gemm weights (as TPU-MLIR and Acuity), SmoothQuant", "percentile",
           {"per_channel_ops": ["Conv", "ConvTranspose"]},
           ({}, {"smoothquant": 0.5}, {"smoothquant": 0.75}, {"smoothquant": "auto"}), transformers=True),
