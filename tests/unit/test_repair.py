@@ -255,6 +255,14 @@ def test_at_equal_decisions_the_all_eight_bit_result_wins_where_its_cosine_clear
     assert better(mixed, result(0.972, 9 / 12, 100), 0.9)  # more decisions kept: whatever the cost
     broken = result(0.85, 1.0, 100, seq=False)  # decisions kept, cosine below the floor: the fix wins
     assert better(result(0.99, 1.0, 90, seq=False), broken, 0.9) and not better(broken, result(0.99, 1.0, 90), 0.9)
+    # a result the guard passes beats a broken one whatever its decisions: one flipped score
+    # (too few for the guard) at cosine 0.988 against every score kept at cosine 0.791
+    flipped = SimpleNamespace(summary=SimpleNamespace(eight_bit_macs=(90, 100), fidelity=[
+        OutputFidelity("landmarks", 0.988, 15.0), OutputFidelity("score", 0.996, 20.0, flips=0.053, flipped=1)]))
+    kept = SimpleNamespace(summary=SimpleNamespace(eight_bit_macs=(100, 100), fidelity=[
+        OutputFidelity("landmarks", 0.791, 2.5), OutputFidelity("score", 0.996, 20.0, flips=0.0, flipped=0)]))
+    assert better(flipped, kept, 0.9) and not better(kept, flipped, 0.9)
+    assert not better(flipped, kept, 0.7)  # both pass a floor of 0.7: the decisions decide again
     plain = SimpleNamespace(summary=SimpleNamespace(fidelity=[OutputFidelity("y", 0.8, 5.0)], eight_bit_macs=(100, 100)))
     assert better(SimpleNamespace(summary=SimpleNamespace(fidelity=[OutputFidelity("y", 0.95, 9.0)],
                                                           eight_bit_macs=(90, 100))), plain, 0.9)  # no decisions: cosine

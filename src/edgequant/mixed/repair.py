@@ -70,7 +70,17 @@ def better(candidate: QuantizeResult, best: QuantizeResult, cosine_floor: float)
     worst cosine clears the guard's floor: the decisions are the task, and it is the model the
     target runs fastest (PP-OCRv4, 12 held-out lines: minmax and mixed precision each decode 10
     as float does; minmax reads 0.987 of the test lines at plain int8's latency, mixed
-    precision 0.983, 1.3× slower). Otherwise the cosine decides."""
+    precision 0.983, 1.3× slower). Otherwise the cosine decides.
+
+    Before all that, a result the guard passes beats one it finds broken: on MediaPipe's hand
+    landmarks the mixed-precision result (worst cosine 0.988, one confident score flipped:
+    1 − F1 0.053, where the guard counts from 3 flips) lost on decisions to the plain one,
+    which keeps every score at cosine 0.791, and the broken model was written."""
+    from edgequant.mixed.guard import judge
+
+    passes = not judge(candidate.summary.fidelity, cosine_floor)
+    if passes != (not judge(best.summary.fidelity, cosine_floor)):
+        return passes
     hc, hb = health(candidate.summary.fidelity), health(best.summary.fidelity)
     decides = any(f.decisions is not None or f.flips is not None for f in candidate.summary.fidelity)
     sc, sb = _eight_bit_share(candidate), _eight_bit_share(best)
