@@ -35,7 +35,7 @@ from edgequant.passes.pipeline import PassResult, prepare_model
 from edgequant.passes.specialize import Specialize, has_control_flow
 from edgequant.planning.options import QuantOptions
 from edgequant.planning.overrides import Override, parse_precision, statistics_path
-from edgequant.planning.plan import QuantPlan, build_plan, name_nodes
+from edgequant.planning.plan import QuantPlan, build_plan, name_nodes, narrow_note
 from edgequant.planning.selectors import Statistics
 from edgequant.result import QuantizeResult, Summary
 from edgequant.runtime.executor import executor_for
@@ -231,7 +231,7 @@ def finish(state: CalibratedModel, plan: QuantPlan | None = None, progress: Prog
                       state.split.calibration, count, state.split.held_out == 0, state.calibration_seconds, 0.0,
                       (state.prepared.from_opset, opset_of(qmodel)), state.prepared.passes, fidelity,
                       list(state.prepared.notes) + few_samples(state.split.calibration) + list(state.bodies.notes)
-                      + body_lines(state.bodies), dict(plan.precision),
+                      + body_lines(state.bodies) + narrow_note(plan, opts.float_narrow_convs), dict(plan.precision),
                       recovery=list(state.recovery))
     summary.eight_bit_macs = eight_bit_macs(state.model, qmodel, state.tensor_shapes())
     if state.bodies.branches:  # the compute inside the quantized If branches

@@ -7,10 +7,11 @@ import pytest
 from onnx import numpy_helper
 
 import edgequant
+from edgequant.config.schema import load_config
 from edgequant.errors import ConfigError
 from edgequant.quant.dtypes import QuantDType
 from edgequant.quant.params import Scheme, compute_params, quantize_array
-from edgequant.targets import PROFILES, check_model, get_target
+from edgequant.targets import PROFILES, TARGET_FIELDS, check_model, get_target
 from tests.unit.test_quantize_graphs import calib, cnn
 
 
@@ -211,3 +212,76 @@ def test_espdl_aligns_add_inputs_to_the_output_and_hands_softmax_over_in_float(r
         assert check_model(r.model, get_target(target)) == []
     host = edgequant.quantize(m, data, target="generic-s8s8", collapse_cosine=0).plan.activations
     assert host["c"].root == "c" and "p" not in host
+
+
+STEM = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 3, H, W] x) => (float[1, 16, H, W] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+    r1 = Relu (c1)
+    d1 = Conv <pads = [1, 1, 1, 1], group = 16> (r1, WD, BD)
+    r2 = Relu (d1)
+    y = Conv (r2, W2, B2)
+}
+"""
+
+
+def _stem(rng, size):
+    from tests.unit.test_quantize_graphs import with_weights
+
+    text = STEM.replace("H, W", f"{size}, {size}") if size else STEM
+    return with_weights(text, rng, W1=(16, 3, 3, 3), B1=(16,), WD=(16, 1, 3, 3), BD=(16,), W2=(16, 16, 1, 1), B2=(16,))
+
+
+def _float_convs(model) -> list[str]:
+    """Conv nodes whose weight is a float initializer (not read through DequantizeLinear)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits
+            and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+
+
+def test_generic_leaves_a_large_narrow_stem_float_where_onnxruntime_runs_it_faster(rng):
+    from edgequant.planning.plan import NARROW_CONV_MACS
+
+    model = _stem(rng, 64)  # the 3 → 16 stem: 64·64·16·27 = 1.77 M MACs
+    assert 64 * 64 * 16 * 27 >= NARROW_CONV_MACS
+    data = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(8)]
+    r = edgequant.quantize(model, data, num_samples=6, eval_samples=2)
+    stem = r.model.graph.node[[n.op_type for n in r.model.graph.node].index("Conv")]
+    assert _float_convs(r.model) == [stem.name]  # the depthwise and the 16-channel 1×1 Convs stay int8
+    assert stem.input[0] == "x"  # the float input straight in, no Q/DQ before it
+    assert r.plan.precision == {stem.name: "float"}
+    assert any("1 Conv reading fewer than 8 input channels stays float" in n and "--quantize-narrow-convs" in n
+               for n in r.summary.notes)
+    eight, total = r.summary.eight_bit_macs
+    assert total - eight == 64 * 64 * 16 * 27
+    # the switch, the NPU targets and the config key quantize it
+    assert _float_convs(edgequant.quantize(model, data, num_samples=6, eval_samples=2, float_narrow_convs=0).model) == []
+    assert _float_convs(edgequant.quantize(model, data, num_samples=6, eval_samples=2, target="neuropilot").model) == []
+    cfg = {"model_parameters": {"onnx_model": "m.onnx"}, "quantization_parameters": {"float_narrow_convs": 0}}
+    assert load_config(cfg).options.float_narrow_convs == 0
+    with pytest.raises(ConfigError, match="float_narrow_convs must be ≥ 0"):
+        edgequant.quantize(model, data, float_narrow_convs=-1)
+
+
+def test_a_small_narrow_conv_stays_int8_and_an_unknown_size_counts_as_large(rng):
+    data = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(8)]
+    small = edgequant.quantize(_stem(rng, 8), data, num_samples=6, eval_samples=2)  # 27 648 MACs
+    assert _float_convs(small.model) == []
+    assert not any("input channels" in n for n in small.summary.notes)
+    from edgequant.planning.plan import narrow_convs
+
+    assert narrow_convs(_stem(rng, 0), 8) == [_stem(rng, 0).graph.node[0].name]  # H, W symbolic
+
+
+def test_a_config_target_brings_the_whole_profile_as_the_option_does():
+    cfg = {"model_parameters": {"onnx_model": "m.onnx"}, "quantization_parameters": {"target": "espdl"}}
+    got = load_config(cfg).options
+    from edgequant.planning.options import parse_options
+
+    want = parse_options(None, {"target": "espdl"})
+    for field in TARGET_FIELDS:
+        assert getattr(got, field) == getattr(want, field), field
+    assert got.fusions == ("relu", "pad", "bias") and got.quantize_outputs and got.float_narrow_convs == 0
+    explicit = load_config({**cfg, "quantization_parameters": {"target": "espdl-s3", "per_channel": True}}).options
+    assert explicit.per_channel and explicit.scheme.power_of_two

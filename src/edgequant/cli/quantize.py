@@ -127,6 +127,7 @@ def check_side_outputs(exports: list[tuple[str, Path]], report_dir: Path | None,
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Fix an input's shape, e.g. input=1x512: shape-derived values fold to constants and If/Loop tests on them fold away; a PyTorch MODEL (.pt TorchScript, .pt2) is exported at these shapes, its inputs named after them. Repeatable.")
 @click.option("--fix-input", "fixed_inputs", multiple=True, metavar="NAME=VALUE", help="Pin an input to a value, e.g. sr=16000: the graph is specialized to it (the input stays, unused). Repeatable.")
 @click.option("--no-specialize", is_flag=True, help="Keep control flow as it is [default: a model with If/Loop/Scan is specialized at the shapes, and constant integer scalars, of its calibration data].")
+@click.option("--quantize-narrow-convs", is_flag=True, help="Quantize the Convs that read fewer than 8 input channels (an image stem) too [default on the generic target: they stay float, as onnxruntime runs them faster in float than in int8].")
 @click.option("--float-bodies", is_flag=True, help="Leave the If branches and Loop/Scan bodies that stay float [default: each is quantized as a model of its own, on the calibration samples that take it or on its iterations].")
 @click.option("--cle", is_flag=True, default=None, help="Cross-layer equalization of consecutive Conv/Gemm pairs before calibration (ReLU6 between them becomes Relu).")
 @click.option("--bias-correction", type=click.Choice(["empirical", "fast"]), is_flag=False, flag_value="empirical", help="Remove each layer's mean output error from its bias: empirical (measured layer by layer) or fast (weight rounding on input means) [flag alone: empirical].")
@@ -240,6 +241,8 @@ def option_changes(f: dict[str, Any], cfg, imports) -> dict[str, Any]:
         changes["specialize"] = False
     if f["float_bodies"]:
         changes["quantize_bodies"] = False
+    if f["quantize_narrow_convs"]:
+        changes["float_narrow_convs"] = 0
     if f["input_shapes"]:
         changes["input_shapes"] = list(f["input_shapes"])
     if f["fixed_inputs"]:

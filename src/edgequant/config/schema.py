@@ -106,6 +106,9 @@ class QuantizationParameters(_Strict):
                                      "in the target's repair fallback (float on generic, int16 on NPUs) from the start")
     quantize_bodies: bool = Field(True, description="edgequant: quantize inside the If branches and Loop/Scan bodies "
                                   "that stay, each as a model of its own; false leaves them float (--float-bodies)")
+    float_narrow_convs: int | None = Field(None, description="edgequant: Convs (group 1) reading fewer input channels "
+                                           "than this stay float (the generic target: 8, as onnxruntime runs them faster "
+                                           "in float); 0 quantizes every Conv (--quantize-narrow-convs)")
     max_percentile: float = 0.9999
     custom_setting: list[CustomSetting] | None = None
     truncate_var_names: list[str] | None = None
@@ -243,10 +246,6 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
     numeric: dict[str, Any] = {"activation_dtype": QuantDType.parse(q.activation_dtype), "weight_dtype": QuantDType.parse(q.weight_dtype),
                "activation_symmetric": q.activation_symmetric, "weight_symmetric": q.weight_symmetric,
                "per_channel": q.per_channel}
-    if q.target:  # the profile decides what the file does not set explicitly
-        profile = apply_target(QuantOptions(), q.target)
-        numeric = {k: v if k in q.model_fields_set else getattr(profile, k) for k, v in numeric.items()}
-        numeric |= {"scheme": profile.scheme, "target": profile.target}
     options = QuantOptions(
         method=Method.parse(c.calibration_type),
         percentile=pct,
@@ -261,7 +260,15 @@ def load_config(source: str | os.PathLike | dict) -> ResolvedConfig:
         repair=q.repair,
         protect_statistics=q.protect_statistics,
         quantize_bodies=q.quantize_bodies,
+        float_narrow_convs=q.float_narrow_convs if q.float_narrow_convs is not None else QuantOptions.float_narrow_convs,
     )
+    if q.target:  # the profile decides what the file does not set explicitly
+        explicit = {k for k in numeric if k in q.model_fields_set}
+        if q.weights_quantization_clipping_ratio is not None:
+            explicit.add("weight_clipping_ratio")
+        if q.float_narrow_convs is not None:
+            explicit.add("float_narrow_convs")
+        options = apply_target(options, q.target, frozenset(explicit))
     inputs = c.input_parametres or []
     settings = tuple(_settings(p, base) for p in inputs)
     return ResolvedConfig(model_path, output, options, tuple(p.input_name for p in inputs),

@@ -192,6 +192,9 @@ class QuantOptions:
     tied_inputs: tuple[str, ...] = ()
     # op types whose output the target hands over in float (ESP-DL's Softmax)
     float_output_ops: tuple[str, ...] = ()
+    # Convs (group 1) reading fewer input channels than this stay float, as onnxruntime runs
+    # them faster (planning.plan.narrow_convs); 0 quantizes them; set by the profile (generic: 8)
+    float_narrow_convs: int = 8
     recovery: Recovery = Recovery()
 
     def __post_init__(self) -> None:
@@ -213,6 +216,9 @@ class QuantOptions:
             raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
         if self.weight_clipping_ratio is not None and not 0.0 < self.weight_clipping_ratio <= 1.0:
             raise ConfigError(f"weight clipping ratio must be in (0, 1] (e.g. 0.9), got {self.weight_clipping_ratio}")
+        if self.float_narrow_convs < 0:
+            raise ConfigError(f"float_narrow_convs must be ≥ 0 (input channels; 0 quantizes every Conv), "
+                              f"got {self.float_narrow_convs}")
         if self.ray_address is not None and self.workers != 1:
             raise ConfigError("give --workers or --ray, not both (a Ray cluster has its own workers)")
 
@@ -327,7 +333,7 @@ def _parse(key: str, value: object) -> object:
 _SIMPLE: dict[str, type] = {
     "percentile": float, "collapse_cosine": float, "repair": bool, "protect_statistics": bool, "specialize": bool, "quantize_bodies": bool, "quantize_constants": bool, "quantize_all_ops": bool, "unsigned_nonnegative": bool, "weight_clipping_ratio": float, "activation_symmetric": bool, "weight_symmetric": bool,
     "per_channel": bool, "quantize_outputs": bool, "simplify": bool, "batch_size": int, "num_samples": int,
-    "eval_samples": int, "workers": int, "device": str, "ray_address": str,
+    "eval_samples": int, "workers": int, "device": str, "ray_address": str, "float_narrow_convs": int,
 }
 
 

@@ -10,12 +10,20 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from edgequant.ir.graph import consumers, count_subgraph_nodes, elem_types, has_subgraph
+from edgequant.ir.graph import (
+    consumers,
+    count_subgraph_nodes,
+    elem_types,
+    has_subgraph,
+    static_shapes,
+)
 from edgequant.planning.ops import ALL, OpFacts, facts_for, weight_axis
 from edgequant.planning.options import QuantOptions
-from edgequant.planning.overrides import apply_overrides
+from edgequant.planning.overrides import FLOAT, Override, apply_overrides
+from edgequant.planning.selectors import ExactNodes
 from edgequant.quant.dtypes import QuantDType
 from edgequant.quant.params import DEFAULT_SCHEME, Scheme
 
@@ -69,6 +77,7 @@ class QuantPlan:
     float_ops: Counter = field(default_factory=Counter)
     subgraph_float_ops: int = 0
     precision: dict[str, str] = field(default_factory=dict)
+    narrow_convs: tuple[str, ...] = ()  # Convs left float for onnxruntime's speed (``narrow_convs``)
     calibration: dict[str, tuple] = field(default_factory=dict)  # root → (Method, percentile or None)
     pinned: dict[str, tuple[float, float]] = field(default_factory=dict)  # root → range given by the user
 
@@ -385,9 +394,65 @@ def build_plan(model: ModelProto, options: QuantOptions, source: GraphProto | No
     user's graph before the passes, for overrides that name its tensors)."""
     name_nodes(model)
     plan = _Builder(model, options).build()
+    if options.float_narrow_convs:
+        narrow = tuple(n for n in narrow_convs(model, options.float_narrow_convs) if n in plan.weights)
+        if narrow:
+            apply_overrides(plan, model, [Override(ExactNodes(narrow), FLOAT)], options)
+            plan.narrow_convs = narrow
     if options.overrides:
         apply_overrides(plan, model, options.overrides, options, source)
     return plan
+
+
+#: ``narrow_convs`` leaves out Convs smaller than this (MACs per sample at the shapes shape
+#: inference knows): on a small feature map the DequantizeLinear/QuantizeLinear around a float
+#: Conv cost about what its faster kernel saves.
+NARROW_CONV_MACS = 1_000_000
+
+
+def narrow_convs(model: ModelProto, channels: int) -> list[str]:
+    """Convs (group 1, constant weight) that read fewer than ``channels`` input channels and
+    compute at least ``NARROW_CONV_MACS`` per sample (or on spatial sizes not known before the
+    data): onnxruntime runs these faster in float than as QLinearConv.
+
+    Its float Conv has a direct kernel for few input channels (MLAS NCHWc, e.g. an image stem
+    reading 3 channels); QLinearConv unrolls the input (im2col) and multiplies a matrix of only
+    ``C·kh·kw`` columns. Measured on one thread (AVX-512 VNNI host), int8 against float: the 3→32
+    3×3 stems of EfficientNet-Lite0 and PP-LCNet 4-4.5× slower; basic-pitch's 1→1 256-tap
+    filters 5-12× and its 1→32 7×7 Conv 3× slower, while its 8→32 5×5 Conv is 1.6× faster in
+    int8. Depthwise Convs (group = channels) have an integer kernel of their own and stay.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = static_shapes(model.graph)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2 \
+                or node.input[1] not in inits:
+            continue
+        dims = list(inits[node.input[1]].dims)
+        if len(dims) < 3 or _attrs(node).get("group", 1) != 1 or dims[1] >= channels:
+            continue
+        out = shapes.get(node.output[0])
+        spatial = [d for d in out[2:] if isinstance(d, int) and d > 0] if out is not None and len(out) == len(dims) \
+            else []
+        if out is not None and len(spatial) == len(dims) - 2:
+            macs = dims[0] * int(np.prod(dims[1:])) * int(np.prod(spatial))
+            if macs < NARROW_CONV_MACS:
+                continue
+        found.append(node.name)
+    return found
+
+
+def narrow_note(plan: QuantPlan, channels: int) -> list[str]:
+    """The summary's line for the Convs ``narrow_convs`` left float, if any."""
+    names = plan.narrow_convs
+    if not names:
+        return []
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    one = len(names) == 1
+    return [f"{len(names)} Conv{'' if one else 's'} reading fewer than {channels} input channels "
+            f"{'stays' if one else 'stay'} float, as onnxruntime runs {'it' if one else 'them'} faster than in "
+            f"int8 ({shown}; --quantize-narrow-convs quantizes {'it' if one else 'them'})"]
 
 
 def name_nodes(model: ModelProto) -> None:

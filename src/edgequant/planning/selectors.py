@@ -150,6 +150,20 @@ class ExactTensor:
 
 
 @dataclass(frozen=True)
+class ExactNodes:
+    """Nodes by their exact names (names may hold glob characters: ``/_conv_stem/Conv``)."""
+
+    names: tuple[str, ...]
+
+    def select(self, model: Graph) -> list[NodeProto]:
+        wanted = set(self.names)
+        return [n for n in GraphIndex.of(model).nodes if n.name in wanted]
+
+    def __str__(self) -> str:
+        return ", ".join(self.names)
+
+
+@dataclass(frozen=True)
 class Between:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]

@@ -34,17 +34,23 @@ def get_target(name: str) -> TargetProfile:
                           "(edgequant targets lists them)") from None
 
 
-def apply_target(options, name: str):
-    """QuantOptions with the profile's rules (explicit options given later still win)."""
+#: QuantOptions field → the TargetProfile attribute it takes (``apply_target``).
+TARGET_FIELDS = {"activation_dtype": "activation", "activation_symmetric": "activation_symmetric",
+                 "weight_dtype": "weight", "weight_symmetric": "weight_symmetric", "per_channel": "per_channel",
+                 "scheme": "scheme", "per_channel_ops": "per_channel_ops", "quantize_constants": "constants",
+                 "fusions": "fusions", "quantize_all_ops": "quantize_all_ops",
+                 "unsigned_nonnegative": "unsigned_nonnegative", "quantize_outputs": "quantize_outputs",
+                 "unit_range_ops": "unit_range_ops", "weight_clipping_ratio": "weight_clipping",
+                 "tied_inputs": "tied_inputs", "float_output_ops": "float_output_ops",
+                 "float_narrow_convs": "float_narrow_convs"}
+
+
+def apply_target(options, name: str, keep: frozenset[str] = frozenset()):
+    """QuantOptions with the profile's rules (explicit options given later still win; ``keep``:
+    fields already set explicitly, left as they are)."""
     p = get_target(name)
-    return dataclasses.replace(options, target=p.name, activation_dtype=p.activation,
-                               activation_symmetric=p.activation_symmetric, weight_dtype=p.weight,
-                               weight_symmetric=p.weight_symmetric, per_channel=p.per_channel, scheme=p.scheme,
-                               per_channel_ops=p.per_channel_ops, quantize_constants=p.constants,
-                               fusions=p.fusions, quantize_all_ops=p.quantize_all_ops,
-                               unsigned_nonnegative=p.unsigned_nonnegative, quantize_outputs=p.quantize_outputs,
-                               unit_range_ops=p.unit_range_ops, weight_clipping_ratio=p.weight_clipping,
-                               tied_inputs=p.tied_inputs, float_output_ops=p.float_output_ops)
+    return dataclasses.replace(options, target=p.name, **{k: getattr(p, a) for k, a in TARGET_FIELDS.items()
+                                                          if k not in keep})
 
 
 def repair_fallback(profile: TargetProfile) -> str | None:
@@ -56,4 +62,4 @@ def repair_fallback(profile: TargetProfile) -> str | None:
     return next((f for f in ("int16", "float") if f in profile.fallback), None)
 
 
-__all__ = ["PROFILES", "repair_fallback", "TargetProfile", "Violation", "apply_target", "check_model", "get_target"]
+__all__ = ["PROFILES", "TARGET_FIELDS", "repair_fallback", "TargetProfile", "Violation", "apply_target", "check_model", "get_target"]

@@ -14,7 +14,7 @@ PROFILES = [
     TargetProfile("generic", "ONNX Runtime / TensorRT",
                   "uint8 asymmetric activations, int8 symmetric per-channel weights (QLinearConv, QGemm)",
                   QuantDType.UINT8, False, QuantDType.INT8, True, True, constants=True, repair_fallback="float",
-                  control_flow=True, fusions=()),
+                  control_flow=True, fusions=(), float_narrow_convs=8),
     TargetProfile("generic-s8s8", "ONNX Runtime / TensorRT",
                   "int8 symmetric activations and weights (TensorRT explicit quantization)",
                   QuantDType.INT8, True, QuantDType.INT8, True, True, constants=True, repair_fallback="float",

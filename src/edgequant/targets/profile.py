@@ -50,6 +50,9 @@ class TargetProfile:
     # a fixed share of each weight channel's range (1.0: max |w|, as a toolchain that rounds the
     # float weights itself does); None: edgequant's MSE search
     weight_clipping: float | None = None
+    # Convs (group 1) reading fewer input channels than this stay float: onnxruntime's float
+    # kernel runs them faster than QLinearConv (planning.plan.narrow_convs); 0: none
+    float_narrow_convs: int = 0
 
     def rules(self) -> list[tuple[str, str]]:
         s = self.scheme
@@ -74,6 +77,8 @@ class TargetProfile:
             *([("tied", f"{', '.join(self.tied_inputs)}: an input read by it alone takes the output's scale")]
               if self.tied_inputs else []),
             *([("float outputs", ", ".join(self.float_output_ops))] if self.float_output_ops else []),
+            *([("float Convs", f"group-1 Convs reading fewer than {self.float_narrow_convs} channels (an image "
+                               "stem): onnxruntime's float kernel runs them faster")] if self.float_narrow_convs else []),
             *([("fixed ranges", f"{', '.join(self.unit_range_ops)} outputs over [0, 1]")] if self.unit_range_ops else []),
             ("control flow", "If/Loop/Scan run" if self.control_flow else
              "none: fix the shapes (--input-shape, --fix-input) so the Ifs fold away"),
