@@ -274,6 +274,26 @@ def test_a_small_narrow_conv_stays_int8_and_an_unknown_size_counts_as_large(rng)
     assert narrow_convs(_stem(rng, 0), 8) == [_stem(rng, 0).graph.node[0].name]  # H, W symbolic
 
 
+FILTERS = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 1, 1, 16384] x) => (float[1, 1, 1, 8065] y, float[1, 36, 1, 8065] z) {
+    y = Conv <strides = [1, 2]> (x, W1)
+    z = Conv <strides = [1, 2]> (x, W36)
+}
+"""
+
+
+def test_a_single_filter_is_narrow_and_a_wide_bank_of_long_filters_is_not(rng):
+    """1 → 1 with 256 taps: a GEMM of one output column (5-12× slower in int8 on basic-pitch);
+    1 → 36 with 256 taps: 256 × 36, as fast in int8 (and 8-bit MACs it keeps)."""
+    from edgequant.planning.plan import name_nodes, narrow_convs
+    from tests.unit.test_quantize_graphs import with_weights
+
+    m = with_weights(FILTERS, rng, W1=(1, 1, 1, 256), W36=(36, 1, 1, 256))  # 8065 · 256 = 2.06 M MACs each
+    name_nodes(m)
+    assert narrow_convs(m, 8) == [m.graph.node[0].name]
+
+
 def test_a_config_target_brings_the_whole_profile_as_the_option_does():
     cfg = {"model_parameters": {"onnx_model": "m.onnx"}, "quantization_parameters": {"target": "espdl"}}
     got = load_config(cfg).options

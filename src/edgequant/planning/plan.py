@@ -410,17 +410,26 @@ def build_plan(model: ModelProto, options: QuantOptions, source: GraphProto | No
 NARROW_CONV_MACS = 1_000_000
 
 
+#: ``narrow_convs``: the integer GEMM a QLinearConv becomes is thin below these: columns
+#: ``C·kh·kw`` (an image stem: 27) or output channels (a single filter: 1).
+THIN_COLUMNS = 64
+THIN_OUTPUTS = 8
+
+
 def narrow_convs(model: ModelProto, channels: int) -> list[str]:
-    """Convs (group 1, constant weight) that read fewer than ``channels`` input channels and
-    compute at least ``NARROW_CONV_MACS`` per sample (or on spatial sizes not known before the
-    data): onnxruntime runs these faster in float than as QLinearConv.
+    """Convs (group 1, constant weight) that read fewer than ``channels`` input channels, whose
+    integer GEMM is thin (fewer than ``THIN_COLUMNS`` columns or ``THIN_OUTPUTS`` output
+    channels), and that compute at least ``NARROW_CONV_MACS`` per sample (or on spatial sizes
+    not known before the data): onnxruntime runs these faster in float than as QLinearConv.
 
     Its float Conv has a direct kernel for few input channels (MLAS NCHWc, e.g. an image stem
-    reading 3 channels); QLinearConv unrolls the input (im2col) and multiplies a matrix of only
-    ``C·kh·kw`` columns. Measured on one thread (AVX-512 VNNI host), int8 against float: the 3→32
-    3×3 stems of EfficientNet-Lite0 and PP-LCNet 4-4.5× slower; basic-pitch's 1→1 256-tap
-    filters 5-12× and its 1→32 7×7 Conv 3× slower, while its 8→32 5×5 Conv is 1.6× faster in
-    int8. Depthwise Convs (group = channels) have an integer kernel of their own and stay.
+    reading 3 channels); QLinearConv unrolls the input (im2col) and multiplies it by a matrix of
+    ``C·kh·kw`` rows and one column per output channel. Measured on one thread (AVX-512 VNNI
+    host), int8 against float: the 3→32 and 3→16 3×3 stems of EfficientNet-Lite0 and PP-LCNet
+    4-4.5× slower, ddddocr's 1→24 3×3 stem 3.6×, basic-pitch's 1→1 256-tap filters 5-12× and
+    its 1→32 7×7 Conv 3× slower; its 1→36 256-tap filters run as fast either way (a GEMM of 256
+    columns and 36 outputs), its 8→32 5×5 Conv 1.6× faster in int8. Depthwise Convs (group =
+    channels) have an integer kernel of their own and stay.
     """
     inits = {t.name: t for t in model.graph.initializer}
     shapes = static_shapes(model.graph)
@@ -431,6 +440,8 @@ def narrow_convs(model: ModelProto, channels: int) -> list[str]:
             continue
         dims = list(inits[node.input[1]].dims)
         if len(dims) < 3 or _attrs(node).get("group", 1) != 1 or dims[1] >= channels:
+            continue
+        if int(np.prod(dims[1:])) >= THIN_COLUMNS and dims[0] >= THIN_OUTPUTS:
             continue
         out = shapes.get(node.output[0])
         spatial = [d for d in out[2:] if isinstance(d, int) and d > 0] if out is not None and len(out) == len(dims) \
