@@ -400,44 +400,6 @@ def test_finetune_level_2_starts_its_blocks_from_gptq_and_keeps_it_unless_beaten
     assert set(gptq.weights) <= set(done.edits.weights)  # every GPTQ choice kept or bettered, none back to nearest
 
 
-def test_level_2_falls_back_to_level_1_where_its_blocks_move_the_outputs_away_from_float(rng, monkeypatch):
-    """The blocks' learning is judged block by block; the model's outputs on the held-out
-    calibration samples judge it once more against level 1 (GPTQ, then bias correction)."""
-    from edgequant.algorithms import stage
-    from edgequant.algorithms.report import StepReport
-
-    m = _residual(rng)
-    data = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(14)]
-    state = calibrate(m, data, weight_dtype="int4", per_channel=False, eval_samples=2)
-
-    def level(n):
-        return dataclasses.replace(state, prepared=dataclasses.replace(state.prepared, options=dataclasses.replace(
-            state.options, recovery=dataclasses.replace(state.options.recovery, finetune_level=n))))
-
-    def harmful(state, plan, edits, progress=None):  # every rounding learned to the lowest level
-        worse = {k: (np.full_like(q, np.iinfo(q.dtype).min if q.dtype.kind == "i" else 0), p)
-                 for k, (q, p) in edits.weights.items()}
-        return Edits(worse, edits.biases, edits.ranges), StepReport("block reconstruction", 2, "block MSE", 1.0, 0.5, 0.1)
-
-    monkeypatch.setattr(stage, "round_blocks", harmful)
-    done = stage.recover(level(2))
-    gptq, _ = stage.round_weights(state, state.plan, Edits(), "gptq")
-    assert [r.name for r in done.recovery] == ["GPTQ", "block reconstruction", "bias correction"]
-    assert "dropped: level 1 (GPTQ and bias correction) brings the outputs closer" in done.recovery[1].detail
-    assert done.recovery[1].layers == 0
-    for key, (q, _) in gptq.weights.items():  # level 1's rounding, with its own bias correction
-        np.testing.assert_array_equal(done.edits.weights[key][0], q)
-    plain = stage.recover(level(1))
-    assert plain.edits.biases
-    for key, b in plain.edits.biases.items():
-        np.testing.assert_allclose(done.edits.biases[key], b, rtol=1e-6)
-
-    monkeypatch.setattr(stage, "round_blocks", lambda state, plan, edits, progress=None: (
-        edits, StepReport("block reconstruction", 0, "block MSE", 1.0, 1.0, 0.1)))
-    same = stage.recover(level(2))  # nothing learned: nothing to compare
-    assert "held-out samples" not in same.recovery[1].detail
-
-
 def test_a_block_keeps_its_learned_rounding_only_where_held_out_samples_agree(rng, monkeypatch):
     """Every 4th sample is held out of a block's learning; a rounding that lowers the error on
     the samples it learned from but raises it on the held-out ones is not kept."""

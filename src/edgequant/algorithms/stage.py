@@ -120,72 +120,21 @@ def recover(state: CalibratedModel, progress: Progress | None = None) -> Calibra
     """``state`` with the edits and reports of the rounding and bias-correction steps asked for."""
     rec = state.options.recovery
     edits, reports = state.edits, list(state.recovery)
-    level_one = None
     if rec.rounding == "blocks":  # level 2 on level 1: blocks start from GPTQ's rounding and keep it unless beaten
         edits, report = round_weights(state, state.plan, edits, "gptq", progress)
         reports.append(report)
-        level_one = edits
         edits, report = round_blocks(state, state.plan, edits, progress)
         reports.append(report)
     elif rec.rounding:
         edits, report = round_weights(state, state.plan, edits, rec.rounding, progress)
         reports.append(report)
     if rec.bias:
-        edits, report = _corrected(state, edits, progress)
+        count = min(rec.bias_correction_data_count, state.split.calibration)
+        edits, report = correct_biases(state.model, state.plan, state.params(state.plan, edits), edits,
+                                       lambda: state.samples(0, count),
+                                       BiasCorrectionOptions(rec.bias, count), state.options.device, progress)
         reports.append(report)
-    if level_one is not None and _learned(edits, level_one):
-        blocks = len(reports) - (2 if rec.bias else 1)
-        edits, reports[blocks:] = _level_two_or_one(state, edits, level_one, reports[blocks:])
     return dataclasses.replace(state, edits=edits, recovery=tuple(reports))
-
-
-def _learned(edits: Edits, start: Edits) -> bool:
-    """Does ``edits`` hold a rounding or a range that ``start`` does not (the same objects where
-    a block kept what it started from)?"""
-    return any(a.keys() != b.keys() or any(a[k] is not b[k] for k in a)
-               for a, b in ((edits.weights, start.weights), (edits.ranges, start.ranges)))
-
-
-def _corrected(state: CalibratedModel, edits: Edits, progress: Progress | None) -> tuple[Edits, StepReport]:
-    rec = state.options.recovery
-    count = min(rec.bias_correction_data_count, state.split.calibration)
-    return correct_biases(state.model, state.plan, state.params(state.plan, edits), edits,
-                          lambda: state.samples(0, count), BiasCorrectionOptions(rec.bias or "empirical", count),
-                          state.options.device, progress)
-
-
-def _level_two_or_one(state: CalibratedModel, edits: Edits, level_one: Edits,
-                      reports: list[StepReport]) -> tuple[Edits, list[StepReport]]:
-    """Level 2's edits, or level 1's (GPTQ, then bias correction as level 2 had it) where those
-    bring the model's outputs closer to float on the calibration samples the blocks held out.
-
-    Each block keeps its learning only where it lowers that block's error on held-out samples,
-    yet the blocks together can still cost the model: PP-OCRv4's recognizer at W4A8 read 0.953
-    of its lines after level 2 and 0.990 after GPTQ and bias correction alone (float 0.977)."""
-    rec = state.options.recovery
-    report = reports[0]
-    count = min(rec.adaround_data_count, state.split.calibration)
-    _, held = held_out_split(count)
-    if not held.size:
-        return edits, reports
-    one, corrected = _corrected(state, level_one, None) if rec.bias else (level_one, None)
-    samples = [s for i, s in enumerate(state.samples(0, count)) if i in set(held.tolist())]
-    outputs = [o.name for o in state.model.graph.output]
-    reference = capture(state.model, outputs, samples, state.options.device)
-    errors = []
-    for candidate in (edits, one):
-        qmodel = insert_qdq(state.model, state.plan, state.params(state.plan, candidate), candidate)
-        got = capture(qmodel, outputs, samples, state.options.device)
-        errors.append(float(np.mean([np.sum((g - r) ** 2) / max(float(np.sum(r ** 2)), 1e-30)
-                                     for name in outputs for g, r in zip(got[name], reference[name])])))
-    if errors[0] <= errors[1]:
-        return edits, [dataclasses.replace(report, detail=report.detail + (
-            f"; relative output error on {held.size} held-out samples {errors[0]:.3g}, level 1's {errors[1]:.3g}"))
-        ] + reports[1:]
-    dropped = dataclasses.replace(report, layers=0, detail=report.detail + (
-        f"; dropped: level 1 (GPTQ{' and bias correction' if rec.bias else ''}) brings the outputs closer to "
-        f"float on {held.size} held-out samples (relative error {errors[1]:.3g} against {errors[0]:.3g})"))
-    return one, [dropped] + ([corrected] if corrected is not None else [])
 
 
 @dataclasses.dataclass(frozen=True)
