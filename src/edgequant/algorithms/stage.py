@@ -57,8 +57,7 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 #: MatMul layers the float target lowers each layer's MSE (−24 to −41 %) yet breaks the model
 #: (int8 nearest-centroid top-1 0.83 → 0.62-0.65, also with the attention projections left
 #: out); the least-squares answer on noisy inputs shrinks outputs towards their mean, which
-#: LayerNorm and attention downstream do not forgive. They round against their float weight,
-#: under AdaRound too (aimed at the float output, PP-OCRv4 at W4A8 read 0.84 of its lines).
+#: LayerNorm and attention downstream do not forgive. They round against their float weight.
 FLOAT_TARGET_OPS = ("Conv", "Gemm") + RECURRENT_OPS
 #: λ of block reconstruction, whose two terms are both normalised (``algorithms.blocks``): on a
 #: random Conv-Relu-Pool-Conv-HardSwish-Gemm chain at W4 per tensor, 1000 steps, the block MSE
@@ -403,8 +402,8 @@ def _round_one(node, w, p, wp, x_q: list[np.ndarray], x_f: list[np.ndarray], alg
 def _round_matrix(layer: Layer, w, p, wp, xq: np.ndarray, xf: np.ndarray, algorithm: str, rec, aim: bool):
     """``_round_one`` on stacked inputs (quantized model's, float model's); ``aim``: GPTQ's
     float target."""
-    if algorithm == "adaround":  # the same target as GPTQ's: MatMul layers reproduce their float weight on xq
-        target = layer.forward(xf if aim else xq)
+    if algorithm == "adaround":
+        target = layer.forward(xf)
         opts = AdaRoundOptions(steps=rec.adaround_optim_steps, batch_size=rec.adaround_batch_size,
                                lr=rec.adaround_optim_lr, data_count=rec.adaround_data_count)
         q, stats = adaround(layer, p, wp.scheme, xq, target, opts)
